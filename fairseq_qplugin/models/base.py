@@ -1,0 +1,133 @@
+"""What every quantized transformer architecture shares: building, size reporting and checkpoint checks.
+
+A quantized architecture is fairseq's ``TransformerModel`` whose linear layers and embeddings are
+swapped for quantized ones after it is built, so its state dict has the same keys and shapes as a
+plain ``transformer`` of the same size: ``--finetune-from-model fp32.pt`` starts quantization-aware
+training from a trained fp32 model.
+"""
+import logging
+from dataclasses import MISSING, fields
+from typing import Callable, Dict, List, Optional
+
+from fairseq.dataclass.utils import gen_parser_from_dataclass
+from fairseq.models.transformer import TransformerModel
+from fairseq.modules import MultiheadAttention
+
+from ..errors import QuantConfigError
+from ..modules import QuantEmbedding, QuantLinear, quantizable_modules, swap_modules
+from ..quant import QuantSpec, quantize
+
+logger = logging.getLogger(__name__)
+
+
+def add_dataclass_args(parser, config_cls):
+    """Add a flags dataclass to the parser without defaults, so architecture presets can fill them."""
+    gen_parser_from_dataclass(parser, config_cls(), delete_default=True)
+
+
+def fill_defaults(args, config_cls):
+    """Give every flag of ``config_cls`` that the command line left out its dataclass default."""
+    for f in fields(config_cls):
+        if getattr(args, f.name, None) is None:
+            default = f.default if f.default is not MISSING else f.default_factory()
+            setattr(args, f.name, default)
+
+
+def set_attention_temperature(model, tau: float):
+    """softmax(QK^T / (tau * sqrt(d_k))) (seed 001 Eq. 8) in every attention module.
+
+    Also turns off fairseq's fused attention path, which reads the projection weights directly
+    (bypassing the quantized modules) and recomputes the scaling itself.
+    """
+    if tau <= 0:
+        raise QuantConfigError(f"--attn-temperature must be > 0, got {tau}")
+    for module in model.modules():
+        if isinstance(module, MultiheadAttention):
+            module.skip_embed_dim_check = True
+            module.scaling = module.head_dim**-0.5 / tau
+
+
+def quantization_summary(model) -> Dict[str, float]:
+    """Parameter counts and packed sizes: quantized weights at their bits, all else at fp32."""
+    quant_params = quant_bits = other_params = 0
+    seen = set()
+    for module in model.modules():
+        if isinstance(module, (QuantLinear, QuantEmbedding)) and module.weight not in seen:
+            seen.add(module.weight)
+            qw = quantize(module.weight.detach(), module.wq.spec)
+            quant_params += module.weight.numel()
+            quant_bits += qw.storage_bits()
+    for p in model.parameters():
+        if p not in seen:
+            other_params += p.numel()
+    return {
+        "quantized_params": quant_params,
+        "other_params": other_params,
+        "avg_bits": quant_bits / max(quant_params, 1),
+        "packed_bytes": (quant_bits + 32 * other_params) / 8,
+        "fp32_bytes": 4 * (quant_params + other_params),
+    }
+
+
+def check_compatible(model, state_dict, optional_suffixes=("running_min", "running_max", "initialized")):
+    """Raise a QuantConfigError naming the mismatching tensors if ``state_dict`` cannot load."""
+    own = model.state_dict()
+    optional = [k for k in own if k.endswith(optional_suffixes)]
+    missing = [k for k in own if k not in state_dict and k not in optional]
+    unexpected = [k for k in state_dict if k not in own and not k.endswith(optional_suffixes)]
+    shapes = [
+        f"{k}: checkpoint {list(state_dict[k].shape)} vs model {list(v.shape)}"
+        for k, v in own.items()
+        if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)
+    ]
+    problems = shapes + [f"missing in checkpoint: {k}" for k in missing] + [
+        f"not in model: {k}" for k in unexpected
+    ]
+    if problems:
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise QuantConfigError(
+            "the checkpoint does not fit the model built from your flags: "
+            + "; ".join(problems[:5]) + more
+            + ". Build the quantized model with the same architecture as the checkpoint's: the same "
+            "--arch size preset or --encoder/decoder-layers, --*-embed-dim, --*-ffn-embed-dim, "
+            "--*-attention-heads and --share-*-embed(dings) flags it was trained with."
+        )
+
+
+class QuantizedTransformerModel(TransformerModel):
+    """Base class: subclasses define ``config_cls`` (their flags) and ``quant_specs(args, names)``."""
+
+    config_cls = None
+
+    @classmethod
+    def add_args(cls, parser):
+        super().add_args(parser)
+        add_dataclass_args(parser, cls.config_cls)
+
+    @classmethod
+    def spec_fn(cls, args, all_names: List[str]) -> Callable[[List[str]], Optional[QuantSpec]]:
+        """Given every quantizable module name, return the function mapping a module's names to its spec."""
+        raise NotImplementedError
+
+    @classmethod
+    def build_model(cls, args, task):
+        model = super().build_model(args, task)
+        all_names = [n for names in quantizable_modules(model).values() for n in names]
+        done = swap_modules(model, cls.spec_fn(args, all_names),
+                            act_bits=getattr(args, "quant_act_bits", 0), act_where=getattr(args, "quant_act", "none"))
+        set_attention_temperature(model, getattr(args, "attn_temperature", 1.0))
+        s = quantization_summary(model)
+        logger.info(
+            "quantized %d modules: %d weights at %.2f average bits; %d parameters left in fp32; "
+            "packed size %.2f MB (fp32 %.2f MB)",
+            len(done), s["quantized_params"], s["avg_bits"], s["other_params"],
+            s["packed_bytes"] / 1e6, s["fp32_bytes"] / 1e6,
+        )
+        return model
+
+    def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
+        if strict:
+            self.upgrade_state_dict(state_dict)
+            check_compatible(self, state_dict)
+        return super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg, args=args)
+

@@ -1,0 +1,87 @@
+"""``transformer_int8``: range-based linear quantization of weights (and optionally activations).
+
+Seed 001 (Fan, Quantized Transformer) and METHODS.md §1: n = 2..8 bits with asymmetric (Eq. 4) or
+symmetric per-output-channel ranges, 1 bit as sign binarization with a mean|W| scale (Eq. 5, clipped
+straight-through gradient Eq. 7), optional attention temperature (Eq. 8). Fine-tune it from a
+trained fp32 ``transformer`` with ``--finetune-from-model``.
+"""
+from dataclasses import dataclass, field
+
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+from fairseq.models import register_model, register_model_architecture
+from fairseq.models.transformer import transformer_legacy as fairseq_transformer
+
+from ..errors import QuantConfigError
+from ..modules import pattern_selector
+from ..quant import QuantSpec
+from .base import QuantizedTransformerModel, fill_defaults
+
+
+@dataclass
+class Int8Config(FairseqDataclass):
+    quant_bits: int = field(
+        default=8, metadata={"help": "bits per weight: 2-8 range-based linear quantization, 1 = binarize (sign x mean|W|)"}
+    )
+    quant_scheme: ChoiceEnum(["sym", "asym"]) = field(
+        default="sym", metadata={"help": "sym: range [-max|W|, max|W|]; asym: [min W, max W] (seed 001 Eq. 4)"}
+    )
+    quant_granularity: ChoiceEnum(["channel", "tensor"]) = field(
+        default="channel", metadata={"help": "one scale per output channel (row) or per tensor"}
+    )
+    quant_include: str = field(
+        default="all",
+        metadata={"help": "comma list of parts to quantize: all, embeddings, encoder, decoder, self_attn, "
+                          "cross_attn, ffn, output_projection, or globs over module names "
+                          "(e.g. 'encoder.layers.*.self_attn.*')"},
+    )
+    quant_exclude: str = field(default="", metadata={"help": "parts or globs to leave in full precision"})
+    quant_act: ChoiceEnum(["none", "input", "output"]) = field(
+        default="none", metadata={"help": "also quantize the inputs or outputs of the quantized linear layers"}
+    )
+    quant_act_bits: int = field(default=8, metadata={"help": "bits for activations (2-8) with --quant-act"})
+    attn_temperature: float = field(
+        default=1.0, metadata={"help": "attention temperature tau: softmax(QK^T / (tau sqrt(d_k))); the paper uses 200 at 1 bit"}
+    )
+
+
+def weight_spec(args) -> QuantSpec:
+    try:
+        return QuantSpec(method="int", bits=args.quant_bits, scheme=args.quant_scheme,
+                         granularity=args.quant_granularity)
+    except QuantConfigError as e:
+        raise QuantConfigError(f"--quant-bits {args.quant_bits}: {e}; use 1 (binarize) or 2-8") from None
+
+
+def validate(args):
+    weight_spec(args)
+    if args.quant_act != "none" and not 2 <= args.quant_act_bits <= 8:
+        raise QuantConfigError(f"--quant-act-bits must be 2-8 for --quant-act {args.quant_act}, got {args.quant_act_bits}")
+    if args.attn_temperature <= 0:
+        raise QuantConfigError(f"--attn-temperature must be > 0, got {args.attn_temperature}")
+
+
+@register_model("transformer_int8")
+class TransformerInt8Model(QuantizedTransformerModel):
+    config_cls = Int8Config
+
+    @classmethod
+    def spec_fn(cls, args, all_names):
+        spec = weight_spec(args)
+        chosen = pattern_selector(all_names, args.quant_include, args.quant_exclude)
+        return lambda names: spec if chosen(names) else None
+
+
+def _preset(name, size_fn):
+    @register_model_architecture("transformer_int8", name)
+    def arch(args):
+        fill_defaults(args, Int8Config)
+        validate(args)
+        size_fn(args)
+
+    return arch
+
+
+_preset("transformer_int8", fairseq_transformer.base_architecture)
+_preset("transformer_int8_iwslt_de_en", fairseq_transformer.transformer_iwslt_de_en)
+_preset("transformer_int8_wmt_en_de", fairseq_transformer.transformer_wmt_en_de)
+_preset("transformer_int8_wmt_en_de_big", fairseq_transformer.transformer_vaswani_wmt_en_de_big)

@@ -1,0 +1,121 @@
+"""Choosing which modules to quantize (by name pattern) and swapping them for quantized ones.
+
+Quantizable modules are every ``nn.Linear`` and every token embedding (positional embeddings stay
+in full precision). A module shared under several names (``--share-all-embeddings``) matches if
+any of its names does, and is replaced everywhere by one quantized module. A linear layer tied to
+an embedding (``--share-decoder-input-output-embed``) is quantized together with it, sharing one
+weight tensor and one quantizer.
+"""
+import fnmatch
+import logging
+from typing import Callable, Dict, List, Optional, Sequence
+
+from torch import nn
+
+from ..errors import QuantConfigError
+from ..quant import QuantSpec
+from .qmodules import ActQuantizer, QuantEmbedding, QuantLinear, WeightQuantizer
+
+logger = logging.getLogger(__name__)
+
+# Named parts of a fairseq transformer, usable wherever a pattern is.
+PART_ALIASES = {
+    "all": ["*"],
+    "embeddings": ["*.embed_tokens"],
+    "encoder": ["encoder.*"],
+    "decoder": ["decoder.*"],
+    "self_attn": ["*.self_attn.*"],
+    "cross_attn": ["*.encoder_attn.*"],
+    "ffn": ["*.fc1", "*.fc2"],
+    "output_projection": ["decoder.output_projection"],
+}
+
+
+def quantizable_modules(model: nn.Module) -> Dict[nn.Module, List[str]]:
+    """Each quantizable module with all the names it is reachable under."""
+    found: Dict[nn.Module, List[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, nn.Linear) or (
+            isinstance(module, nn.Embedding) and "embed_positions" not in name
+        ):
+            found.setdefault(module, []).append(name)
+    return found
+
+
+def parse_patterns(text: Optional[str]) -> List[str]:
+    return [p.strip() for p in (text or "").split(",") if p.strip()]
+
+
+def select(names: Sequence[str], patterns: Sequence[str], flag: str) -> set:
+    """The names matching any pattern (or part alias); a pattern matching nothing is an error."""
+    chosen = set()
+    for pattern in patterns:
+        globs = PART_ALIASES.get(pattern, [pattern])
+        hits = {n for n in names if any(fnmatch.fnmatchcase(n, g) for g in globs)}
+        if not hits:
+            raise QuantConfigError(
+                f"{flag} {pattern!r} matches no quantizable module; use a part name "
+                f"({', '.join(PART_ALIASES)}) or a glob over module names such as "
+                f"'encoder.layers.*.self_attn.*' (quantizable modules: {', '.join(sorted(names)[:6])}, ...)"
+            )
+        chosen |= hits
+    return chosen
+
+
+def pattern_selector(all_names: Sequence[str], include: str, exclude: str,
+                     flags=("--quant-include", "--quant-exclude")) -> Callable[[List[str]], bool]:
+    """A predicate on a module's names: matched by ``include`` and not by ``exclude`` (comma lists)."""
+    chosen = select(all_names, parse_patterns(include), flags[0])
+    chosen -= select(all_names, parse_patterns(exclude), flags[1])
+    if not chosen:
+        raise QuantConfigError(f"{flags[0]} {include!r} minus {flags[1]} {exclude!r} leaves no module to quantize")
+    return lambda names: any(n in chosen for n in names)
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module):
+    parent_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
+
+
+def swap_modules(
+    model: nn.Module,
+    spec_for: Callable[[List[str]], Optional[QuantSpec]],
+    act_bits: int = 0,
+    act_where: str = "none",
+) -> Dict[str, QuantSpec]:
+    """Replace every quantizable module for which ``spec_for(names)`` gives a spec; return {name: spec}.
+
+    Modules sharing one weight tensor (an embedding and the output projection tied to it) are
+    quantized together, with the first spec given (embeddings come first), sharing one quantizer.
+    ``act_where`` ("none", "input", "output") adds an activation quantizer of ``act_bits`` bits to
+    each quantized linear layer.
+    """
+    modules = quantizable_modules(model)
+    groups: Dict[nn.Parameter, List[nn.Module]] = {}
+    for module in sorted(modules, key=lambda m: not isinstance(m, nn.Embedding)):
+        groups.setdefault(module.weight, []).append(module)
+
+    def act():
+        return ActQuantizer(act_bits) if act_where != "none" else None
+
+    done: Dict[str, QuantSpec] = {}
+    for members in groups.values():
+        specs = [spec_for(modules[m]) for m in members]
+        chosen = [s for s in specs if s is not None]
+        if not chosen:
+            continue
+        spec, wq = chosen[0], WeightQuantizer(chosen[0])
+        if any(s != spec for s in specs):
+            tied = ", ".join(modules[m][0] for m in members)
+            logger.info("%s share one weight tensor: all quantized as %s", tied, spec)
+        for module in members:
+            if isinstance(module, nn.Embedding):
+                new = QuantEmbedding(module, wq)
+            else:
+                a = act()
+                new = QuantLinear(module, wq, act_in=a if act_where == "input" else None,
+                                  act_out=a if act_where == "output" else None)
+            for name in modules[module]:
+                _set_module(model, name, new)
+                done[name] = spec
+    return done

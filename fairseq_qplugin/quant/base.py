@@ -1,0 +1,135 @@
+"""The quantizer interface every method shares (no fairseq imports).
+
+    spec = QuantSpec(method="int", bits=4)      # what to do, validated on construction
+    qw = quantize(weight, spec)                 # -> QuantizedWeight (codes + parameters)
+    w_hat = qw.dequantize()                     # fp tensor of weight's shape, used by fake-quant training
+    qw.as_dict() / type(qw).from_dict(d)        # flat dict of tensors: the packed export's payload
+
+Methods register a quantize function and a QuantizedWeight class in ``METHODS``. Weights are 2-D
+``[rows, cols]`` like ``nn.Linear.weight`` ``[out, in]`` and ``nn.Embedding.weight`` ``[vocab, dim]``;
+"per channel" always means one set of parameters per row.
+"""
+from dataclasses import dataclass, fields
+from typing import Callable, ClassVar, Dict, NamedTuple, Tuple, Type
+
+import torch
+
+from ..errors import QuantConfigError
+
+GRANULARITIES = ("tensor", "channel")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How to quantize one weight tensor.
+
+    method: key of ``METHODS`` ("int" for range-based linear, "bcq" for binary codes; bits=1 with
+        method "int" is the sign binarization of seed 001 Eq. 5 and is served by "bcq").
+    bits: bits per weight.
+    scheme: "int" only: "sym" (zero point in the middle) or "asym" (min/max range, seed 001 Eq. 4).
+    granularity: "tensor" (one set of parameters) or "channel" (one per row).
+    """
+
+    method: str = "int"
+    bits: int = 8
+    scheme: str = "sym"
+    granularity: str = "channel"
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise QuantConfigError(f"unknown quantization method {self.method!r}; choose one of {sorted(METHODS)}")
+        lo, hi = METHODS[self.method].bits
+        if not lo <= self.bits <= hi:
+            raise QuantConfigError(f"{self.method} quantization takes {lo} to {hi} bits, got {self.bits}")
+        if self.method == "int" and self.scheme not in ("sym", "asym"):
+            raise QuantConfigError(f"unknown int scheme {self.scheme!r}; choose 'sym' or 'asym'")
+        if self.granularity not in GRANULARITIES:
+            raise QuantConfigError(f"unknown granularity {self.granularity!r}; choose one of {GRANULARITIES}")
+
+
+class QuantizedWeight:
+    """A quantized 2-D weight: integer codes plus the parameters that map them back to floats.
+
+    Subclasses are dataclasses whose tensor fields are listed in ``tensor_fields``; ``as_dict`` and
+    ``from_dict`` turn them into a flat, validated ``{name: tensor}`` dict (ints become 0-d tensors),
+    which is what the packed export stores.
+    """
+
+    method: ClassVar[str]
+
+    @property
+    def shape(self) -> Tuple[int, int]:
+        raise NotImplementedError
+
+    def dequantize(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def storage_bits(self) -> int:
+        """Bits needed to store the packed codes plus fp16 parameters (the packed size, not padding)."""
+        raise NotImplementedError
+
+    def as_dict(self) -> Dict[str, torch.Tensor]:
+        return {
+            f.name: v if torch.is_tensor(v) else torch.tensor(v)
+            for f in fields(self)
+            for v in [getattr(self, f.name)]
+        }
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, torch.Tensor]) -> "QuantizedWeight":
+        names = {f.name: f for f in fields(cls)}
+        if set(d) != set(names):
+            raise QuantConfigError(
+                f"a {cls.method} weight needs exactly the keys {sorted(names)}, got {sorted(d)}"
+            )
+        kwargs = {k: (v if names[k].type is torch.Tensor else int(v)) for k, v in d.items()}
+        qw = cls(**kwargs)
+        qw.validate()
+        return qw
+
+    def validate(self):
+        """Check shapes and ranges; raise QuantConfigError on a corrupted weight."""
+
+
+class Method(NamedTuple):
+    quantize: Callable[[torch.Tensor, QuantSpec], QuantizedWeight]
+    weight_type: Type[QuantizedWeight]
+    bits: Tuple[int, int]  # allowed range, inclusive
+
+
+METHODS: Dict[str, Method] = {}
+
+
+def register_method(name: str, method: Method):
+    METHODS[name] = method
+
+
+def resolve(spec: QuantSpec) -> QuantSpec:
+    """Map ``int`` at 1 bit to sign binarization, which is 1-bit BCQ (one scale per row or tensor)."""
+    if spec.method == "int" and spec.bits == 1:
+        return QuantSpec(method="bcq", bits=1, granularity=spec.granularity)
+    return spec
+
+
+def quantize(w: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
+    """Quantize a 2-D float tensor; the result's ``dequantize()`` has ``w``'s shape and dtype."""
+    if w.dim() != 2:
+        raise QuantConfigError(f"only 2-D weights are quantized, got shape {tuple(w.shape)}")
+    spec = resolve(spec)
+    return METHODS[spec.method].quantize(w.detach(), spec)
+
+
+def fake_quantize(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """``quantize(w).dequantize()`` in the forward pass with a straight-through gradient to ``w``.
+
+    The forward value is exactly the dequantized weight (``wq + (w - w)`` adds an exact zero); the
+    gradient is the identity (seed 001 Eq. 6), or 1 where |w| <= 1 and 0 elsewhere for
+    binarization (Eq. 7).
+    """
+    wq = quantize(w, spec).dequantize().to(w.dtype)
+    if not w.requires_grad:
+        return wq
+    delta = w - w.detach()
+    if spec.bits == 1:
+        delta = delta * (w.detach().abs() <= 1).to(w.dtype)
+    return wq + delta

@@ -1,0 +1,92 @@
+"""End to end through the real command-line tools: fairseq-train, fairseq-generate, fairseq-interactive."""
+import re
+
+import pytest
+import torch
+
+from .conftest import PLUGIN, run, train_args
+
+
+def max_levels_per_row(state, bits):
+    worst = {}
+    for name, value in state.items():
+        if name.endswith(".weight") and value.dim() == 2:
+            worst[name] = max(row.unique().numel() for row in value)
+    assert worst, "no 2-D weights in the checkpoint"
+    return {n: k for n, k in worst.items() if k > 2**bits}
+
+
+def generate(data_bin, checkpoint, *extra):
+    out = run(["fairseq-generate", data_bin, "--user-dir", PLUGIN, "--path", checkpoint, "--gen-subset", "test",
+               "--beam", 2, "--max-tokens", 4000, *extra])
+    hyps = [line for line in out.stdout.splitlines() if line.startswith("H-")]
+    return hyps, out.stdout
+
+
+@pytest.fixture(scope="module")
+def int4_checkpoint(tiny_data, fp32_checkpoint):
+    save = tiny_data / "int4"
+    run(train_args(tiny_data / "bin", save, "transformer_int8", 20, "--quant-bits", 4,
+                   "--finetune-from-model", fp32_checkpoint))
+    return save / "checkpoint_last.pt"
+
+
+def test_plain_fairseq_checkpoint_loads_under_weights_only(fp32_checkpoint):
+    import fairseq_qplugin  # noqa: F401
+
+    state = torch.load(fp32_checkpoint)  # torch >= 2.6 defaults to weights_only=True
+    assert "model" in state and state["cfg"]["model"]
+
+
+def test_train_from_fp32_then_generate(tiny_data, fp32_checkpoint, int4_checkpoint):
+    state = torch.load(int4_checkpoint)
+    assert state["cfg"]["model"].arch == "transformer_int8"
+    assert max_levels_per_row(state["model"], 4) == {}
+    # the fp32 checkpoint is not quantized, so the check above can fail
+    assert max_levels_per_row(torch.load(fp32_checkpoint)["model"], 4) != {}
+    hyps, log = generate(tiny_data / "bin", int4_checkpoint)
+    assert len(hyps) == 40, log[-2000:]
+    assert re.search(r"BLEU4 = [\d.]+", log)
+
+
+def test_interactive_translates(tiny_data, int4_checkpoint):
+    proc = run(["fairseq-interactive", tiny_data / "bin", "--user-dir", PLUGIN, "--path", int4_checkpoint,
+                "--source-lang", "en", "--target-lang", "de", "--beam", 2, "--input", tiny_data / "test.spm.en",
+                "--max-tokens", 4000])
+    assert len([line for line in proc.stdout.splitlines() if line.startswith("H-")]) == 40
+
+
+def test_resume_training_continues(tiny_data, fp32_checkpoint, int4_checkpoint):
+    """checkpoint_last.pt of a quantized run resumes (optimizer state and all) for more updates."""
+    save = int4_checkpoint.parent
+    proc = run(train_args(tiny_data / "bin", save, "transformer_int8", 30, "--quant-bits", 4))
+    assert re.search(r"Loaded checkpoint .*@ 20 updates", proc.stdout) and "num_updates 30" in proc.stdout
+    assert max_levels_per_row(torch.load(save / "checkpoint_last.pt")["model"], 4) == {}
+
+
+def test_binarized_with_activations_and_temperature(tiny_data, fp32_checkpoint):
+    save = tiny_data / "bin1"
+    run(train_args(tiny_data / "bin", save, "transformer_int8", 10, "--quant-bits", 1, "--quant-act", "output",
+                   "--quant-act-bits", 8, "--attn-temperature", 2, "--quant-include", "encoder,decoder",
+                   "--finetune-from-model", fp32_checkpoint))
+    state = torch.load(save / "checkpoint_last.pt")["model"]
+    assert max_levels_per_row(state, 1) == {}
+    assert any(k.endswith("act_out.running_max") for k in state)
+    hyps, _ = generate(tiny_data / "bin", save / "checkpoint_last.pt")
+    assert len(hyps) == 40
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--quant-bits", 9], "--quant-bits 9"),
+    (["--quant-bits", 0], "--quant-bits 0"),
+    (["--quant-include", "attention"], "--quant-include 'attention' matches no quantizable module"),
+    (["--quant-scheme", "log"], "--quant-scheme: invalid choice"),
+    (["--encoder-ffn-embed-dim", 128], "does not fit the model built from your flags"),
+])
+def test_bad_input_gives_one_clear_error(tiny_data, fp32_checkpoint, tmp_path, flags, message):
+    args = train_args(tiny_data / "bin", tmp_path / "ckpt", "transformer_int8", 5,
+                      "--finetune-from-model", fp32_checkpoint)
+    proc = run(args + flags, check=False)
+    assert proc.returncode != 0
+    assert message in proc.stdout, proc.stdout[-3000:]
+    assert "Traceback" not in proc.stdout, proc.stdout[-3000:]
