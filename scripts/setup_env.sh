@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Create (or reuse) the project's virtual environment and install fairseq-qplugin with everything it
+# needs: torch (CPU build, pinned in constraints.txt), fairseq, sacrebleu, sentencepiece, subword-nmt,
+# pytest. Safe to re-run: dependencies are reinstalled only when setup.py or constraints.txt change;
+# the plugin itself is reinstalled each time (a few seconds) so the venv matches the working tree.
+#
+#   bash scripts/setup_env.sh            # uses .venv/ in the repo, or $QPLUGIN_VENV
+#   PYTHON=python3.11 bash scripts/setup_env.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv=${QPLUGIN_VENV:-.venv}
+python=${PYTHON:-python3}
+log() { echo "$(date '+%F %T') | setup | $*" >&2; }
+
+if [ ! -x "$venv/bin/python" ]; then
+    log "creating virtual environment $venv with $($python --version 2>&1)"
+    "$python" -m venv "$venv"
+fi
+pip=("$venv/bin/python" -m pip --disable-pip-version-check)
+stamp="$venv/.qplugin-deps"
+want=$(cat setup.py constraints.txt | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    log "installing dependencies (the first time builds fairseq from source: about 4 minutes)"
+    "${pip[@]}" install -q --upgrade pip setuptools wheel
+    "${pip[@]}" install -q -c constraints.txt '.[test]'
+    echo "$want" > "$stamp"
+fi
+log "installing the plugin from the working tree"
+"${pip[@]}" install -q --no-deps --no-build-isolation --force-reinstall . 2>&1 | grep -v "^$" >&2 || true
+"$venv/bin/python" -c "import fairseq_qplugin" 2>/dev/null || { log "ERROR: fairseq_qplugin does not import"; exit 1; }
+log "ready: $venv ($("$venv/bin/python" -c 'import torch, fairseq; print("torch", torch.__version__, "fairseq", fairseq.__version__)'))"
