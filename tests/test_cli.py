@@ -4,7 +4,7 @@ import re
 import pytest
 import torch
 
-from .conftest import PLUGIN, run, train_args
+from .conftest import PLUGIN, ROOT, run, train_args
 
 
 def max_levels_per_row(state, bits):
@@ -90,3 +90,19 @@ def test_bad_input_gives_one_clear_error(tiny_data, fp32_checkpoint, tmp_path, f
     assert proc.returncode != 0
     assert message in proc.stdout, proc.stdout[-3000:]
     assert "Traceback" not in proc.stdout, proc.stdout[-3000:]
+
+
+def test_results_table_reports_bits_and_size(tiny_data, fp32_checkpoint, int4_checkpoint, tmp_path):
+    for name, bleu in (("fp32", "12.5"), ("int4", "11.9")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "bleu.txt").write_text(bleu + "\n")
+    out = tmp_path / "results.md"
+    run(["python", "-m", "fairseq_qplugin.results", "--out", out,
+         f"fp32={fp32_checkpoint}:{tmp_path / 'fp32'}", f"int4={int4_checkpoint}:{tmp_path / 'int4'}"], cwd=ROOT)
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in out.read_text().splitlines()[2:]}
+    assert rows["fp32"][:3] == ["12.50", "", "32.00"]
+    bleu, delta, bits, packed_mb, compression = rows["int4"]
+    assert delta == "-0.60"
+    assert 4.0 < float(bits) < 4.6  # 4-bit codes plus one fp16 scale per row
+    assert float(compression.rstrip("x")) > 4.0  # layer norms and biases stay fp32
