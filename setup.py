@@ -19,6 +19,7 @@ setup(
         "sentencepiece",
         "subword-nmt",
         "numpy",
+        "matplotlib",  # python -m fairseq_qplugin.analysis (weight histograms)
     ],
     extras_require={"test": ["pytest"]},
 )

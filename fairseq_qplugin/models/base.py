@@ -15,7 +15,7 @@ from fairseq.modules import MultiheadAttention
 
 from ..errors import QuantConfigError
 from ..modules import QuantEmbedding, QuantLinear, quantizable_modules, swap_modules
-from ..quant import QuantSpec, quantize
+from ..quant import QuantSpec
 
 logger = logging.getLogger(__name__)
 
@@ -54,9 +54,9 @@ def quantization_summary(model) -> Dict[str, float]:
     for module in model.modules():
         if isinstance(module, (QuantLinear, QuantEmbedding)) and module.weight not in seen:
             seen.add(module.weight)
-            qw = quantize(module.weight.detach(), module.wq.spec)
+            seen.update(module.wq.parameters())  # e.g. trained centroids: counted in storage_bits
             quant_params += module.weight.numel()
-            quant_bits += qw.storage_bits()
+            quant_bits += module.wq.storage_bits(module.weight.detach())
     for p in model.parameters():
         if p not in seen:
             other_params += p.numel()
@@ -69,8 +69,15 @@ def quantization_summary(model) -> Dict[str, float]:
     }
 
 
-def check_compatible(model, state_dict, optional_suffixes=("running_min", "running_max", "initialized")):
-    """Raise a QuantConfigError naming the mismatching tensors if ``state_dict`` cannot load."""
+ACT_RANGE_STATE = ("running_min", "running_max", "initialized")
+
+
+def check_compatible(model, state_dict, optional_suffixes=ACT_RANGE_STATE):
+    """Raise a QuantConfigError naming the mismatching tensors if ``state_dict`` cannot load.
+
+    Keys ending in ``optional_suffixes`` are quantizer state the model rebuilds when a checkpoint
+    lacks it (or has it in another shape): they may be missing, extra or of another shape.
+    """
     own = model.state_dict()
     optional = [k for k in own if k.endswith(optional_suffixes)]
     missing = [k for k in own if k not in state_dict and k not in optional]
@@ -78,7 +85,7 @@ def check_compatible(model, state_dict, optional_suffixes=("running_min", "runni
     shapes = [
         f"{k}: checkpoint {list(state_dict[k].shape)} vs model {list(v.shape)}"
         for k, v in own.items()
-        if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)
+        if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape) and k not in optional
     ]
     problems = shapes + [f"missing in checkpoint: {k}" for k in missing] + [
         f"not in model: {k}" for k in unexpected
@@ -95,9 +102,12 @@ def check_compatible(model, state_dict, optional_suffixes=("running_min", "runni
 
 
 class QuantizedTransformerModel(TransformerModel):
-    """Base class: subclasses define ``config_cls`` (their flags) and ``quant_specs(args, names)``."""
+    """Base class: subclasses define ``config_cls`` (their flags) and ``spec_fn(args, names)``, and
+    may define ``quantizer_factory(args)`` and extend ``optional_state`` (checkpoint keys their
+    quantizers rebuild when absent)."""
 
     config_cls = None
+    optional_state = ACT_RANGE_STATE
 
     @classmethod
     def add_args(cls, parser):
@@ -110,11 +120,17 @@ class QuantizedTransformerModel(TransformerModel):
         raise NotImplementedError
 
     @classmethod
+    def quantizer_factory(cls, args) -> Optional[Callable]:
+        """``make_quantizer(spec, weight)`` for ``swap_modules``; None builds plain ``WeightQuantizer``s."""
+        return None
+
+    @classmethod
     def build_model(cls, args, task):
         model = super().build_model(args, task)
         all_names = [n for names in quantizable_modules(model).values() for n in names]
         done = swap_modules(model, cls.spec_fn(args, all_names),
-                            act_bits=getattr(args, "quant_act_bits", 0), act_where=getattr(args, "quant_act", "none"))
+                            act_bits=getattr(args, "quant_act_bits", 0), act_where=getattr(args, "quant_act", "none"),
+                            make_quantizer=cls.quantizer_factory(args))
         set_attention_temperature(model, getattr(args, "attn_temperature", 1.0))
         s = quantization_summary(model)
         logger.info(
@@ -128,6 +144,6 @@ class QuantizedTransformerModel(TransformerModel):
     def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
         if strict:
             self.upgrade_state_dict(state_dict)
-            check_compatible(self, state_dict)
+            check_compatible(self, state_dict, self.optional_state)
         return super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg, args=args)
 

@@ -1,7 +1,9 @@
+from .kmeans import BSFlexQuantizer, KMeansQuantizer, MaskedWeightQuantizer, PruneQuantizer
 from .qmodules import ActQuantizer, QuantEmbedding, QuantLinear, WeightQuantizer
 from .swap import PART_ALIASES, parse_patterns, pattern_selector, quantizable_modules, select, swap_modules
 
 __all__ = [
     "ActQuantizer", "QuantEmbedding", "QuantLinear", "WeightQuantizer",
+    "BSFlexQuantizer", "KMeansQuantizer", "MaskedWeightQuantizer", "PruneQuantizer",
     "PART_ALIASES", "parse_patterns", "pattern_selector", "quantizable_modules", "select", "swap_modules",
 ]

@@ -11,20 +11,36 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..quant import QuantSpec, fake_quantize, fake_quantize_range
+from ..quant import QuantizedWeight, QuantSpec, fake_quantize, fake_quantize_range, quantize
 
 
 class WeightQuantizer(nn.Module):
     """Maps a latent weight to its fake-quantized value (straight-through gradients in training).
 
     Without gradients (validation, generation) the quantized weight is cached until the latent
-    weight changes (tracked by its in-place version counter).
+    weight changes (tracked by its in-place version counter). Subclasses with their own training
+    parametrization (k-means codebooks, pruning masks: modules/kmeans.py) override ``forward`` and
+    the methods below; ``trains_latent = False`` freezes the latent weight (it gets no gradient).
     """
+
+    trains_latent = True
 
     def __init__(self, spec: QuantSpec):
         super().__init__()
         self.spec = spec
         self._cache = None
+
+    def quantized(self, w: torch.Tensor) -> QuantizedWeight:
+        """The quantized weight object (codes and parameters) the packed export stores."""
+        return quantize(w.detach(), self.spec)
+
+    def storage_bits(self, w: torch.Tensor) -> int:
+        """Packed size of the quantized ``w`` in bits."""
+        return self.quantized(w).storage_bits()
+
+    def state_dict_weight(self, w: torch.Tensor) -> torch.Tensor:
+        """The value saved as the module's ``weight`` in state dicts: the quantized weight."""
+        return self(w)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and w.requires_grad:
@@ -87,7 +103,7 @@ class _QuantizedWeightMixin:
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         with torch.no_grad():
-            destination[prefix + "weight"] = self.wq(self.weight.detach()).clone()
+            destination[prefix + "weight"] = self.wq.state_dict_weight(self.weight.detach()).clone()
 
 
 class QuantLinear(_QuantizedWeightMixin, nn.Module):

@@ -82,13 +82,15 @@ def swap_modules(
     spec_for: Callable[[List[str]], Optional[QuantSpec]],
     act_bits: int = 0,
     act_where: str = "none",
+    make_quantizer: Optional[Callable[[QuantSpec, nn.Parameter], WeightQuantizer]] = None,
 ) -> Dict[str, QuantSpec]:
     """Replace every quantizable module for which ``spec_for(names)`` gives a spec; return {name: spec}.
 
     Modules sharing one weight tensor (an embedding and the output projection tied to it) are
     quantized together, with the first spec given (embeddings come first), sharing one quantizer.
     ``act_where`` ("none", "input", "output") adds an activation quantizer of ``act_bits`` bits to
-    each quantized linear layer.
+    each quantized linear layer. ``make_quantizer(spec, weight)`` builds the weight quantizer
+    (default ``WeightQuantizer(spec)``); a quantizer that does not train the latent weight freezes it.
     """
     modules = quantizable_modules(model)
     groups: Dict[nn.Parameter, List[nn.Module]] = {}
@@ -104,7 +106,10 @@ def swap_modules(
         chosen = [s for s in specs if s is not None]
         if not chosen:
             continue
-        spec, wq = chosen[0], WeightQuantizer(chosen[0])
+        spec = chosen[0]
+        wq = make_quantizer(spec, members[0].weight) if make_quantizer else WeightQuantizer(spec)
+        if not wq.trains_latent:
+            members[0].weight.requires_grad_(False)
         if any(s != spec for s in specs):
             tied = ", ".join(modules[m][0] for m in members)
             logger.info("%s share one weight tensor: all quantized as %s", tied, spec)

@@ -1,9 +1,13 @@
 """Quantization math shared by every method; no fairseq imports (see base.py for the interface)."""
 from .base import METHODS, QuantizedWeight, QuantSpec, fake_quantize, quantize, resolve
 from .bcq import BCQWeight
+from .kmeans import KMeansWeight, bsflex_init, bsflex_step, kmeans_1d, kmeans_weight
 from .linear import IntWeight, fake_quantize_range
+from .pruning import PruneSchedule, SparseWeight, magnitude_mask
 
 __all__ = [
     "METHODS", "QuantizedWeight", "QuantSpec", "fake_quantize", "quantize", "resolve",
     "BCQWeight", "IntWeight", "fake_quantize_range",
+    "KMeansWeight", "bsflex_init", "bsflex_step", "kmeans_1d", "kmeans_weight",
+    "PruneSchedule", "SparseWeight", "magnitude_mask",
 ]

@@ -9,7 +9,7 @@ Methods register a quantize function and a QuantizedWeight class in ``METHODS``.
 ``[rows, cols]`` like ``nn.Linear.weight`` ``[out, in]`` and ``nn.Embedding.weight`` ``[vocab, dim]``;
 "per channel" always means one set of parameters per row.
 """
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from typing import Callable, ClassVar, Dict, NamedTuple, Tuple, Type
 
 import torch
@@ -24,7 +24,8 @@ class QuantSpec:
     """How to quantize one weight tensor.
 
     method: key of ``METHODS`` ("int" for range-based linear, "bcq" for binary codes; bits=1 with
-        method "int" is the sign binarization of seed 001 Eq. 5 and is served by "bcq").
+        method "int" is the sign binarization of seed 001 Eq. 5 and is served by "bcq"; "kmeans"
+        and "bsflex" for weight sharing, "sparse" for pruned weights kept in fp32).
     bits: bits per weight.
     scheme: "int" only: "sym" (zero point in the middle) or "asym" (min/max range, seed 001 Eq. 4).
     granularity: "tensor" (one set of parameters) or "channel" (one per row).
@@ -69,20 +70,25 @@ class QuantizedWeight:
         raise NotImplementedError
 
     def as_dict(self) -> Dict[str, torch.Tensor]:
+        """Optional fields (default ``None``) that are unset are left out."""
         return {
             f.name: v if torch.is_tensor(v) else torch.tensor(v)
             for f in fields(self)
             for v in [getattr(self, f.name)]
+            if v is not None
         }
 
     @classmethod
     def from_dict(cls, d: Dict[str, torch.Tensor]) -> "QuantizedWeight":
         names = {f.name: f for f in fields(cls)}
-        if set(d) != set(names):
+        required = {n for n, f in names.items() if f.default is MISSING}
+        if not required <= set(d) <= set(names):
+            optional = sorted(set(names) - required)
             raise QuantConfigError(
-                f"a {cls.method} weight needs exactly the keys {sorted(names)}, got {sorted(d)}"
+                f"a {cls.method} weight needs exactly the keys {sorted(required)}"
+                + (f" (optionally {optional})" if optional else "") + f", got {sorted(d)}"
             )
-        kwargs = {k: (v if names[k].type is torch.Tensor else int(v)) for k, v in d.items()}
+        kwargs = {k: (int(v) if names[k].type is int else v) for k, v in d.items()}
         qw = cls(**kwargs)
         qw.validate()
         return qw

@@ -1,0 +1,147 @@
+"""``transformer_kmeans``: k-means weight sharing, BS-Flex and iterative magnitude pruning (seed 000).
+
+The poster's rows (METHODS.md §2) as flags: ``--quant-method kmeans --quant-bits 4`` (4-bit
+k-means), ``--quant-method bsflex --quant-include self_attn`` (1-bit BS-Flex on self-attention
+only), ``--quant-method none --prune-schedule 0:0.3,4000:0.5`` (iterative pruning 30% -> 50%);
+pruning combines with either method (prune, then share weights, as in deep compression).
+Fine-tune it from a trained fp32 ``transformer`` with ``--finetune-from-model``.
+"""
+import logging
+from dataclasses import dataclass, field
+from typing import Optional
+
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+from fairseq.models import register_model, register_model_architecture
+from fairseq.models.transformer import transformer_legacy as fairseq_transformer
+
+from ..errors import QuantConfigError
+from ..modules import BSFlexQuantizer, KMeansQuantizer, PruneQuantizer, pattern_selector
+from ..quant import PruneSchedule, QuantSpec
+from .base import QuantizedTransformerModel, fill_defaults
+
+logger = logging.getLogger(__name__)
+
+METHOD_CHOICES = ["kmeans", "bsflex", "bsflex_fixed", "none"]
+DEFAULT_BITS = {"kmeans": 4, "bsflex": 1, "bsflex_fixed": 1}
+QUANTIZER_STATE = tuple(f"wq.{n}" for n in ("mask", "centroids", "indices", "centroid_delta", "initialized"))
+
+
+@dataclass
+class KMeansConfig(FairseqDataclass):
+    quant_method: ChoiceEnum(METHOD_CHOICES) = field(
+        default="kmeans",
+        metadata={"help": "kmeans: 2^b shared values per tensor (or row), fixed assignments, trained centroids; "
+                          "bsflex: 1 bit, weights move to the nearer of two centroids, centroids are the means "
+                          "of their members; bsflex_fixed: the same with constant centroids; none: no weight "
+                          "sharing (pruning only, with --prune-schedule)"},
+    )
+    quant_bits: Optional[int] = field(
+        default=None, metadata={"help": "bits per weight, 1-8 for kmeans (default 4); bsflex is 1 bit"}
+    )
+    quant_granularity: ChoiceEnum(["tensor", "channel"]) = field(
+        default="tensor", metadata={"help": "one codebook per weight tensor (the poster) or per output row"}
+    )
+    quant_include: str = field(
+        default="all",
+        metadata={"help": "comma list of parts to quantize: all, embeddings, encoder, decoder, self_attn, "
+                          "cross_attn, ffn, output_projection, or globs over module names "
+                          "(e.g. 'encoder.layers.*.self_attn.*')"},
+    )
+    quant_exclude: str = field(default="", metadata={"help": "parts or globs to leave in full precision"})
+    kmeans_iters: int = field(default=100, metadata={"help": "maximum Lloyd iterations per clustering"})
+    kmeans_recluster_interval: int = field(
+        default=0,
+        metadata={"help": "kmeans: every N updates cluster the weights again; the latent fp32 weights then also "
+                          "train (straight-through). 0: cluster once, train only the centroids"},
+    )
+    prune_schedule: str = field(
+        default="",
+        metadata={"help": "iterative magnitude pruning of the selected weights: a sparsity ('0.5') or "
+                          "update:sparsity steps ('0:0.3,4000:0.5' = 30%% from the start, 50%% from update "
+                          "4000); sparsities in [0, 1)"},
+    )
+
+
+def weight_spec(args) -> QuantSpec:
+    method = args.quant_method
+    if method == "none":
+        return QuantSpec(method="sparse", bits=32)
+    bits = DEFAULT_BITS[method] if args.quant_bits is None else args.quant_bits
+    if method != "kmeans" and bits != 1:
+        raise QuantConfigError(f"--quant-bits {bits}: --quant-method {method} is a 1-bit scheme; use 1 or leave it out")
+    try:
+        return QuantSpec(method="kmeans" if method == "kmeans" else "bsflex", bits=bits,
+                         granularity=args.quant_granularity)
+    except QuantConfigError as e:
+        raise QuantConfigError(f"--quant-bits {bits}: {e}; use 1-8") from None
+
+
+def validate(args):
+    weight_spec(args)
+    schedule = PruneSchedule.parse(args.prune_schedule)
+    if args.quant_method == "none" and schedule is None:
+        raise QuantConfigError(
+            "--quant-method none shares no weights: give a --prune-schedule (e.g. 0.5) or pick a method"
+        )
+    if args.kmeans_iters < 1:
+        raise QuantConfigError(f"--kmeans-iters must be >= 1, got {args.kmeans_iters}")
+    if args.kmeans_recluster_interval < 0:
+        raise QuantConfigError(f"--kmeans-recluster-interval must be >= 0, got {args.kmeans_recluster_interval}")
+    if args.kmeans_recluster_interval and args.quant_method != "kmeans":
+        raise QuantConfigError("--kmeans-recluster-interval applies to --quant-method kmeans only")
+
+
+@register_model("transformer_kmeans")
+class TransformerKMeansModel(QuantizedTransformerModel):
+    config_cls = KMeansConfig
+    optional_state = QuantizedTransformerModel.optional_state + QUANTIZER_STATE
+
+    @classmethod
+    def spec_fn(cls, args, all_names):
+        spec = weight_spec(args)
+        chosen = pattern_selector(all_names, args.quant_include, args.quant_exclude)
+        return lambda names: spec if chosen(names) else None
+
+    @classmethod
+    def quantizer_factory(cls, args):
+        schedule = PruneSchedule.parse(args.prune_schedule)
+        method = args.quant_method
+
+        def make(spec, weight):
+            shape = tuple(weight.shape)
+            if method == "kmeans":
+                return KMeansQuantizer(spec, shape, schedule, args.kmeans_recluster_interval, args.kmeans_iters)
+            if method in ("bsflex", "bsflex_fixed"):
+                return BSFlexQuantizer(spec, shape, schedule, fixed=method == "bsflex_fixed")
+            return PruneQuantizer(spec, shape, schedule)
+
+        return make
+
+    @classmethod
+    def build_model(cls, args, task):
+        model = super().build_model(args, task)
+        model.prune_schedule = PruneSchedule.parse(args.prune_schedule)
+        return model
+
+    def set_num_updates(self, num_updates):
+        """Passed on to the quantizers, which prune (and re-cluster) in the next training forward."""
+        schedule = getattr(self, "prune_schedule", None)
+        if schedule and self.training and schedule.sparsity_at(num_updates) != schedule.sparsity_at(num_updates - 1):
+            logger.info("update %d: pruning to %.0f%% sparsity", num_updates, 100 * schedule.sparsity_at(num_updates))
+        super().set_num_updates(num_updates)
+
+
+def _preset(name, size_fn):
+    @register_model_architecture("transformer_kmeans", name)
+    def arch(args):
+        fill_defaults(args, KMeansConfig)
+        validate(args)
+        size_fn(args)
+
+    return arch
+
+
+_preset("transformer_kmeans", fairseq_transformer.base_architecture)
+_preset("transformer_kmeans_iwslt_de_en", fairseq_transformer.transformer_iwslt_de_en)
+_preset("transformer_kmeans_wmt_en_de", fairseq_transformer.transformer_wmt_en_de)
+_preset("transformer_kmeans_wmt_en_de_big", fairseq_transformer.transformer_vaswani_wmt_en_de_big)

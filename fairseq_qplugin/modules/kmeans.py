@@ -1,0 +1,290 @@
+"""Weight quantizers for k-means weight sharing, BS-Flex and iterative magnitude pruning (seed 000).
+
+They plug into ``QuantLinear`` / ``QuantEmbedding`` like ``WeightQuantizer`` and keep its contract:
+the module's ``weight`` is the latent fp32 tensor and its state-dict entry is the quantized value,
+so a plain ``transformer`` checkpoint loads into them and theirs is the quantized model. Their own
+state (codebook, indices, mask) is saved next to it under ``<module>.wq.*``; a checkpoint without
+it (a plain one, or another method's) is accepted and the state is rebuilt from the loaded weight.
+
+- ``KMeansQuantizer``: ``w_hat = (centroids + centroid_delta)[indices] * mask``. Assignments stay
+  fixed; ``centroid_delta`` is the trained Parameter, so a centroid's gradient is the sum of its
+  members' gradients (the poster's retraining). The clustering itself is written only into
+  buffers, never into a Parameter, so it is safe under any optimizer wrapper (fp16 master copies).
+  The latent weight is frozen, unless periodic re-clustering is on: then it also trains
+  (straight-through) and every N updates it is clustered again, warm-started from the codebook.
+- ``BSFlexQuantizer``: 1 bit, two centroids per tensor or row; each update every weight takes its
+  nearer centroid and the centroids become the means of their members, so weights change cluster
+  as the latent weight (straight-through) moves. ``fixed=True`` keeps the initial centroids (the
+  original scheme the poster compares with): then a weight's cluster follows its own value only.
+- ``PruneQuantizer``: pruning alone, ``w_hat = w * mask``.
+
+All three prune by magnitude following a ``PruneSchedule`` (the mask is a buffer; pruned weights are
+exactly 0 in every forward, get no gradient, and are saved as 0). Work that changes the state
+(pruning, clustering, re-clustering) happens in a training forward, after fairseq has announced
+the update through ``set_num_updates``; clustering also happens on first use if nothing was loaded.
+"""
+from typing import Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from ..quant import KMeansWeight, PruneSchedule, QuantSpec, SparseWeight, bsflex_init, bsflex_step, kmeans_weight
+from ..quant.pruning import magnitude_mask, pruned_count
+from .qmodules import WeightQuantizer
+
+
+class MaskedWeightQuantizer(WeightQuantizer):
+    """Shared machinery for one weight [rows, cols]: the pruning mask and schedule, lazy
+    initialization, a cache for evaluation, and optional checkpoint state.
+
+    ``state_groups``: names of saved tensors that load all together or not at all; a group missing
+    from (or mis-shaped in) a checkpoint is rebuilt instead of failing the load.
+    """
+
+    state_groups: Tuple[Tuple[str, ...], ...] = (("mask",),)
+
+    def __init__(self, spec: QuantSpec, shape: Sequence[int], schedule: Optional[PruneSchedule] = None):
+        super().__init__(spec)
+        self.shape, self.schedule = tuple(shape), schedule
+        self.register_buffer("mask", torch.ones(self.shape, dtype=torch.bool) if schedule else None)
+        self.num_updates = 0
+        self._pruned: Optional[int] = 0
+        self._ready = True
+        self._step = None  # a subclass's per-update cache
+
+    # -- hooks for subclasses -------------------------------------------------------------------
+    def initialize(self, w: torch.Tensor):
+        """Build the quantizer's state from the latent weight ``w`` (no gradient)."""
+
+    def value(self, w: torch.Tensor, train: bool) -> torch.Tensor:
+        raise NotImplementedError
+
+    def prune_scores(self, w: torch.Tensor) -> torch.Tensor:
+        """The values whose magnitudes decide what to prune (the latent weight by default)."""
+        return w
+
+    # -- fairseq hook ---------------------------------------------------------------------------
+    def set_num_updates(self, num_updates: int):
+        """fairseq calls ``model.set_num_updates(n)`` before every training forward."""
+        self.num_updates = num_updates
+
+    # -- forward --------------------------------------------------------------------------------
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if self.training and torch.is_grad_enabled():
+            self._cache = None
+            with torch.no_grad():
+                self.follow_schedule(w.detach())
+                self._ensure_ready(w.detach())
+            return self.value(w, train=True)
+        with torch.no_grad():
+            self._ensure_ready(w.detach())
+            key = (w.data_ptr(), w._version, self.num_updates,
+                   *(t._version for t in (*self.parameters(), *self.buffers())))
+            if self._cache is None or self._cache[0] != key:
+                self._cache = (key, self.value(w.detach(), train=False))
+        return self._cache[1]
+
+    def _ensure_ready(self, w):
+        if not self._ready:
+            self.initialize(w)
+            self._ready = True
+
+    def masked(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.mask is None else t * self.mask
+
+    # -- pruning --------------------------------------------------------------------------------
+    @property
+    def pruned(self) -> int:
+        if self._pruned is None:
+            self._pruned = 0 if self.mask is None else int((~self.mask).sum())
+        return self._pruned
+
+    @property
+    def sparsity(self) -> float:
+        return self.pruned / (self.shape[0] * self.shape[1])
+
+    def follow_schedule(self, w: torch.Tensor):
+        """Prune to the scheduled sparsity of the current update (masks only grow)."""
+        if self.mask is None:
+            return
+        target = self.schedule.sparsity_at(self.num_updates)
+        if pruned_count(self.mask.numel(), target) > self.pruned:
+            scores = self.prune_scores(w) if self._ready else w
+            self.mask.copy_(magnitude_mask(scores, target, keep=self.mask))
+            self._pruned = None
+
+    # -- what the rest of the plugin reads ------------------------------------------------------
+    def state_dict_weight(self, w: torch.Tensor) -> torch.Tensor:
+        """Saved as the module's ``weight``: the quantized value, or the latent one (masked) while
+        nothing is built yet, so that saving never triggers clustering."""
+        return self(w) if self._ready else self.masked(w)
+
+    def _state_shapes(self):
+        return {name: tuple(t.shape) for group in self.state_groups for name in group
+                for t in [getattr(self, name)] if t is not None}
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        """Load each state group if the checkpoint has all of it, else rebuild it (a plain checkpoint)."""
+        shapes = self._state_shapes()
+        for group in self.state_groups:
+            complete = all(
+                prefix + n in state_dict and (n not in shapes or tuple(state_dict[prefix + n].shape) == shapes[n])
+                for n in group
+            )
+            if not complete or any(n not in shapes for n in group):
+                for n in group:
+                    state_dict.pop(prefix + n, None)
+                self._reset(group)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
+        own = {prefix + n for group in self.state_groups for n in group}
+        missing[:] = [k for k in missing if k not in own]
+        self._pruned, self._cache, self._step = None, None, None
+        if getattr(self, "initialized", None) is not None:
+            self._ready = bool(self.initialized)
+
+    def _reset(self, group):
+        with torch.no_grad():
+            if "mask" in group and self.mask is not None:
+                self.mask.fill_(True)
+            if "initialized" in group:
+                self.initialized.fill_(False)
+
+    def extra_repr(self):
+        s = self.spec
+        pruning = f", prune={list(self.schedule.steps)}" if self.schedule else ""
+        return f"{s.method}, bits={s.bits}, granularity={s.granularity}{pruning}"
+
+
+class KMeansQuantizer(MaskedWeightQuantizer):
+    """k-means weight sharing: codebook fp32 [2^b] (per tensor) or [rows, 2^b], indices uint8 [rows, cols]."""
+
+    state_groups = (("mask",), ("centroids", "indices", "centroid_delta", "initialized"))
+
+    def __init__(self, spec: QuantSpec, shape: Sequence[int], schedule: Optional[PruneSchedule] = None,
+                 recluster_interval: int = 0, iters: int = 100):
+        super().__init__(spec, shape, schedule)
+        k = 2**spec.bits
+        codebook_shape = (self.shape[0], k) if spec.granularity == "channel" else (k,)
+        self.register_buffer("centroids", torch.zeros(codebook_shape))
+        self.register_buffer("indices", torch.zeros(self.shape, dtype=torch.uint8))
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+        self.centroid_delta = nn.Parameter(torch.zeros(codebook_shape))
+        self.recluster_interval, self.iters = recluster_interval, iters
+        self.trains_latent = recluster_interval > 0
+        self._ready, self._reclustered_at = False, None
+
+    def codebook(self) -> torch.Tensor:
+        return self.centroids + self.centroid_delta
+
+    def initialize(self, w: torch.Tensor, init: Optional[torch.Tensor] = None):
+        """Cluster the kept values of ``w`` (k-means++, or warm-started from ``init``)."""
+        qw = kmeans_weight(w, self.spec.bits, self.spec.granularity, self.mask, init, self.iters)
+        self.centroids.copy_(qw.codebook.to(self.centroids) - self.centroid_delta.detach())
+        self.indices.copy_(qw.indices)
+        self.initialized.fill_(True)
+
+    def follow_schedule(self, w: torch.Tensor):
+        super().follow_schedule(w)
+        n = self.num_updates
+        if self.trains_latent and self._ready and n > 0 and n % self.recluster_interval == 0 \
+                and n != self._reclustered_at:
+            self.initialize(w, init=self.codebook().detach())
+            self._reclustered_at = n
+
+    def prune_scores(self, w: torch.Tensor) -> torch.Tensor:
+        return w if self.trains_latent else self.value(w, train=False)
+
+    def value(self, w: torch.Tensor, train: bool) -> torch.Tensor:
+        codebook, idx = self.codebook(), self.indices.long()
+        wq = self.masked((codebook[idx] if codebook.dim() == 1 else codebook.gather(1, idx)).to(w.dtype))
+        if train and self.trains_latent:
+            wq = wq + self.masked(w - w.detach())
+        return wq
+
+    def quantized(self, w: torch.Tensor) -> KMeansWeight:
+        self._ensure_ready(w.detach())
+        mask = None if self.mask is None else self.mask.clone()
+        return KMeansWeight(self.codebook().detach().float(), self.indices.clone(), self.spec.bits, mask)
+
+    def storage_bits(self, w: torch.Tensor) -> int:
+        kept = w.numel() - self.pruned
+        return kept * self.spec.bits + self.centroids.numel() * 16 + (0 if self.mask is None else w.numel())
+
+    def extra_repr(self):
+        recluster = f", recluster_interval={self.recluster_interval}" if self.recluster_interval else ""
+        return super().extra_repr() + recluster
+
+
+class BSFlexQuantizer(MaskedWeightQuantizer):
+    """BS-Flex: centroids fp32 [2] (per tensor) or [rows, 2], ascending; ``fixed`` keeps them constant."""
+
+    state_groups = (("mask",), ("centroids", "initialized"))
+
+    def __init__(self, spec: QuantSpec, shape: Sequence[int], schedule: Optional[PruneSchedule] = None,
+                 fixed: bool = False):
+        super().__init__(spec, shape, schedule)
+        per_row = spec.granularity == "channel"
+        self.groups = self.shape[0] if per_row else 1
+        self.register_buffer("centroids", torch.zeros((self.groups, 2) if per_row else (2,)))
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+        self.fixed = fixed
+        self._ready = False
+
+    def _rows(self, t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(self.groups, -1)
+
+    def initialize(self, w: torch.Tensor):
+        centroids = bsflex_init(self._rows(w).float(), None if self.mask is None else self._rows(self.mask))
+        self.centroids.copy_(centroids.reshape(self.centroids.shape))
+        self.initialized.fill_(True)
+
+    def split(self, w: torch.Tensor, update: bool):
+        """(upper: bool [groups, n], centroids [groups, 2]) for the latent ``w``; ``update`` stores the centroids."""
+        x, centroids = self._rows(w.detach()).float(), self.centroids.reshape(self.groups, 2).float()
+        if self.fixed:
+            return x > centroids.mean(1, keepdim=True), centroids
+        mask = None if self.mask is None else self._rows(self.mask)
+        upper, centroids = bsflex_step(x, centroids, mask)
+        if update:
+            self.centroids.copy_(centroids.reshape(self.centroids.shape))
+        return upper, centroids
+
+    def _dequantize(self, upper, centroids, like):
+        return self.masked(torch.where(upper, centroids[:, 1:], centroids[:, :1]).reshape(self.shape).to(like.dtype))
+
+    def value(self, w: torch.Tensor, train: bool) -> torch.Tensor:
+        if not train:
+            return self._dequantize(*self.split(w, update=False), w)
+        key = (w.data_ptr(), w._version, self.num_updates)  # one step per update, shared by tied modules
+        if self._step is None or self._step[0] != key:
+            self._step = (key, self._dequantize(*self.split(w, update=True), w))
+        return self._step[1] + self.masked(w - w.detach())
+
+    def quantized(self, w: torch.Tensor) -> KMeansWeight:
+        self._ensure_ready(w.detach())
+        upper, centroids = self.split(w, update=False)
+        codebook = centroids.reshape(self.centroids.shape).float()
+        mask = None if self.mask is None else self.mask.clone()
+        return KMeansWeight(codebook, upper.reshape(self.shape).to(torch.uint8), 1, mask)
+
+    def storage_bits(self, w: torch.Tensor) -> int:
+        return (w.numel() - self.pruned) + self.centroids.numel() * 16 + (0 if self.mask is None else w.numel())
+
+    def extra_repr(self):
+        return super().extra_repr() + (", fixed centroids" if self.fixed else "")
+
+
+class PruneQuantizer(MaskedWeightQuantizer):
+    """Iterative magnitude pruning alone: ``w_hat = w * mask`` in full precision."""
+
+    def value(self, w: torch.Tensor, train: bool) -> torch.Tensor:
+        return self.masked(w)
+
+    def quantized(self, w: torch.Tensor) -> SparseWeight:
+        return SparseWeight(values=self.masked(w.detach()).float(), mask=self.mask.clone())
+
+    def storage_bits(self, w: torch.Tensor) -> int:
+        return (w.numel() - self.pruned) * 32 + w.numel()
+
+    def extra_repr(self):
+        return f"prune={list(self.schedule.steps)}"

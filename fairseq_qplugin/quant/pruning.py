@@ -1,0 +1,113 @@
+"""Iterative magnitude pruning, seed 000 (poster) and METHODS.md §2: remove the X% smallest-magnitude
+weights, retrain, raise X (30% -> 50%, 50% -> 80%). Pruned weights stay exactly zero.
+
+``magnitude_mask`` prunes exactly ``round(sparsity * numel)`` weights of a tensor (ties broken by
+position), always including those pruned before, so masks only grow. ``PruneSchedule`` says which
+sparsity holds at which update. A pruned fp32 weight is a ``SparseWeight`` (method "sparse").
+"""
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+from ..errors import QuantConfigError
+from .base import Method, QuantizedWeight, QuantSpec, register_method
+
+
+def pruned_count(numel: int, sparsity: float) -> int:
+    return int(round(sparsity * numel))
+
+
+def magnitude_mask(w: torch.Tensor, sparsity: float, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """bool mask of ``w``'s shape, False at the ``round(sparsity * numel)`` smallest |w|.
+
+    Weights already pruned (``keep`` False) are pruned first, so the result never revives one.
+    """
+    if not 0 <= sparsity < 1:
+        raise QuantConfigError(f"sparsity must be in [0, 1), got {sparsity}")
+    score = w.detach().abs().float().flatten()
+    if keep is not None:
+        score = score.masked_fill(~keep.flatten(), -1.0)
+    mask = torch.ones(score.numel(), dtype=torch.bool, device=w.device)
+    k = pruned_count(score.numel(), sparsity)
+    if k:
+        mask[torch.topk(score, k, largest=False, sorted=False).indices] = False
+    return mask.reshape(w.shape)
+
+
+@dataclass(frozen=True)
+class PruneSchedule:
+    """``steps``: ((update, sparsity), ...), updates increasing, sparsities non-decreasing; a sparsity
+    holds from its update on, and nothing is pruned before the first step."""
+
+    steps: Tuple[Tuple[int, float], ...]
+
+    @classmethod
+    def parse(cls, text: str, flag: str = "--prune-schedule") -> Optional["PruneSchedule"]:
+        """``"0.5"`` (from the start) or ``"0:0.3,4000:0.5"`` (update:sparsity pairs); "" is no pruning."""
+        items = [t.strip() for t in (text or "").split(",") if t.strip()]
+        if not items:
+            return None
+        steps = []
+        for item in items:
+            update, _, sparsity = item.rpartition(":")
+            try:
+                steps.append((int(update or 0), float(sparsity)))
+            except ValueError:
+                raise QuantConfigError(
+                    f"{flag} {text!r}: expected a sparsity such as '0.5' or update:sparsity pairs such as "
+                    "'0:0.3,4000:0.5'"
+                ) from None
+        for update, sparsity in steps:
+            if not 0 <= sparsity < 1:
+                raise QuantConfigError(f"{flag} {text!r}: sparsity {sparsity} is outside [0, 1)")
+            if update < 0:
+                raise QuantConfigError(f"{flag} {text!r}: update {update} is negative")
+        if any(b[0] <= a[0] or b[1] < a[1] for a, b in zip(steps, steps[1:])):
+            raise QuantConfigError(
+                f"{flag} {text!r}: updates must increase and sparsities must not decrease (pruned weights stay pruned)"
+            )
+        return cls(tuple(steps))
+
+    def sparsity_at(self, num_updates: int) -> float:
+        current = 0.0
+        for update, sparsity in self.steps:
+            if num_updates >= update:
+                current = sparsity
+        return current
+
+    @property
+    def final(self) -> float:
+        return self.steps[-1][1]
+
+
+@dataclass
+class SparseWeight(QuantizedWeight):
+    """values: fp32 [rows, cols] (0 where pruned); mask: bool [rows, cols], False where pruned."""
+
+    method = "sparse"
+    values: torch.Tensor
+    mask: torch.Tensor
+
+    @property
+    def shape(self):
+        return tuple(self.values.shape)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.values * self.mask
+
+    def storage_bits(self) -> int:
+        """The kept values at 32 bits plus a 1-bit-per-weight bitmap."""
+        return int(self.mask.sum()) * 32 + self.mask.numel()
+
+    def validate(self):
+        if self.mask.shape != self.values.shape or self.mask.dtype != torch.bool:
+            raise QuantConfigError(f"sparse weight: mask {tuple(self.mask.shape)} does not fit values {self.shape}")
+
+
+def quantize_sparse(w: torch.Tensor, spec: QuantSpec) -> SparseWeight:
+    mask = w != 0
+    return SparseWeight(values=w.float() * mask, mask=mask)
+
+
+register_method("sparse", Method(quantize=quantize_sparse, weight_type=SparseWeight, bits=(32, 32)))
