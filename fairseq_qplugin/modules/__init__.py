@@ -1,7 +1,9 @@
-from .qmodules import ActQuantizer, QuantEmbedding, QuantLinear, WeightQuantizer
+from .qmodules import (ActQuantizer, QuantEmbedding, QuantLinear, RowBitsQuantizer, WeightQuantizer, quantizer_of,
+                       sync_pnr_weights_)
 from .swap import PART_ALIASES, parse_patterns, pattern_selector, quantizable_modules, select, swap_modules
 
 __all__ = [
-    "ActQuantizer", "QuantEmbedding", "QuantLinear", "WeightQuantizer",
+    "ActQuantizer", "QuantEmbedding", "QuantLinear", "RowBitsQuantizer", "WeightQuantizer", "quantizer_of",
+    "sync_pnr_weights_",
     "PART_ALIASES", "parse_patterns", "pattern_selector", "quantizable_modules", "select", "swap_modules",
 ]

@@ -28,6 +28,13 @@ PART_ALIASES = {
     "cross_attn": ["*.encoder_attn.*"],
     "ffn": ["*.fc1", "*.fc2"],
     "output_projection": ["decoder.output_projection"],
+    "encoder_layers": ["encoder.layers.*"],
+    "decoder_layers": ["decoder.layers.*"],
+    "encoder_self_attn": ["encoder.layers.*.self_attn.*"],
+    "encoder_ffn": ["encoder.layers.*.fc1", "encoder.layers.*.fc2"],
+    "decoder_self_attn": ["decoder.layers.*.self_attn.*"],
+    "decoder_cross_attn": ["decoder.layers.*.encoder_attn.*"],
+    "decoder_ffn": ["decoder.layers.*.fc1", "decoder.layers.*.fc2"],
 }
 
 
@@ -82,13 +89,15 @@ def swap_modules(
     spec_for: Callable[[List[str]], Optional[QuantSpec]],
     act_bits: int = 0,
     act_where: str = "none",
+    make_quantizer: Optional[Callable[[QuantSpec, List[str], nn.Parameter], WeightQuantizer]] = None,
 ) -> Dict[str, QuantSpec]:
     """Replace every quantizable module for which ``spec_for(names)`` gives a spec; return {name: spec}.
 
     Modules sharing one weight tensor (an embedding and the output projection tied to it) are
     quantized together, with the first spec given (embeddings come first), sharing one quantizer.
     ``act_where`` ("none", "input", "output") adds an activation quantizer of ``act_bits`` bits to
-    each quantized linear layer.
+    each quantized linear layer. ``make_quantizer(spec, names, weight)`` builds the quantizer of a
+    weight reachable under ``names`` (default: ``WeightQuantizer(spec)``).
     """
     modules = quantizable_modules(model)
     groups: Dict[nn.Parameter, List[nn.Module]] = {}
@@ -104,7 +113,9 @@ def swap_modules(
         chosen = [s for s in specs if s is not None]
         if not chosen:
             continue
-        spec, wq = chosen[0], WeightQuantizer(chosen[0])
+        spec = chosen[0]
+        names = [n for m in members for n in modules[m]]
+        wq = make_quantizer(spec, names, members[0].weight) if make_quantizer else WeightQuantizer(spec)
         if any(s != spec for s in specs):
             tied = ", ".join(modules[m][0] for m in members)
             logger.info("%s share one weight tensor: all quantized as %s", tied, spec)

@@ -2,8 +2,10 @@
 from .base import METHODS, QuantizedWeight, QuantSpec, fake_quantize, quantize, resolve
 from .bcq import BCQWeight
 from .linear import IntWeight, fake_quantize_range
+from .mixed import MixedBCQWeight, frequency_row_bits, group_sizes, quantize_bcq_rows
 
 __all__ = [
     "METHODS", "QuantizedWeight", "QuantSpec", "fake_quantize", "quantize", "resolve",
     "BCQWeight", "IntWeight", "fake_quantize_range",
+    "MixedBCQWeight", "frequency_row_bits", "group_sizes", "quantize_bcq_rows",
 ]
