@@ -16,7 +16,7 @@
 # (fairseq resumes from a stage's checkpoint_last.pt when there is one).
 set -euo pipefail
 if [ $# -lt 3 ]; then
-    sed -n '2,19p' "$0" >&2
+    sed -n '2,16p' "$0" >&2
     exit 2
 fi
 data=$1 init=$2 root=$3

@@ -69,6 +69,9 @@ def test_staged_retraining_recipe_with_the_paper_preset(tiny_data, fp32_checkpoi
              "decoder.layers.0.encoder_attn": 3, "decoder.layers.0.fc": 1, "embed_tokens": 4, "output_projection": 4}
     assert rows_over(final["model"], lambda name, row: 2 ** next(b for k, b in paper.items() if k in name)) == []
     assert rows_over(final["model"], lambda name, row: 2) != []  # not everything is 1 bit
+    # generation rebuilds the word-frequency bits from the dictionary
+    hyps, out = generate(tiny_data / "bin", tmp_path / "3-encoder" / "checkpoint_last.pt")
+    assert len(hyps) == 40 and "2.50 average bits" in out, out[-2000:]
 
 
 @pytest.mark.parametrize("flags,message", [
