@@ -1,7 +1,7 @@
 """fairseq-qplugin: quantization-aware training and compact inference for fairseq Transformers.
 
 Importing the package (``--user-dir fairseq_qplugin`` or ``import fairseq_qplugin``) registers the
-architectures and makes fairseq checkpoints loadable under torch >= 2.6.
+architectures and the pNR optimizers, and makes fairseq checkpoints loadable under torch >= 2.6.
 """
 from .checkpoint import allow_fairseq_checkpoints
 from .errors import install_error_hook
@@ -10,3 +10,4 @@ allow_fairseq_checkpoints()
 install_error_hook()
 
 from . import models  # noqa: E402,F401  (registers the architectures)
+from . import optim  # noqa: E402,F401  (registers pnr_<optimizer>)

@@ -12,9 +12,11 @@ from typing import Callable, Dict, List, Optional
 from fairseq.dataclass.utils import gen_parser_from_dataclass
 from fairseq.models.transformer import TransformerModel
 from fairseq.modules import MultiheadAttention
+from torch.nn import Parameter
 
 from ..errors import QuantConfigError
-from ..modules import QuantEmbedding, QuantLinear, quantizable_modules, swap_modules
+from ..modules import (QuantEmbedding, QuantLinear, WeightQuantizer, quantizable_modules, swap_modules,
+                       sync_pnr_weights_)
 from ..quant import QuantSpec
 
 logger = logging.getLogger(__name__)
@@ -48,8 +50,12 @@ def set_attention_temperature(model, tau: float):
 
 
 def quantization_summary(model) -> Dict[str, float]:
-    """Parameter counts and packed sizes: quantized weights at their bits, all else at fp32."""
-    quant_params = quant_bits = other_params = 0
+    """Parameter counts and packed sizes: quantized weights at their bits, all else at fp32.
+
+    ``avg_bits`` counts codes and scales; ``code_bits`` the codes alone (the "average bits" of the
+    papers), both per quantized weight.
+    """
+    quant_params = quant_bits = code_bits = other_params = 0
     seen = set()
     for module in model.modules():
         if isinstance(module, (QuantLinear, QuantEmbedding)) and module.weight not in seen:
@@ -57,6 +63,7 @@ def quantization_summary(model) -> Dict[str, float]:
             seen.update(module.wq.parameters())  # e.g. trained centroids: counted in storage_bits
             quant_params += module.weight.numel()
             quant_bits += module.wq.storage_bits(module.weight.detach())
+            code_bits += module.weight.numel() * module.wq.average_bits()
     for p in model.parameters():
         if p not in seen:
             other_params += p.numel()
@@ -64,6 +71,7 @@ def quantization_summary(model) -> Dict[str, float]:
         "quantized_params": quant_params,
         "other_params": other_params,
         "avg_bits": quant_bits / max(quant_params, 1),
+        "code_bits": code_bits / max(quant_params, 1),
         "packed_bytes": (quant_bits + 32 * other_params) / 8,
         "fp32_bytes": 4 * (quant_params + other_params),
     }
@@ -103,7 +111,7 @@ def check_compatible(model, state_dict, optional_suffixes=ACT_RANGE_STATE):
 
 class QuantizedTransformerModel(TransformerModel):
     """Base class: subclasses define ``config_cls`` (their flags) and ``spec_fn(args, names)``, and
-    may define ``quantizer_factory(args)`` and extend ``optional_state`` (checkpoint keys their
+    may define ``quantizer_fn(args, task)`` and extend ``optional_state`` (checkpoint keys their
     quantizers rebuild when absent)."""
 
     config_cls = None
@@ -120,8 +128,8 @@ class QuantizedTransformerModel(TransformerModel):
         raise NotImplementedError
 
     @classmethod
-    def quantizer_factory(cls, args) -> Optional[Callable]:
-        """``make_quantizer(spec, weight)`` for ``swap_modules``; None builds plain ``WeightQuantizer``s."""
+    def quantizer_fn(cls, args, task) -> Optional[Callable[[QuantSpec, List[str], Parameter], WeightQuantizer]]:
+        """Given a spec, a weight's module names and the weight, build its quantizer (None: ``WeightQuantizer(spec)``)."""
         return None
 
     @classmethod
@@ -130,16 +138,25 @@ class QuantizedTransformerModel(TransformerModel):
         all_names = [n for names in quantizable_modules(model).values() for n in names]
         done = swap_modules(model, cls.spec_fn(args, all_names),
                             act_bits=getattr(args, "quant_act_bits", 0), act_where=getattr(args, "quant_act", "none"),
-                            make_quantizer=cls.quantizer_factory(args))
+                            make_quantizer=cls.quantizer_fn(args, task))
         set_attention_temperature(model, getattr(args, "attn_temperature", 1.0))
         s = quantization_summary(model)
         logger.info(
-            "quantized %d modules: %d weights at %.2f average bits; %d parameters left in fp32; "
-            "packed size %.2f MB (fp32 %.2f MB)",
-            len(done), s["quantized_params"], s["avg_bits"], s["other_params"],
+            "quantized %d modules: %d weights at %.2f average bits (%.2f with scales); %d parameters left in "
+            "fp32; packed size %.2f MB (fp32 %.2f MB)",
+            len(done), s["quantized_params"], s["code_bits"], s["avg_bits"], s["other_params"],
             s["packed_bytes"] / 1e6, s["fp32_bytes"] / 1e6,
         )
         return model
+
+    def train(self, mode: bool = True):
+        """Leaving training mode (fairseq validates in eval mode) syncs the pNR-mode weights first, so
+        validation evaluates, and training resumes from, the quantized weights (METHODS.md §3, pNR)."""
+        if not mode and self.training:
+            synced = sync_pnr_weights_(self.parameters())
+            if synced:
+                logger.info("pNR: synced %d weights to their quantized values for evaluation", synced)
+        return super().train(mode)
 
     def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
         if strict:

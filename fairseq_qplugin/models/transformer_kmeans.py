@@ -103,11 +103,11 @@ class TransformerKMeansModel(QuantizedTransformerModel):
         return lambda names: spec if chosen(names) else None
 
     @classmethod
-    def quantizer_factory(cls, args):
+    def quantizer_fn(cls, args, task):
         schedule = PruneSchedule.parse(args.prune_schedule)
         method = args.quant_method
 
-        def make(spec, weight):
+        def make(spec, names, weight):
             shape = tuple(weight.shape)
             if method == "kmeans":
                 return KMeansQuantizer(spec, shape, schedule, args.kmeans_recluster_interval, args.kmeans_iters)

@@ -11,16 +11,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..quant import QuantizedWeight, QuantSpec, fake_quantize, fake_quantize_range, quantize
+from ..quant import QuantizedWeight, QuantSpec, fake_quantize, fake_quantize_range, quantize, quantize_bcq_rows
+from ..quant.bcq import bcq_storage_bits
+from ..quant.mixed import mixed_storage_bits
 
 
 class WeightQuantizer(nn.Module):
     """Maps a latent weight to its fake-quantized value (straight-through gradients in training).
 
     Without gradients (validation, generation) the quantized weight is cached until the latent
-    weight changes (tracked by its in-place version counter). Subclasses with their own training
-    parametrization (k-means codebooks, pruning masks: modules/kmeans.py) override ``forward`` and
-    the methods below; ``trains_latent = False`` freezes the latent weight (it gets no gradient).
+    weight changes (tracked by its in-place version counter).
+
+    ``pnr`` (set by the pNR optimizer wrapper, ``optim/pnr.py``): the training forward uses the
+    latent weight as is, in full precision; ``sync_`` replaces it in place by its quantized value.
+    Evaluation and ``state_dict`` still see the quantized weight.
+
+    Subclasses with their own training parametrization (k-means codebooks, pruning masks:
+    modules/kmeans.py) override ``forward`` and the methods below; ``trains_latent = False`` freezes
+    the latent weight (it gets no gradient).
     """
 
     trains_latent = True
@@ -28,15 +36,26 @@ class WeightQuantizer(nn.Module):
     def __init__(self, spec: QuantSpec):
         super().__init__()
         self.spec = spec
+        self.pnr = False
         self._cache = None
+        self._synced = None  # (data pointer, version) of the weight right after its last sync
 
     def quantized(self, w: torch.Tensor) -> QuantizedWeight:
-        """The quantized weight object (codes and parameters) the packed export stores."""
+        """The quantized weight object (codes and parameters) of a 2-D tensor: what the packed export stores."""
         return quantize(w.detach(), self.spec)
 
+    def average_bits(self) -> float:
+        """Bits per weight of the codes alone (without scales)."""
+        return float(self.spec.bits)
+
     def storage_bits(self, w: torch.Tensor) -> int:
-        """Packed size of the quantized ``w`` in bits."""
+        """``self.quantized(w).storage_bits()``; computed from the shape alone for BCQ (no slow search)."""
+        if self.spec.method == "bcq":
+            return bcq_storage_bits(tuple(w.shape), self.spec)
         return self.quantized(w).storage_bits()
+
+    def fake_quantize(self, w: torch.Tensor) -> torch.Tensor:
+        return fake_quantize(w, self.spec)
 
     def state_dict_weight(self, w: torch.Tensor) -> torch.Tensor:
         """The value saved as the module's ``weight`` in state dicts: the quantized weight."""
@@ -44,16 +63,86 @@ class WeightQuantizer(nn.Module):
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and w.requires_grad:
-            self._cache = None
-            return fake_quantize(w, self.spec)
+            self._cache = self._synced = None  # a training step follows (which may update w through w.data)
+            return w if self.pnr else self.fake_quantize(w)
         key = (w.data_ptr(), w._version)
         if self._cache is None or self._cache[0] != key:
-            self._cache = (key, fake_quantize(w.detach(), self.spec))
+            self._cache = (key, self.quantized(w).dequantize().to(w.dtype))
         return self._cache[1]
+
+    @torch.no_grad()
+    def sync_(self, w: torch.Tensor):
+        """pNR projection: overwrite ``w`` with its quantized value (which is then also the cached one).
+        A weight left unchanged since its last sync (no training forward, same version) is skipped."""
+        if self._synced == (w.data_ptr(), w._version):
+            return
+        w.copy_(self.quantized(w).dequantize().to(w.dtype))
+        self._synced = (w.data_ptr(), w._version)
+        self._cache = (self._synced, w.detach())
 
     def extra_repr(self):
         s = self.spec
-        return f"{s.method}, bits={s.bits}, scheme={s.scheme}, granularity={s.granularity}"
+        if s.method == "bcq":
+            kind = f"bcq, bits={s.bits}, granularity={s.granularity}, search={s.search}"
+            kind += f", group_size={s.group_size}" if s.group_size else ""
+        else:
+            kind = f"{s.method}, bits={s.bits}, scheme={s.scheme}, granularity={s.granularity}"
+        return kind + (", pnr" if self.pnr else "")
+
+
+class RowBitsQuantizer(WeightQuantizer):
+    """BCQ with its own bit count per row (frequency-mixed embeddings and output projections).
+
+    ``row_bits``: int8 [rows] in 1..spec.bits (a buffer: it follows the module's device, and is not
+    saved since it is rebuilt from the dictionary). Straight-through gradient: the identity.
+    """
+
+    def __init__(self, spec: QuantSpec, row_bits: torch.Tensor):
+        super().__init__(spec)
+        self.register_buffer("row_bits", row_bits.to(torch.int8), persistent=False)
+
+    def quantized(self, w: torch.Tensor) -> QuantizedWeight:
+        return quantize_bcq_rows(w.detach(), self.row_bits, self.spec)
+
+    def average_bits(self) -> float:
+        return self.row_bits.float().mean().item()
+
+    def storage_bits(self, w: torch.Tensor) -> int:
+        return mixed_storage_bits(self.row_bits, w.shape[1], self.spec.group_size)
+
+    def fake_quantize(self, w: torch.Tensor) -> torch.Tensor:
+        wq = self.quantized(w).dequantize().to(w.dtype)
+        return wq + (w - w.detach()) if w.requires_grad else wq
+
+    def extra_repr(self):
+        counts = torch.bincount(self.row_bits.long(), minlength=self.spec.bits + 1).tolist()
+        per_bits = ", ".join(f"{n}x{b}" for b, n in reversed(list(enumerate(counts))) if n)
+        return f"{super().extra_repr()}, rows at bits: {per_bits} ({self.average_bits():.2f} average)"
+
+
+QUANTIZER_ATTR = "qplugin_quantizer"
+
+
+def quantizer_of(param: torch.Tensor) -> Optional[WeightQuantizer]:
+    """The WeightQuantizer of a quantized module's weight Parameter, or None.
+
+    QuantLinear and QuantEmbedding tag their weight Parameter with its quantizer (like fairseq's
+    ``param.param_group`` tags), so code that only sees parameters, such as an optimizer, can
+    reach it.
+    """
+    return getattr(param, QUANTIZER_ATTR, None)
+
+
+@torch.no_grad()
+def sync_pnr_weights_(params) -> int:
+    """Replace every pNR-mode quantized weight among ``params`` by its quantized value; return how many."""
+    synced = 0
+    for p in params:
+        wq = quantizer_of(p)
+        if wq is not None and wq.pnr:
+            wq.sync_(p)
+            synced += 1
+    return synced
 
 
 class ActQuantizer(nn.Module):
@@ -97,6 +186,10 @@ class ActQuantizer(nn.Module):
 class _QuantizedWeightMixin:
     """Forward uses ``self.wq(self.weight)``; ``state_dict`` saves the quantized weight."""
 
+    def _attach(self, wq: WeightQuantizer):
+        self.wq = wq
+        setattr(self.weight, QUANTIZER_ATTR, wq)
+
     def quantized_weight(self) -> torch.Tensor:
         return self.wq(self.weight)
 
@@ -118,7 +211,8 @@ class QuantLinear(_QuantizedWeightMixin, nn.Module):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias
-        self.wq, self.act_in, self.act_out = wq, act_in, act_out
+        self.act_in, self.act_out = act_in, act_out
+        self._attach(wq)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act_in is not None:
@@ -138,7 +232,7 @@ class QuantEmbedding(_QuantizedWeightMixin, nn.Module):
         self.num_embeddings, self.embedding_dim = embedding.num_embeddings, embedding.embedding_dim
         self.padding_idx = embedding.padding_idx
         self.weight = embedding.weight
-        self.wq = wq
+        self._attach(wq)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return F.embedding(tokens, self.quantized_weight(), self.padding_idx)

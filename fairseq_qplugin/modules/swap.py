@@ -28,6 +28,13 @@ PART_ALIASES = {
     "cross_attn": ["*.encoder_attn.*"],
     "ffn": ["*.fc1", "*.fc2"],
     "output_projection": ["decoder.output_projection"],
+    "encoder_layers": ["encoder.layers.*"],
+    "decoder_layers": ["decoder.layers.*"],
+    "encoder_self_attn": ["encoder.layers.*.self_attn.*"],
+    "encoder_ffn": ["encoder.layers.*.fc1", "encoder.layers.*.fc2"],
+    "decoder_self_attn": ["decoder.layers.*.self_attn.*"],
+    "decoder_cross_attn": ["decoder.layers.*.encoder_attn.*"],
+    "decoder_ffn": ["decoder.layers.*.fc1", "decoder.layers.*.fc2"],
 }
 
 
@@ -82,15 +89,15 @@ def swap_modules(
     spec_for: Callable[[List[str]], Optional[QuantSpec]],
     act_bits: int = 0,
     act_where: str = "none",
-    make_quantizer: Optional[Callable[[QuantSpec, nn.Parameter], WeightQuantizer]] = None,
+    make_quantizer: Optional[Callable[[QuantSpec, List[str], nn.Parameter], WeightQuantizer]] = None,
 ) -> Dict[str, QuantSpec]:
     """Replace every quantizable module for which ``spec_for(names)`` gives a spec; return {name: spec}.
 
     Modules sharing one weight tensor (an embedding and the output projection tied to it) are
     quantized together, with the first spec given (embeddings come first), sharing one quantizer.
     ``act_where`` ("none", "input", "output") adds an activation quantizer of ``act_bits`` bits to
-    each quantized linear layer. ``make_quantizer(spec, weight)`` builds the weight quantizer
-    (default ``WeightQuantizer(spec)``); a quantizer that does not train the latent weight freezes it.
+    each quantized linear layer. ``make_quantizer(spec, names, weight)`` builds the quantizer of a
+    weight reachable under ``names`` (default: ``WeightQuantizer(spec)``).
     """
     modules = quantizable_modules(model)
     groups: Dict[nn.Parameter, List[nn.Module]] = {}
@@ -107,7 +114,8 @@ def swap_modules(
         if not chosen:
             continue
         spec = chosen[0]
-        wq = make_quantizer(spec, members[0].weight) if make_quantizer else WeightQuantizer(spec)
+        names = [n for m in members for n in modules[m]]
+        wq = make_quantizer(spec, names, members[0].weight) if make_quantizer else WeightQuantizer(spec)
         if not wq.trains_latent:
             members[0].weight.requires_grad_(False)
         if any(s != spec for s in specs):

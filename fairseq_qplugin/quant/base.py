@@ -17,6 +17,7 @@ import torch
 from ..errors import QuantConfigError
 
 GRANULARITIES = ("tensor", "channel")
+SEARCHES = ("greedy", "alternating")
 
 
 @dataclass(frozen=True)
@@ -29,12 +30,19 @@ class QuantSpec:
     bits: bits per weight.
     scheme: "int" only: "sym" (zero point in the middle) or "asym" (min/max range, seed 001 Eq. 4).
     granularity: "tensor" (one set of parameters) or "channel" (one per row).
+    group_size: "bcq" only: input columns sharing one scale (0 = the whole row); must divide the
+        number of columns.
+    search: "bcq" only: "greedy" or "alternating" (greedy, then alternating refinement).
+    rounds: "bcq" only: the most alternating rounds (it stops earlier once no code changes).
     """
 
     method: str = "int"
     bits: int = 8
     scheme: str = "sym"
     granularity: str = "channel"
+    group_size: int = 0
+    search: str = "alternating"
+    rounds: int = 10
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -46,6 +54,15 @@ class QuantSpec:
             raise QuantConfigError(f"unknown int scheme {self.scheme!r}; choose 'sym' or 'asym'")
         if self.granularity not in GRANULARITIES:
             raise QuantConfigError(f"unknown granularity {self.granularity!r}; choose one of {GRANULARITIES}")
+        if self.group_size < 0 or (self.group_size and (self.method != "bcq" or self.granularity != "channel")):
+            raise QuantConfigError(
+                f"group size {self.group_size}: groups along the input dimension need method 'bcq' with "
+                f"granularity 'channel' and a size >= 1 (0 = one scale per row)"
+            )
+        if self.search not in SEARCHES:
+            raise QuantConfigError(f"unknown bcq search {self.search!r}; choose one of {SEARCHES}")
+        if self.rounds < 1:
+            raise QuantConfigError(f"alternating bcq needs at least 1 round, got {self.rounds}")
 
 
 class QuantizedWeight:

@@ -1,10 +1,22 @@
 """Binary-code quantization (BCQ): ``W ~= sum_k diag(alpha_k) B_k``, B_k in {-1, +1} (METHODS.md §3).
 
 The bit-planes ``B_k`` are the object the packed export stores (8 weights per byte) and the
-lookup-table GEMM consumes. One bit is the sign binarization of seed 001 Eq. 5 with a scale
+lookup-table GEMM consumes. Scales are one per output row and bit, or one per row, bit and group of
+``group_size`` input columns. One bit is the sign binarization of seed 001 Eq. 5 with a scale
 ``alpha = mean|W|`` per row (or per tensor), which is what makes a 1-bit model usable.
 
-Greedy construction: R = W; for k in 1..q: B_k = sign(R) (0 -> +1), alpha_k = mean|R|, R -= alpha_k B_k.
+- Greedy (seeds 002/004): R = W; for k in 1..q: B_k = sign(R) (0 -> +1), alpha_k = mean|R|,
+  R -= alpha_k B_k.
+- Alternating (Xu et al. 2018), from the greedy start: alphas <- least squares given the B_k
+  (per row and group, ``(B^T B) alpha = B^T w``); B <- for each weight the nearest of the 2^q values
+  ``sum_k +-alpha_k``; repeat until no code changes or ``rounds`` rounds. Neither step can raise the
+  error, so alternating is never worse than greedy. At 1 bit both are ``sign(W) * mean|W|``.
+
+From 2 bits up, scales are rounded to 16 significant bits, so every sum of +-alphas is exact in fp32,
+and a row that already is a q-bit code (e.g. of a saved quantized checkpoint) is decoded exactly
+(``decode_levels``) and re-quantizes to itself, bit for bit, whenever each of its 2^q levels, or the
+level's negative, occurs in it: always in practice for rows of 256 or more weights, while in short
+rows or groups at 4 bits a few may not (those are quantized afresh).
 """
 from dataclasses import dataclass
 
@@ -16,11 +28,13 @@ from .base import Method, QuantizedWeight, QuantSpec, register_method
 
 @dataclass
 class BCQWeight(QuantizedWeight):
-    """planes: bool [q, rows, cols] (True = +1); alpha: fp32 [q, rows or 1, 1]."""
+    """planes: bool [q, rows, cols] (True = +1); alpha: fp32 [q, rows or 1, groups];
+    group_size: columns per scale (0: one scale per row, groups = 1)."""
 
     method = "bcq"
     planes: torch.Tensor
     alpha: torch.Tensor
+    group_size: int = 0
 
     @property
     def shape(self):
@@ -30,32 +44,145 @@ class BCQWeight(QuantizedWeight):
     def bits(self) -> int:
         return self.planes.shape[0]
 
+    def scales(self) -> torch.Tensor:
+        """alpha broadcast to the weights: [q, rows or 1, cols or 1]."""
+        return self.alpha.repeat_interleave(self.group_size, dim=2) if self.group_size else self.alpha
+
     def dequantize(self) -> torch.Tensor:
         signs = self.planes.float() * 2 - 1
-        return (signs * self.alpha).sum(0)
+        return (signs * self.scales()).sum(0)
 
     def storage_bits(self) -> int:
         return self.planes.numel() + self.alpha.numel() * 16
 
     def validate(self):
-        q, rows, _ = self.planes.shape
-        if self.planes.dtype != torch.bool or self.alpha.shape not in ((q, rows, 1), (q, 1, 1)):
+        q, rows, cols = self.planes.shape
+        groups = cols // self.group_size if self.group_size else 1
+        ok = self.planes.dtype == torch.bool and self.alpha.shape in ((q, rows, groups), (q, 1, 1))
+        if not ok or (self.group_size and groups * self.group_size != cols):
             raise QuantConfigError(
-                f"bcq weight: alpha {tuple(self.alpha.shape)} does not fit planes {tuple(self.planes.shape)}"
+                f"bcq weight: alpha {tuple(self.alpha.shape)} (group size {self.group_size}) does not fit "
+                f"planes {tuple(self.planes.shape)}"
             )
 
 
-def quantize_bcq(w: torch.Tensor, spec: QuantSpec) -> BCQWeight:
-    residual = w.double()  # fp64 means: a binarized weight re-quantizes to exactly itself
-    dims = (1,) if spec.granularity == "channel" else (0, 1)
-    planes, alphas = [], []
-    for _ in range(spec.bits):
+def bcq_storage_bits(shape, spec: QuantSpec) -> int:
+    """``BCQWeight.storage_bits()`` of a [rows, cols] weight quantized with ``spec``, without quantizing it."""
+    rows, cols = shape
+    scales = (rows * (cols // spec.group_size if spec.group_size else 1)) if spec.granularity == "channel" else 1
+    return spec.bits * (rows * cols + scales * 16)
+
+
+def round_significand(x: torch.Tensor, bits: int = 16) -> torch.Tensor:
+    """Round to the nearest value with ``bits`` significant bits (sums of a few such values are exact)."""
+    mantissa, exponent = torch.frexp(x)
+    return torch.ldexp(torch.round(mantissa * 2.0**bits) / 2.0**bits, exponent)
+
+
+def greedy(x: torch.Tensor, bits: int):
+    """x: fp64 [n, size] (one row or group each) -> planes bool [q, n, size], alpha fp64 [q, n]."""
+    residual, planes, alphas = x, [], []
+    for _ in range(bits):
         plane = residual >= 0
-        alpha = residual.abs().mean(dim=dims, keepdim=True).float()
-        residual = residual - (plane.double() * 2 - 1) * alpha.double()
+        alpha = residual.abs().mean(-1).float().double()  # fp32 scale, so 1 bit matches sign * mean|W| exactly
+        residual = residual - (plane.double() * 2 - 1) * alpha[:, None]
         planes.append(plane)
         alphas.append(alpha)
-    return BCQWeight(planes=torch.stack(planes), alpha=torch.stack(alphas))
+    return torch.stack(planes), torch.stack(alphas)
+
+
+def least_squares_alpha(x: torch.Tensor, planes: torch.Tensor) -> torch.Tensor:
+    """The scales minimizing ||x - sum_k alpha_k B_k||^2 for fixed planes, per row: fp64 [q, n].
+
+    Solves ``(B^T B) alpha = B^T x`` (B^T B holds exact integers); a singular B^T B (repeated planes,
+    constant rows) gets the minimum-norm solution.
+    """
+    signs = planes.float() * 2 - 1  # [q, n, size]
+    rhs = torch.einsum("qns,ns->nq", signs.double(), x)
+    gram = torch.einsum("qns,pns->nqp", signs, signs).double()
+    return (torch.linalg.pinv(gram, hermitian=True) @ rhs[..., None])[..., 0].T
+
+
+def nearest_codes(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """For each weight of x [n, size], the planes (bool [q, n, size]) of the nearest of the 2^q levels
+    ``sum_k +-alpha_k`` of its row, alpha [q, n]."""
+    q = alpha.shape[0]
+    code = torch.arange(2**q, device=x.device)
+    bit = (code[:, None] >> torch.arange(q, device=x.device)) & 1  # [2^q, q]: bit k of code c = plane k
+    levels, order = (alpha.T @ (bit.double() * 2 - 1).T).sort(-1)  # [n, 2^q]
+    mids = ((levels[:, 1:] + levels[:, :-1]) / 2).contiguous()
+    chosen = order.gather(1, torch.searchsorted(mids, x.contiguous(), right=True))
+    return torch.stack([(chosen >> k) & 1 == 1 for k in range(q)])
+
+
+def alternate(x: torch.Tensor, planes: torch.Tensor, rounds: int):
+    """Alternating refinement from ``planes``; returns planes and their least-squares alphas."""
+    alpha = least_squares_alpha(x, planes)
+    for _ in range(rounds):
+        new = nearest_codes(x, alpha)
+        if torch.equal(new, planes):
+            break
+        planes, alpha = new, least_squares_alpha(x, new)
+    return planes, alpha
+
+
+def decode_levels(x: torch.Tensor, bits: int):
+    """Recover the exact code of the rows of x (fp64 [n, size]) whose values and their negatives make
+    exactly 2^q levels (the level set of a code is symmetric, so a level missing from a row is
+    recovered when its negative is there).
+
+    With positive scales, the levels are ``L = L' + {-a, +a}`` where a is the smallest scale and L' the
+    levels of the other q - 1 bits: a = (max L - second largest) / 2, and pairing each top remaining
+    level m with m - 2a gives L'; q such steps leave {0}. Returns the indices of the rows this
+    reproduces (to 2^-20 of their largest value; a row of 2^q levels that is no code fails this
+    check), their planes bool [q, solved, size] and alphas fp64 [q, solved].
+    """
+    levels = 2**bits
+    head = x[:, : 4 * levels].abs().sort(-1).values  # a code has at most 2^(q-1) magnitudes: a cheap first test
+    rows = ((head[:, 1:] != head[:, :-1]).sum(-1) < levels // 2).nonzero().squeeze(1)
+    values = torch.cat([x[rows], -x[rows]], 1).sort(-1).values
+    new = torch.cat([torch.ones_like(values[:, :1], dtype=torch.bool), values[:, 1:] != values[:, :-1]], 1)
+    full = new.sum(-1) == levels
+    rows, level = rows[full], values[full][new[full]].reshape(-1, levels)  # ascending
+    picked = torch.arange(len(rows), device=x.device)
+    alpha = x.new_zeros(bits, len(rows))
+    for k in range(bits - 1, -1, -1):
+        a = (level[:, -1] - level[:, -2]) / 2
+        left, upper = torch.ones_like(level, dtype=torch.bool), []
+        for _ in range(level.shape[1] // 2):
+            top = torch.where(left, level, -torch.inf).argmax(-1)
+            left[picked, top] = False
+            m = level[picked, top]
+            left[picked, torch.where(left, (level - (m - 2 * a)[:, None]).abs(), torch.inf).argmin(-1)] = False
+            upper.append(m - a)
+        level, alpha[k] = torch.stack(upper[::-1], 1), a
+    x = x[rows]
+    planes = nearest_codes(x, alpha)
+    error = ((planes.double() * 2 - 1) * alpha[..., None]).sum(0) - x
+    ok = error.abs().amax(-1) <= x.abs().amax(-1) * 2.0**-20
+    return rows[ok], planes[:, ok], alpha[:, ok]
+
+
+def quantize_bcq(w: torch.Tensor, spec: QuantSpec) -> BCQWeight:
+    """Greedy or alternating BCQ of each row (or group, or the whole tensor); from 2 bits up, a row that
+    already is a q-bit code is decoded exactly instead (see ``decode_levels``)."""
+    x = w.double() if spec.granularity == "channel" else w.double().reshape(1, -1)
+    rows, cols = x.shape
+    size = spec.group_size or cols
+    if cols % size:
+        raise QuantConfigError(f"bcq group size {size} does not divide the {cols} input columns")
+    x = x.reshape(-1, size)  # one set of scales per row and group
+    planes, alpha = greedy(x, spec.bits)
+    if spec.bits > 1:
+        solved, exact_planes, exact_alpha = decode_levels(x, spec.bits)
+        todo = torch.ones(len(x), dtype=torch.bool, device=x.device).index_fill_(0, solved, False)
+        if spec.search == "alternating" and todo.any():
+            todo = todo.nonzero().squeeze(1)
+            planes[:, todo], alpha[:, todo] = alternate(x[todo], planes[:, todo], spec.rounds)
+        planes[:, solved], alpha[:, solved] = exact_planes, exact_alpha
+        alpha = round_significand(alpha)
+    return BCQWeight(planes=planes.reshape(spec.bits, *w.shape),
+                     alpha=alpha.float().reshape(spec.bits, -1, cols // size), group_size=spec.group_size)
 
 
 register_method("bcq", Method(quantize=quantize_bcq, weight_type=BCQWeight, bits=(1, 4)))

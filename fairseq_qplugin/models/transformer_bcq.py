@@ -1,0 +1,221 @@
+"""``transformer_bcq``: binary-code quantization with mixed precision by block, sub-layer and word frequency.
+
+Seeds 002/004 (Chung & Kim et al. 2020), METHODS.md §3: every weight matrix is
+``W ~= sum_k diag(alpha_k) B_k`` with 1-4 bits (alternating search by default). Bits are chosen, in
+increasing precedence, by ``--bcq-bits`` (everything), the block flags ``--bcq-embed-bits``,
+``--bcq-encoder-bits`` and ``--bcq-decoder-bits``, and the sub-layer map ``--bcq-layer-bits``. With
+``--bcq-embed-freq-ratio r`` the rows of the token embeddings and the output projection get bits by
+word frequency (``quant/mixed.py``). Train it with ``--optimizer pnr_<name>`` (pNR, the paper's
+method, ``optim/pnr.py``); with a plain optimizer it trains with straight-through fake quantization.
+"""
+import logging
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+from fairseq.models import register_model, register_model_architecture
+from fairseq.models.transformer import transformer_legacy as fairseq_transformer
+from torch import nn
+
+from ..errors import QuantConfigError
+from ..modules import QuantEmbedding, QuantLinear, RowBitsQuantizer, WeightQuantizer, pattern_selector, select
+from ..quant import QuantSpec, frequency_row_bits, group_sizes
+from .base import QuantizedTransformerModel, fill_defaults
+
+logger = logging.getLogger(__name__)
+
+BITS = (1, 4)
+# block flag -> the parts it covers
+BLOCKS = [
+    ("bcq_embed_bits", ["embeddings", "output_projection"]),
+    ("bcq_encoder_bits", ["encoder_layers"]),
+    ("bcq_decoder_bits", ["decoder_layers"]),
+]
+# Chung & Kim et al. 2020, final configuration: embedding 2.5 (b = 4, r = 1), decoder 1.8, encoder 3.7
+PAPER_LAYER_BITS = "encoder_self_attn:3,encoder_ffn:4,decoder_self_attn:2,decoder_cross_attn:3,decoder_ffn:1"
+
+
+@dataclass
+class BCQConfig(FairseqDataclass):
+    bcq_bits: int = field(default=3, metadata={"help": "bits (1-4) of every quantized weight the flags below leave unset"})
+    bcq_embed_bits: Optional[int] = field(
+        default=None, metadata={"help": "bits of the embedding block: token embeddings and output projection (with "
+                                         "--bcq-embed-freq-ratio: b, the bits of the most frequent words)"})
+    bcq_encoder_bits: Optional[int] = field(default=None, metadata={"help": "bits of the encoder layers"})
+    bcq_decoder_bits: Optional[int] = field(default=None, metadata={"help": "bits of the decoder layers"})
+    bcq_layer_bits: str = field(
+        default="",
+        metadata={"help": "sub-layer bits over the block bits, later entries winning: comma list of PART:BITS, PART "
+                          "one of encoder_self_attn, encoder_ffn, decoder_self_attn, decoder_cross_attn, decoder_ffn, "
+                          "output_projection, embeddings, or a glob over module names (e.g. 'decoder.layers.0.fc1:2')"})
+    bcq_embed_freq_ratio: Optional[float] = field(
+        default=None,
+        metadata={"help": "r > 0: bits per vocabulary row (embeddings, output projection) by training frequency "
+                          "(dictionary counts): b = the block's bits groups, group i holding a share r^i/sum_k r^k of "
+                          "the words, most frequent first, at b - i bits (b=4: r=1 -> 2.5 average bits, 2 -> 1.73, "
+                          "4 -> 1.32, 8 -> 1.14); unset: every word gets b bits"})
+    bcq_search: ChoiceEnum(["alternating", "greedy"]) = field(
+        default="alternating", metadata={"help": "greedy, or greedy refined by alternating least squares / nearest code"})
+    bcq_rounds: int = field(default=10, metadata={"help": "the most alternating rounds per quantization"})
+    bcq_group_size: int = field(
+        default=0, metadata={"help": "input columns sharing one scale per bit (0: one per output row); must divide them"})
+    bcq_include: str = field(
+        default="all", metadata={"help": "parts to quantize (as --quant-include of transformer_int8; e.g. "
+                                         "'embeddings,output_projection,decoder_layers' for staged retraining)"})
+    bcq_exclude: str = field(default="", metadata={"help": "parts or globs to leave in full precision"})
+
+
+def check_bits(what: str, bits) -> int:
+    if not isinstance(bits, int) or not BITS[0] <= bits <= BITS[1]:
+        raise QuantConfigError(f"{what}: BCQ takes {BITS[0]} to {BITS[1]} bits per weight, got {bits!r}")
+    return bits
+
+
+def parse_layer_bits(text: str) -> List[Tuple[str, int]]:
+    """'decoder_ffn:1,encoder.layers.0.*:4' -> [('decoder_ffn', 1), ('encoder.layers.0.*', 4)]."""
+    entries = []
+    for entry in (e.strip() for e in (text or "").split(",")):
+        if not entry:
+            continue
+        part, sep, bits = entry.rpartition(":")
+        if not sep or not part or not bits.strip().isdigit():
+            raise QuantConfigError(f"--bcq-layer-bits {entry!r}: write PART:BITS, e.g. 'decoder_ffn:1'")
+        entries.append((part.strip(), check_bits(f"--bcq-layer-bits {entry!r}", int(bits))))
+    return entries
+
+
+def validate(args):
+    check_bits(f"--bcq-bits {args.bcq_bits}", args.bcq_bits)
+    for attr, _ in BLOCKS:
+        value = getattr(args, attr)
+        if value is not None:
+            check_bits(f"--{attr.replace('_', '-')} {value}", value)
+    parse_layer_bits(args.bcq_layer_bits)
+    r = args.bcq_embed_freq_ratio
+    if r is not None and not r > 0:
+        raise QuantConfigError(f"--bcq-embed-freq-ratio must be > 0 (the ratio of successive group sizes), got {r}")
+    if args.bcq_rounds < 1:
+        raise QuantConfigError(f"--bcq-rounds must be >= 1, got {args.bcq_rounds}")
+    if args.bcq_group_size < 0:
+        raise QuantConfigError(f"--bcq-group-size must be >= 0 (0: one scale per row), got {args.bcq_group_size}")
+
+
+def base_spec(args, bits: int) -> QuantSpec:
+    return QuantSpec(method="bcq", bits=bits, group_size=args.bcq_group_size, search=args.bcq_search,
+                     rounds=args.bcq_rounds)
+
+
+def is_vocabulary_rows(names: List[str]) -> bool:
+    return any(n.endswith("embed_tokens") or n == "decoder.output_projection" for n in names)
+
+
+def frequency_quantizer(spec: QuantSpec, dictionary, ratio: float, names: List[str]) -> RowBitsQuantizer:
+    """Bits per word from the dictionary's training counts; the special symbols (bos, pad, eos, unk,
+    whose counts a loaded dictionary does not keep) rank first, in the top group."""
+    counts = torch.tensor(dictionary.count, dtype=torch.float64)
+    row_bits = frequency_row_bits(counts, spec.bits, ratio, first=range(dictionary.nspecial))
+    top = (row_bits == spec.bits) & (torch.arange(len(counts)) >= dictionary.nspecial)
+    coverage = counts[top].sum() / max(counts[dictionary.nspecial:].sum(), 1)
+    sizes = group_sizes(len(counts), spec.bits, ratio)
+    logger.info(
+        "%s: %d words by training frequency in groups of %s words at %s bits (r = %g): %.2f average bits; "
+        "the %d-bit words cover %.1f%% of the training tokens",
+        ", ".join(names), len(counts), "/".join(map(str, sizes)), "/".join(str(spec.bits - i) for i in range(spec.bits)),
+        ratio, row_bits.float().mean().item(), spec.bits, 100 * coverage,
+    )
+    return RowBitsQuantizer(spec, row_bits)
+
+
+def average_bits(model) -> Dict[str, float]:
+    """Code bits per weight of the embedding, encoder and decoder blocks and of all weight matrices,
+    weighted by parameter count; a weight matrix left in full precision counts 32 bits."""
+    totals: Dict[str, List[float]] = {}
+    seen = set()
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(module, (QuantLinear, QuantEmbedding, nn.Linear, nn.Embedding)) or weight in seen \
+                or "embed_positions" in name:
+            continue
+        seen.add(weight)
+        bits = module.wq.average_bits() if isinstance(module, (QuantLinear, QuantEmbedding)) else 32.0
+        block = "embedding" if is_vocabulary_rows([name]) else name.split(".")[0]
+        for key in (block, "all"):
+            n, total = totals.get(key, (0, 0.0))
+            totals[key] = [n + weight.numel(), total + weight.numel() * bits]
+    return {key: totals[key][1] / totals[key][0] for key in ("embedding", "encoder", "decoder", "all") if key in totals}
+
+
+@register_model("transformer_bcq")
+class TransformerBCQModel(QuantizedTransformerModel):
+    config_cls = BCQConfig
+
+    @classmethod
+    def spec_fn(cls, args, all_names):
+        validate(args)
+        rules = []  # (selected names, bits), lowest precedence first
+        for attr, parts in BLOCKS:
+            if getattr(args, attr) is not None:
+                rules.append((select(all_names, parts, f"--{attr.replace('_', '-')}"), getattr(args, attr)))
+        for pattern, bits in parse_layer_bits(args.bcq_layer_bits):
+            rules.append((select(all_names, [pattern], "--bcq-layer-bits"), bits))
+        chosen = pattern_selector(all_names, args.bcq_include, args.bcq_exclude, flags=("--bcq-include", "--bcq-exclude"))
+
+        def spec_for(names):
+            if not chosen(names):
+                return None
+            bits = args.bcq_bits
+            for selected, rule_bits in rules:
+                if any(n in selected for n in names):
+                    bits = rule_bits
+            return base_spec(args, bits)
+
+        return spec_for
+
+    @classmethod
+    def quantizer_fn(cls, args, task):
+        ratio, size = args.bcq_embed_freq_ratio, args.bcq_group_size
+
+        def make(spec, names, weight):
+            if size and weight.shape[1] % size:
+                raise QuantConfigError(f"--bcq-group-size {size} does not divide the {weight.shape[1]} input "
+                                       f"columns of {names[0]}; use a divisor of every layer's input dimension")
+            if ratio is None or not is_vocabulary_rows(names):
+                return WeightQuantizer(spec)
+            encoder_side = any(n.startswith("encoder.") for n in names)
+            dictionary = task.source_dictionary if encoder_side else task.target_dictionary
+            return frequency_quantizer(spec, dictionary, ratio, names)
+
+        return make
+
+    @classmethod
+    def build_model(cls, args, task):
+        model = super().build_model(args, task)
+        bits = average_bits(model)
+        logger.info("transformer_bcq average bits per weight (codes; weighted by parameter count; fp32 weights count "
+                    "32): %s", ", ".join(f"{k} {v:.2f}" for k, v in bits.items()))
+        if not str(getattr(args, "optimizer", "")).startswith("pnr_"):
+            logger.info("training with straight-through fake quantization; --optimizer pnr_<name> trains with pNR")
+        return model
+
+
+def _preset(name, size_fn, **bcq_defaults):
+    @register_model_architecture("transformer_bcq", name)
+    def arch(args):
+        for key, value in bcq_defaults.items():
+            if getattr(args, key, None) is None:
+                setattr(args, key, value)
+        fill_defaults(args, BCQConfig)
+        validate(args)
+        size_fn(args)
+
+    return arch
+
+
+PAPER = dict(bcq_embed_bits=4, bcq_embed_freq_ratio=1.0, bcq_layer_bits=PAPER_LAYER_BITS)
+_preset("transformer_bcq", fairseq_transformer.base_architecture)
+_preset("transformer_bcq_iwslt_de_en", fairseq_transformer.transformer_iwslt_de_en)
+_preset("transformer_bcq_wmt_en_de", fairseq_transformer.transformer_wmt_en_de)
+_preset("transformer_bcq_wmt_en_de_big", fairseq_transformer.transformer_vaswani_wmt_en_de_big)
+_preset("transformer_bcq_paper", fairseq_transformer.base_architecture, **PAPER)
+_preset("transformer_bcq_paper_iwslt_de_en", fairseq_transformer.transformer_iwslt_de_en, **PAPER)
