@@ -26,23 +26,19 @@ exp=${DEMO_DIR:-exp/demo}
 start=$(date +%s)
 log() { echo "$(date '+%F %T') | demo | $*" >&2; }
 
-# Model: 3+3 layers, d=256, 4 heads, shared embeddings (the size a laptop CPU trains in minutes).
-model=(--encoder-layers 3 --decoder-layers 3 --encoder-embed-dim 256 --decoder-embed-dim 256
-       --encoder-ffn-embed-dim 1024 --decoder-ffn-embed-dim 1024
-       --encoder-attention-heads 4 --decoder-attention-heads 4 --dropout 0.1)
+source scripts/demo_model.sh  # the model size and fp32 training schedule, shared with scripts/methods.sh
 
 log "1/4 sentencepiece + binarize the corpus"
 recipes/prepare_corpus.sh --src-dir data/debian-doc-en-de --out "$exp/data" --vocab-size 8000
 
 log "2/4 train the fp32 model"
-recipes/train.sh --data "$exp/data/bin" --save-dir "$exp/fp32" --arch transformer \
-    --max-update "${FP32_UPDATES:-2400}" -- "${model[@]}"
+recipes/train.sh --data "$exp/data/bin" --save-dir "$exp/fp32" --arch transformer "${fp32_schedule[@]}" \
+    -- "${model[@]}"
 
 log "3/4 quantization-aware fine-tuning: 8-bit and 4-bit weights"
 for bits in 8 4; do
     recipes/train.sh --data "$exp/data/bin" --save-dir "$exp/int8-w$bits" --arch transformer_int8 \
-        --finetune-from "$exp/fp32/checkpoint_best.pt" --max-update "${QAT_UPDATES:-300}" \
-        --lr 0.0005 --warmup 50 -- "${model[@]}" --quant-bits "$bits"
+        --finetune-from "$exp/fp32/checkpoint_best.pt" "${qat_schedule[@]}" -- "${model[@]}" --quant-bits "$bits"
 done
 
 log "4/4 translate the test set (beam 5) and score with sacrebleu"
