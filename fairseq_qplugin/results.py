@@ -1,5 +1,8 @@
 """Results table: BLEU, delta to a baseline, average weight bits and packed size of each checkpoint.
 
+"code bits" are the bits per quantized weight of the codes alone (the papers' "average bits");
+"bits with scales" add the fp16 scales, codebooks and masks.
+
     python -m fairseq_qplugin.results --out results.md fp32=exp/fp32/checkpoint_best.pt:exp/gen/fp32 \
         int8-8bit=exp/int8/checkpoint_best.pt:exp/gen/int8 ...
 
@@ -27,7 +30,7 @@ def checkpoint_summary(path: str) -> dict:
     model = models[0]
     s = quantization_summary(model)
     if s["quantized_params"] == 0:  # plain fp32 model
-        s["avg_bits"] = 32.0
+        s["avg_bits"] = s["code_bits"] = 32.0
     s["arch"] = _cfg.model.arch if hasattr(_cfg.model, "arch") else "?"
     return s
 
@@ -37,14 +40,14 @@ def table(rows):
     base_bleu = rows[0][2]
     base_bytes = rows[0][1]["fp32_bytes"]
     lines = [
-        "| model | BLEU | Δ BLEU | weight bits (avg) | packed size (MB) | compression |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| model | BLEU | Δ BLEU | % of baseline | code bits (avg) | bits with scales | packed size (MB) | compression |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, s, bleu in rows:
         delta = "" if name == rows[0][0] else f"{bleu - base_bleu:+.2f}"
         lines.append(
-            f"| {name} | {bleu:.2f} | {delta} | {s['avg_bits']:.2f} | {s['packed_bytes'] / 1e6:.2f} "
-            f"| {base_bytes / s['packed_bytes']:.1f}x |"
+            f"| {name} | {bleu:.2f} | {delta} | {100 * bleu / base_bleu:.1f}% | {s['code_bits']:.2f} "
+            f"| {s['avg_bits']:.2f} | {s['packed_bytes'] / 1e6:.2f} | {base_bytes / s['packed_bytes']:.1f}x |"
         )
     return "\n".join(lines) + "\n"
 

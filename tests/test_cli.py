@@ -101,8 +101,8 @@ def test_results_table_reports_bits_and_size(tiny_data, fp32_checkpoint, int4_ch
          f"fp32={fp32_checkpoint}:{tmp_path / 'fp32'}", f"int4={int4_checkpoint}:{tmp_path / 'int4'}"], cwd=ROOT)
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
             for line in out.read_text().splitlines()[2:]}
-    assert rows["fp32"][:3] == ["12.50", "", "32.00"]
-    bleu, delta, bits, packed_mb, compression = rows["int4"]
-    assert delta == "-0.60"
+    assert rows["fp32"][:4] == ["12.50", "", "100.0%", "32.00"]
+    bleu, delta, percent, code_bits, bits, packed_mb, compression = rows["int4"]
+    assert (delta, percent, code_bits) == ("-0.60", "95.2%", "4.00")
     assert 4.0 < float(bits) < 4.6  # 4-bit codes plus one fp16 scale per row
     assert float(compression.rstrip("x")) > 4.0  # layer norms and biases stay fp32

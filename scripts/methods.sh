@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Real-data comparison of the BCQ and k-means methods on the demo's fp32 model: each row is a short
+# quantization-aware fine-tuning from exp/demo/fp32/checkpoint_best.pt (run scripts/demo.sh first),
+# then beam-5 translation of the test set, sacrebleu, and one table with the demo's rows.
+#
+#   bash scripts/methods.sh             # all rows (about 30 minutes on 2 CPU cores)
+#   bash scripts/methods.sh bcq-w3 km-w4  # some rows
+#
+# Rows: bcq-w3 (uniform 3-bit BCQ, pNR), bcq-paper (the paper's mixed configuration, pNR),
+# bcq-w2-alt / bcq-w2-greedy (2-bit BCQ, alternating vs greedy), km-w4 (4-bit k-means),
+# bsflex-selfattn (1-bit BS-Flex on self-attention only), prune50 (magnitude pruning 30% -> 50%).
+# Steps already done are skipped. DEMO_DIR as for demo.sh.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup_env.sh
+export PATH="$PWD/${QPLUGIN_VENV:-.venv}/bin:$PATH"
+exp=${DEMO_DIR:-exp/demo}
+log() { echo "$(date '+%F %T') | methods | $*" >&2; }
+source scripts/demo_model.sh
+fp32="$exp/fp32/checkpoint_best.pt"
+[ -f "$fp32" ] || { echo "methods.sh: $fp32 not found: run scripts/demo.sh first" >&2; exit 1; }
+
+# name | arch | max updates | flags after the model flags
+pnr="--optimizer pnr_adam --pnr-period 25"
+declare -A rows=(
+    [bcq-w3]="transformer_bcq|200|--bcq-bits 3 $pnr"
+    [bcq-paper]="transformer_bcq_paper|200|$pnr"
+    [bcq-w2-alt]="transformer_bcq|200|--bcq-bits 2 $pnr"
+    [bcq-w2-greedy]="transformer_bcq|200|--bcq-bits 2 --bcq-search greedy $pnr"
+    [km-w4]="transformer_kmeans|120|--quant-method kmeans --quant-bits 4"
+    [bsflex-selfattn]="transformer_kmeans|120|--quant-method bsflex --quant-include self_attn"
+    [prune50]="transformer_kmeans|150|--quant-method none --prune-schedule 0:0.3,60:0.5"
+)
+order=(bcq-w3 bcq-paper bcq-w2-alt bcq-w2-greedy km-w4 bsflex-selfattn prune50)
+selected=("$@")
+[ ${#selected[@]} -gt 0 ] || selected=("${order[@]}")
+for name in "${selected[@]}"; do
+    [ -n "${rows[$name]:-}" ] || { echo "methods.sh: unknown row '$name' (rows: ${order[*]})" >&2; exit 2; }
+done
+
+table=("fp32=$fp32:$exp/gen/fp32")
+for name in "${selected[@]}"; do
+    IFS='|' read -r arch updates flags <<< "${rows[$name]}"
+    log "$name: $arch $flags"
+    # shellcheck disable=SC2086  # flags are words
+    recipes/train.sh --data "$exp/data/bin" --save-dir "$exp/$name" --arch "$arch" --finetune-from "$fp32" \
+        "${qat_schedule[@]}" --max-update "$updates" -- "${model[@]}" $flags
+    recipes/generate.sh --data "$exp/data/bin" --checkpoint "$exp/$name/checkpoint_best.pt" \
+        --raw-ref "$exp/data/raw/test.de" --out "$exp/gen/$name" --beam 5
+    table+=("$name=$exp/$name/checkpoint_best.pt:$exp/gen/$name")
+done
+python -m fairseq_qplugin.results --out "$exp/methods.md" "${table[@]}"
