@@ -10,3 +10,6 @@ allow_fairseq_checkpoints()
 install_error_hook()
 
 from . import models  # noqa: E402,F401  (registers the architectures)
+from . import pack  # noqa: E402,F401  (registers transformer_packed)
+
+pack.model.install_load_hook()
