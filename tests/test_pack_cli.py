@@ -137,3 +137,20 @@ def test_bad_input_gives_one_clear_error(tiny_data, fp32_checkpoint, int4_ckpt, 
                         "bcq quantization takes 1 to 4 bits")
     _assert_clear_error(qpack(int4_ckpt, tmp_path / "x.pt", "--method", "int", check=False), "already quantized")
     _assert_clear_error(qpack(fp32_checkpoint, tmp_path / "x.pt", check=False), "plain fp32 model")
+
+
+def test_packed_model_holds_no_float_weight_matrix(tiny_data, int4_ckpt, tmp_path):
+    from fairseq import checkpoint_utils
+
+    import fairseq_qplugin  # noqa: F401
+    from fairseq_qplugin.pack.modules import PackedParams
+
+    packed = tmp_path / "p.pt"
+    qpack(int4_ckpt, packed)
+    models, _, _ = checkpoint_utils.load_model_ensemble_and_task([str(packed)])
+    model = models[0]
+    packed_params = [m for m in model.modules() if isinstance(m, PackedParams)]
+    assert packed_params and all(m.packed.method == "int" for m in packed_params)
+    floats = [(n, t.shape) for n, t in [*model.named_parameters(), *model.named_buffers()]
+              if t.is_floating_point() and t.dim() == 2 and min(t.shape) > 2 and "embed_positions" not in n]
+    assert floats == []
