@@ -57,6 +57,11 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     if bits == 8:
         return packed
     *lead, nbytes = packed.shape
+    if 8 % bits == 0:  # whole codes per byte: one shift per code slot (same layout, faster)
+        per = 8 // bits
+        shifts = torch.arange(per, dtype=torch.uint8) * bits
+        codes = (packed.unsqueeze(-1) >> shifts) & (2**bits - 1)
+        return codes.reshape(*lead, nbytes * per)[..., :n]
     stream = ((packed.unsqueeze(-1) >> _SHIFTS) & 1).reshape(*lead, nbytes * 8)[..., : n * bits]
     stream = stream.reshape(*lead, n, bits)
     return (stream << _SHIFTS[:bits]).sum(-1, dtype=torch.uint8)
