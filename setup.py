@@ -22,4 +22,5 @@ setup(
         "matplotlib",  # python -m fairseq_qplugin.analysis (weight histograms)
     ],
     extras_require={"test": ["pytest"]},
+    entry_points={"console_scripts": ["fairseq-qpack = fairseq_qplugin.pack.cli:main"]},
 )

@@ -1,0 +1,219 @@
+"""``fairseq-qpack``: export a checkpoint to a packed file and print its size report.
+
+    fairseq-qpack checkpoint_best.pt packed.pt [--data DATA_BIN]               # QAT checkpoint
+    fairseq-qpack fp32.pt packed.pt --method bcq --bits 3 [--include decoder]  # post-training quantization
+
+The source is a checkpoint of ``transformer_int8`` / ``transformer_kmeans`` (or any plugin
+architecture whose quantizers return a packable QuantizedWeight), or, with ``--method``, a plain
+fp32 ``transformer`` that is quantized on the fly (no retraining). Float parameters of the packed
+weights (scales, alphas, codebooks) and the unquantized tensors are stored as fp16 by default;
+``--param-dtype fp32 --other-dtype fp32`` keeps them bit-exact, so that fairseq-generate on the
+packed file gives exactly the fake-quant checkpoint's translations (fp16 parameters change the
+weights by up to 2^-11 relative, which can flip a near-tie in beam search).
+"""
+import argparse
+import enum
+import json
+import logging
+import os
+import sys
+from typing import Dict
+
+import torch
+from omegaconf import OmegaConf
+
+from ..errors import QuantConfigError
+from ..modules import QuantEmbedding, QuantLinear, pattern_selector, quantizable_modules, swap_modules
+from ..quant import QuantSpec
+from .fileformat import FORMAT, VERSION, dictionary_checksum, tensors_sha256
+from .formats import FLOAT_DTYPES, pack_weight
+
+logger = logging.getLogger("fairseq_qplugin.pack")
+PTQ_GRANULARITY = {"int": "channel", "bcq": "channel", "kmeans": "tensor"}
+COMPONENTS = ("embeddings", "encoder", "decoder", "other")
+
+
+def plain(x):
+    """``x`` as JSON-able plain data (Namespace/DictConfig -> dict, tuple -> list, Enum -> value)."""
+    if OmegaConf.is_config(x):
+        x = OmegaConf.to_container(x, resolve=True)
+    if isinstance(x, argparse.Namespace):
+        x = vars(x)
+    if isinstance(x, dict):
+        return {str(k): plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [plain(v) for v in x]
+    if isinstance(x, enum.Enum):
+        return plain(x.value)
+    if x is None or isinstance(x, (bool, int, float, str)):
+        return x
+    return str(x)
+
+
+def component(name: str) -> str:
+    if "embed_tokens" in name or "output_projection" in name or "embed_positions" in name:
+        return "embeddings"
+    head = name.split(".", 1)[0]
+    return head if head in ("encoder", "decoder") else "other"
+
+
+def post_training_quantize(model, args):
+    if any(isinstance(m, (QuantLinear, QuantEmbedding)) for m in model.modules()):
+        raise QuantConfigError("--method quantizes a plain fp32 transformer; this checkpoint is already "
+                               "quantized: leave out --method to pack it as trained")
+    spec = QuantSpec(method=args.method, bits=args.bits, scheme=args.scheme,
+                     granularity=args.granularity or PTQ_GRANULARITY[args.method])
+    names = [n for ns in quantizable_modules(model).values() for n in ns]
+    chosen = pattern_selector(names, args.include, args.exclude, ("--include", "--exclude"))
+    swap_modules(model, lambda ns: spec if chosen(ns) else None)
+
+
+def pack_model(model, param_dtype, other_dtype):
+    """(layout, state dict of packed + other tensors, per-weight stats) for a fake-quant model."""
+    state = model.state_dict()
+    layout, stats, done = {}, [], {}
+    quantized = [(n, m) for n, m in model.named_modules(remove_duplicate=False)
+                 if isinstance(m, (QuantLinear, QuantEmbedding))]
+    quantized.sort(key=lambda nm: not isinstance(nm[1], QuantEmbedding))  # a tied embedding owns the weight
+    for name, module in quantized:
+        key = id(module.weight)
+        if key not in done:
+            qw = module.wq.quantized(module.weight.detach())
+            try:
+                pw = pack_weight(qw, param_dtype)
+            except QuantConfigError:  # e.g. pruning only: stays a (sparse) float weight
+                continue
+            done[key] = (name, pw)
+            stats.append((name, module.weight.numel(), pw))
+        owner, pw = done[key]
+        act = "input" if getattr(module, "act_in", None) is not None else \
+            "output" if getattr(module, "act_out", None) is not None else "none"
+        act_q = getattr(module, "act_in", None) or getattr(module, "act_out", None)
+        layout[name] = {"kind": "embedding" if isinstance(module, QuantEmbedding) else "linear",
+                        "method": pw.method, "bits": int(pw.bits), "shape": list(pw.shape), "weight": owner,
+                        "act": act, "act_bits": act_q.bits if act_q is not None else 8}
+        for k in [k for k in state if k == name + ".weight" or k.startswith(name + ".wq.")]:
+            del state[k]
+        for field, t in pw.as_dict().items():
+            state[f"{name}.wq.{field}"] = t
+    packed_keys = {k for k in state if any(k.startswith(n + ".wq.") for n in layout)}
+    for k, t in state.items():
+        if k not in packed_keys and t.is_floating_point() and t.dim() > 0:
+            state[k] = t.to(other_dtype)
+    return layout, state, stats
+
+
+def unique_bytes(tensors) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in seen:
+            seen.add(ptr)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+def size_report(model_state, layout, fp32_params: Dict[str, int], file_bytes: int) -> dict:
+    """Bytes per component (unique storages), average bits of the packed weights, compression."""
+    rows = {c: {"bytes": 0, "fp32_bytes": 0, "qparams": 0, "qbits": 0} for c in COMPONENTS}
+    seen = set()
+    for k, t in model_state.items():
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen:
+            continue
+        seen.add(ptr)
+        rows[component(k)]["bytes"] += t.untyped_storage().nbytes()
+    for name, e in layout.items():
+        if e["weight"] == name:
+            c = rows[component(name)]
+            rows_, cols = e["shape"]
+            c["qparams"] += rows_ * cols
+            c["qbits"] += 8 * sum(unique_bytes([t]) for k, t in model_state.items() if k.startswith(name + ".wq."))
+    for name, n in fp32_params.items():
+        rows[component(name)]["fp32_bytes"] += 4 * n
+    total = sum(r["bytes"] for r in rows.values())
+    fp32 = sum(r["fp32_bytes"] for r in rows.values())
+    qparams = sum(r["qparams"] for r in rows.values())
+    return {"components": rows, "tensor_bytes": total, "file_bytes": file_bytes, "fp32_bytes": fp32,
+            "avg_bits": sum(r["qbits"] for r in rows.values()) / max(qparams, 1),
+            "compression": fp32 / max(file_bytes, 1)}
+
+
+def format_report(r: dict) -> str:
+    lines = ["| component | packed bytes | fp32 bytes | avg bits (packed weights) |", "|---|---:|---:|---:|"]
+    for name, c in r["components"].items():
+        bits = f"{c['qbits'] / c['qparams']:.2f}" if c["qparams"] else "-"
+        lines.append(f"| {name} | {c['bytes']:,} | {c['fp32_bytes']:,} | {bits} |")
+    lines += [f"| **total** | {r['tensor_bytes']:,} | {r['fp32_bytes']:,} | {r['avg_bits']:.2f} |", "",
+              f"file size {r['file_bytes']:,} bytes ({r['file_bytes'] / max(r['tensor_bytes'], 1):.3f} x the "
+              f"packed tensors); compression vs fp32 weights {r['compression']:.2f}x"]
+    return "\n".join(lines)
+
+
+def export(args) -> dict:
+    from fairseq import checkpoint_utils
+
+    overrides = {"data": args.data} if args.data else None
+    models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([args.checkpoint], arg_overrides=overrides)
+    model = models[0].eval()
+    fp32_params = {n: p.numel() for n, p in model.named_parameters()}  # unique parameters
+    if args.method:
+        post_training_quantize(model, args)
+    elif not any(isinstance(m, (QuantLinear, QuantEmbedding)) for m in model.modules()):
+        raise QuantConfigError(f"{args.checkpoint} is a plain fp32 model: give --method int|bcq|kmeans and "
+                               "--bits N to quantize it after training")
+    layout, state, stats = pack_model(model, FLOAT_DTYPES[args.param_dtype], FLOAT_DTYPES[args.other_dtype])
+    cfg_plain = plain(cfg)
+    model_args = cfg_plain["model"]
+    source_arch = model_args.get("arch") or model_args.get("_name")
+    model_args.update({"_name": "transformer_packed", "arch": "transformer_packed", "qpack_layout": json.dumps(layout),
+                       "qpack_dictionary": dictionary_checksum(task.source_dictionary, task.target_dictionary)})
+    header = {"format": FORMAT, "version": VERSION, "layout": layout, "sha256": tensors_sha256(state),
+              "source": {"checkpoint": os.path.basename(args.checkpoint), "arch": source_arch,
+                         "ptq": plain(vars(args)) if args.method else None,
+                         "param_dtype": args.param_dtype, "other_dtype": args.other_dtype}}
+    torch.save({"cfg": cfg_plain, "model": state, "qpack": header, "extra_state": {},
+                "optimizer_history": [{"criterion_name": "CrossEntropyCriterion", "optimizer_name": "none",
+                                       "lr_scheduler_state": {}, "num_updates": 0}]}, args.output)
+    report = size_report(state, layout, fp32_params, os.path.getsize(args.output))
+    logger.info("packed %d weights (%d modules) into %s", len(stats), len(layout), args.output)
+    return report
+
+
+def get_parser():
+    p = argparse.ArgumentParser(prog="fairseq-qpack", description=__doc__.split("\n\n")[0])
+    p.add_argument("checkpoint", help="fairseq checkpoint (quantization-aware, or plain fp32 with --method)")
+    p.add_argument("output", help="packed checkpoint to write")
+    p.add_argument("--data", help="data-bin directory with the dictionaries, if not where the checkpoint says")
+    p.add_argument("--method", choices=["int", "bcq", "kmeans"], help="post-training quantization of an fp32 checkpoint")
+    p.add_argument("--bits", type=int, default=4, help="bits per weight for --method (int 1-8, bcq 1-4, kmeans 1-8)")
+    p.add_argument("--scheme", choices=["sym", "asym"], default="sym", help="--method int: range scheme")
+    p.add_argument("--granularity", choices=["channel", "tensor"],
+                   help="--method: parameters per row or per tensor (default: channel; tensor for kmeans)")
+    p.add_argument("--include", default="all", help="--method: parts or module globs to quantize")
+    p.add_argument("--exclude", default="", help="--method: parts or module globs to leave in float")
+    p.add_argument("--param-dtype", choices=sorted(FLOAT_DTYPES), default="fp16",
+                   help="dtype of scales, alphas and codebooks (fp32: bit-exact with the source checkpoint)")
+    p.add_argument("--other-dtype", choices=sorted(FLOAT_DTYPES), default="fp16",
+                   help="dtype of the tensors that are not quantized (biases, norms, float layers)")
+    p.add_argument("--report", help="also write the size report (markdown) to this file")
+    return p
+
+
+def main(argv=None):
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)s | %(name)s | %(message)s",
+                        stream=sys.stderr)
+    import fairseq_qplugin  # noqa: F401  (architectures, checkpoint allow-list, error hook)
+
+    args = get_parser().parse_args(argv)
+    report = export(args)
+    text = format_report(report)
+    print(text)
+    if args.report:
+        with open(args.report, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,208 @@
+"""Packed storage of each quantized-weight type: what a packed checkpoint holds per weight.
+
+Every ``Packed*`` class mirrors one ``QuantizedWeight`` (quant/): ``Packed*.pack(qw, param_dtype)``
+and ``.unpack()`` are exact inverses up to the dtype of the float parameters (scales, alphas,
+codebooks), which are stored as ``param_dtype`` (fp16 by default, fp32 for bit-exact output).
+They reuse ``QuantizedWeight.as_dict()/from_dict()``: a flat dict of tensors with validated keys,
+plain ints stored as 0-d tensors. Codes are packed with ``bitpack.pack_bits`` along the input
+(column) dimension, so each row starts on a byte boundary.
+
+Layouts (``rows x cols`` = ``[out, in]`` of a linear layer, ``[vocab, dim]`` of an embedding):
+
+- ``PackedInt``:    codes uint8 [rows, ceil(cols*bits/8)]; scale float [rows or 1, 1];
+                    zero_point uint8 [rows or 1, 1]; ``w = (code - zero_point) * scale``.
+- ``PackedBCQ``:    planes uint8 [q, rows, ceil(cols/8)] (8 signs per byte, bit j of byte c =
+                    column 8c+j, 1 = +1); alpha float [q, rows or 1, groups] (groups split cols
+                    evenly, 1 = one alpha per row); ``w = sum_k alpha_k * (2*bit_k - 1)``.
+- ``PackedKMeans``: indices uint8 [rows, ceil(cols*bits/8)]; codebook float [2^bits] or
+                    [rows, 2^bits]; optional mask uint8 [rows, ceil(cols/8)] (1 bit per weight,
+                    1 = kept); ``w = codebook[index] * mask``.
+"""
+from dataclasses import dataclass
+from typing import ClassVar, Dict, Optional, Type
+
+import torch
+
+from ..errors import QuantConfigError
+from ..quant import BCQWeight, IntWeight, KMeansWeight, QuantizedWeight
+from .bitpack import pack_bits, packed_size, unpack_bits
+
+FLOAT_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
+
+
+def _check(cond: bool, what: str):
+    if not cond:
+        raise QuantConfigError(what)
+
+
+class PackedWeight(QuantizedWeight):
+    """Base of the packed formats; ``unpack()`` gives back the ``QuantizedWeight``."""
+
+    source: ClassVar[Type[QuantizedWeight]]
+
+    @classmethod
+    def pack(cls, qw: QuantizedWeight, param_dtype: torch.dtype = torch.float16) -> "PackedWeight":
+        raise NotImplementedError
+
+    def unpack(self) -> QuantizedWeight:
+        raise NotImplementedError
+
+    def dequantize(self) -> torch.Tensor:
+        return self.unpack().dequantize()
+
+    def nbytes(self) -> int:
+        """Bytes of the stored tensors (what the file holds for this weight)."""
+        return sum(t.numel() * t.element_size() for t in self.as_dict().values() if t.dim() > 0)
+
+
+def _float_param(t: torch.Tensor, name: str):
+    _check(t.dtype in FLOAT_DTYPES.values(), f"{name} must be fp16 or fp32, got {t.dtype}")
+
+
+@dataclass
+class PackedInt(PackedWeight):
+    method = "int"
+    source = IntWeight
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+    bits: int
+    cols: int
+
+    @property
+    def shape(self):
+        return (self.codes.shape[0], self.cols)
+
+    @classmethod
+    def pack(cls, qw: IntWeight, param_dtype=torch.float16):
+        return cls(pack_bits(qw.codes, qw.bits), qw.scale.to(param_dtype), qw.zero_point.to(torch.uint8),
+                   qw.bits, qw.shape[1])
+
+    def unpack(self) -> IntWeight:
+        return IntWeight(unpack_bits(self.codes, self.bits, self.cols), self.scale.float(),
+                         self.zero_point.to(torch.int32), self.bits)
+
+    def storage_bits(self):
+        return self.codes.numel() * 8 + self.scale.numel() * (self.scale.element_size() * 8 + 8)
+
+    def validate(self):
+        _check(1 <= self.bits <= 8, f"int weight: {self.bits} bits is outside 1..8")
+        _check(self.codes.dim() == 2 and self.codes.dtype == torch.uint8
+               and self.codes.shape[1] == packed_size(self.cols, self.bits),
+               f"int weight: codes {self.codes.dtype} {list(self.codes.shape)} do not hold {self.cols} "
+               f"columns at {self.bits} bits")
+        rows = self.codes.shape[0]
+        _check(tuple(self.scale.shape) in ((rows, 1), (1, 1)) and self.zero_point.shape == self.scale.shape
+               and self.zero_point.dtype == torch.uint8,
+               f"int weight: scale {list(self.scale.shape)} / zero point {list(self.zero_point.shape)} "
+               f"do not fit {rows} rows")
+        _float_param(self.scale, "int weight: scale")
+
+
+@dataclass
+class PackedBCQ(PackedWeight):
+    method = "bcq"
+    source = BCQWeight
+    planes: torch.Tensor
+    alpha: torch.Tensor
+    cols: int
+
+    @property
+    def shape(self):
+        return (self.planes.shape[1], self.cols)
+
+    @property
+    def bits(self) -> int:
+        return self.planes.shape[0]
+
+    @classmethod
+    def pack(cls, qw: BCQWeight, param_dtype=torch.float16):
+        return cls(pack_bits(qw.planes, 1), qw.alpha.to(param_dtype), qw.shape[1])
+
+    def unpack(self) -> BCQWeight:
+        planes = unpack_bits(self.planes, 1, self.cols).bool()
+        return BCQWeight(planes=planes, alpha=self.alpha.float())
+
+    def dequantize(self) -> torch.Tensor:
+        signs = unpack_bits(self.planes, 1, self.cols).float() * 2 - 1
+        return (signs * expand_groups(self.alpha.float(), self.cols)).sum(0)
+
+    def storage_bits(self):
+        return self.planes.numel() * 8 + self.alpha.numel() * self.alpha.element_size() * 8
+
+    def validate(self):
+        _check(self.planes.dim() == 3 and self.planes.dtype == torch.uint8
+               and self.planes.shape[2] == packed_size(self.cols, 1),
+               f"bcq weight: planes {self.planes.dtype} {list(self.planes.shape)} do not hold {self.cols} columns")
+        q, rows, _ = self.planes.shape
+        _check(1 <= q <= 8, f"bcq weight: {q} bit-planes is outside 1..8")
+        _check(self.alpha.dim() == 3 and self.alpha.shape[0] == q and self.alpha.shape[1] in (rows, 1)
+               and self.cols % self.alpha.shape[2] == 0,
+               f"bcq weight: alpha {list(self.alpha.shape)} does not fit planes {list(self.planes.shape)}")
+        _float_param(self.alpha, "bcq weight: alpha")
+
+
+def expand_groups(alpha: torch.Tensor, cols: int) -> torch.Tensor:
+    """alpha [q, rows, groups] -> [q, rows, cols or 1]: each group covers cols / groups columns."""
+    groups = alpha.shape[-1]
+    return alpha if groups == 1 else alpha.repeat_interleave(cols // groups, dim=-1)
+
+
+@dataclass
+class PackedKMeans(PackedWeight):
+    method = "kmeans"
+    source = KMeansWeight
+    indices: torch.Tensor
+    codebook: torch.Tensor
+    bits: int
+    cols: int
+    mask: Optional[torch.Tensor] = None
+
+    @property
+    def shape(self):
+        return (self.indices.shape[0], self.cols)
+
+    @classmethod
+    def pack(cls, qw: KMeansWeight, param_dtype=torch.float16):
+        mask = None if qw.mask is None else pack_bits(qw.mask, 1)
+        return cls(pack_bits(qw.indices, qw.bits), qw.codebook.to(param_dtype), qw.bits, qw.shape[1], mask)
+
+    def unpack(self) -> KMeansWeight:
+        mask = None if self.mask is None else unpack_bits(self.mask, 1, self.cols).bool()
+        return KMeansWeight(self.codebook.float(), unpack_bits(self.indices, self.bits, self.cols), self.bits, mask)
+
+    def storage_bits(self):
+        mask = 0 if self.mask is None else self.mask.numel() * 8
+        return self.indices.numel() * 8 + self.codebook.numel() * self.codebook.element_size() * 8 + mask
+
+    def validate(self):
+        _check(1 <= self.bits <= 8, f"kmeans weight: {self.bits} bits is outside 1..8")
+        _check(self.indices.dim() == 2 and self.indices.dtype == torch.uint8
+               and self.indices.shape[1] == packed_size(self.cols, self.bits),
+               f"kmeans weight: indices {self.indices.dtype} {list(self.indices.shape)} do not hold "
+               f"{self.cols} columns at {self.bits} bits")
+        rows, k = self.indices.shape[0], 2**self.bits
+        _check(tuple(self.codebook.shape) in ((k,), (rows, k)),
+               f"kmeans weight: codebook {list(self.codebook.shape)} does not fit {self.bits} bits and {rows} rows")
+        _float_param(self.codebook, "kmeans weight: codebook")
+        if self.mask is not None:
+            _check(self.mask.dtype == torch.uint8 and tuple(self.mask.shape) == (rows, packed_size(self.cols, 1)),
+                   f"kmeans weight: mask {list(self.mask.shape)} does not fit {rows} x {self.cols}")
+
+
+PACKED: Dict[str, Type[PackedWeight]] = {c.method: c for c in (PackedInt, PackedBCQ, PackedKMeans)}
+
+
+def pack_weight(qw: QuantizedWeight, param_dtype: torch.dtype = torch.float16) -> PackedWeight:
+    """The packed form of any supported QuantizedWeight (``bsflex`` weights are 1-bit k-means)."""
+    for cls in PACKED.values():
+        if isinstance(qw, cls.source):
+            return cls.pack(qw, param_dtype)
+    raise QuantConfigError(f"no packed format for {type(qw).__name__} (method {qw.method!r}); "
+                           f"packable: {sorted(PACKED)}")
+
+
+def packed_from_dict(method: str, d: Dict[str, torch.Tensor]) -> PackedWeight:
+    if method not in PACKED:
+        raise QuantConfigError(f"unknown packed method {method!r}; known: {sorted(PACKED)}")
+    return PACKED[method].from_dict(d)

@@ -1,0 +1,111 @@
+"""Pure-torch kernels that compute with packed weights without building the fp32 weight matrix.
+
+- ``bcq_lut_gemm``: the BiQGEMM / LUT-GEMM product (METHODS.md §3). Input rows are split into
+  chunks of 8 values; each chunk's 256 signed sums ``+-x_1 +- ... +-x_8`` form a table, and every
+  packed byte of a bit-plane row indexes it: ``y_k[r] = sum_c table[c, planes[k, r, c]]``,
+  ``y = sum_k alpha_k * y_k``. Weights are read as packed bits; the work per row of x is
+  ``q * rows * cols / 8`` table look-ups, so it suits few activation rows (greedy decoding).
+- ``blocked_linear``: for many activation rows (beam search, the encoder), dequantizes a block of
+  ``block_rows`` weight rows at a time into fp32 and multiplies it with BLAS: one weight read
+  serves all activation rows and at most one block is ever materialized. Its block values equal
+  ``QuantizedWeight.dequantize()`` bit for bit, so outputs match the fake-quant model.
+- ``packed_embedding``: dequantizes only the looked-up rows.
+
+Shapes: x float [n, cols] -> y float [n, rows]; tokens long [...] -> float [..., cols].
+"""
+import torch
+import torch.nn.functional as F
+
+from .bitpack import unpack_bits
+from .formats import PackedBCQ, PackedInt, PackedKMeans, PackedWeight, expand_groups
+
+BLOCK_ROWS = 1024
+LUT_MAX_ROWS = 8  # activation rows up to which the BCQ product uses the lookup table
+_LUT_ELEMENTS = 1 << 22  # gathered values per block of the lookup kernel (16 MiB of fp32)
+
+
+def _sign_table() -> torch.Tensor:
+    """float [256, 8]: entry [b, j] = +1 if bit j of byte b is set, else -1."""
+    bits = (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1
+    return bits.float() * 2 - 1
+
+
+SIGNS = _sign_table()
+
+
+def dequantize_rows(pw: PackedWeight, rows: torch.Tensor) -> torch.Tensor:
+    """fp32 [len(rows), cols] of the weight rows ``rows`` (long [m]), equal to ``pw.dequantize()[rows]``."""
+    cols = pw.cols
+    if isinstance(pw, PackedInt):
+        codes = unpack_bits(pw.codes[rows], pw.bits, cols)
+        scale, zp = (pw.scale, pw.zero_point) if pw.scale.shape[0] == 1 else (pw.scale[rows], pw.zero_point[rows])
+        return (codes.float() - zp.float()) * scale.float()
+    if isinstance(pw, PackedBCQ):
+        signs = unpack_bits(pw.planes[:, rows], 1, cols).float() * 2 - 1
+        alpha = pw.alpha if pw.alpha.shape[1] == 1 else pw.alpha[:, rows]
+        return (signs * expand_groups(alpha.float(), cols)).sum(0)
+    if isinstance(pw, PackedKMeans):
+        idx = unpack_bits(pw.indices[rows], pw.bits, cols).long()
+        codebook = pw.codebook.float()
+        w = codebook[idx] if codebook.dim() == 1 else codebook[rows].gather(1, idx)
+        return w if pw.mask is None else w * unpack_bits(pw.mask[rows], 1, cols).bool()
+    raise TypeError(f"no kernel for {type(pw).__name__}")
+
+
+def blocked_linear(x: torch.Tensor, pw: PackedWeight, bias=None, block_rows: int = BLOCK_ROWS) -> torch.Tensor:
+    """``F.linear(x, pw.dequantize(), bias)`` dequantizing ``block_rows`` weight rows at a time."""
+    rows = pw.shape[0]
+    if rows <= block_rows:
+        return F.linear(x, dequantize_rows(pw, torch.arange(rows)), bias)
+    out = []
+    for r0 in range(0, rows, block_rows):
+        r = torch.arange(r0, min(r0 + block_rows, rows))
+        out.append(F.linear(x, dequantize_rows(pw, r), None if bias is None else bias[r]))
+    return torch.cat(out, -1)
+
+
+def lut_supported(pw: PackedWeight) -> bool:
+    groups = pw.alpha.shape[-1] if isinstance(pw, PackedBCQ) else 0
+    return isinstance(pw, PackedBCQ) and (groups == 1 or (pw.cols // groups) % 8 == 0)
+
+
+def bcq_lut_gemm(x: torch.Tensor, pw: PackedBCQ) -> torch.Tensor:
+    """LUT-GEMM: x float [n, cols] times the BCQ weight's transpose -> float [n, rows] (no bias)."""
+    q, rows, nbytes = pw.planes.shape
+    n = x.shape[0]
+    x = F.pad(x.float(), (0, nbytes * 8 - pw.cols))
+    table = (x.reshape(n, nbytes, 8) @ SIGNS.T).reshape(n, nbytes * 256)  # [n, chunk * 256 + byte]
+    offsets = torch.arange(nbytes) * 256
+    groups = pw.alpha.shape[-1]
+    alpha = pw.alpha.float()
+    block = max(1, _LUT_ELEMENTS // max(1, n * q * nbytes))
+    out = x.new_empty(n, rows)
+    for r0 in range(0, rows, block):
+        r1 = min(r0 + block, rows)
+        idx = pw.planes[:, r0:r1].long() + offsets  # [q, rb, chunks]
+        sums = table[:, idx]  # [n, q, rb, chunks]
+        sums = sums.reshape(n, q, r1 - r0, groups, nbytes // groups).sum(-1)  # [n, q, rb, groups]
+        a = alpha if alpha.shape[1] == 1 else alpha[:, r0:r1]
+        out[:, r0:r1] = (sums * a).sum((1, 3))
+    return out
+
+
+def packed_linear(x: torch.Tensor, pw: PackedWeight, bias=None, lut_max_rows: int = LUT_MAX_ROWS,
+                  block_rows: int = BLOCK_ROWS) -> torch.Tensor:
+    """y [..., rows] = x [..., cols] @ W^T + bias, choosing the kernel by the number of activation rows."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.shape[0] <= lut_max_rows and lut_supported(pw):
+        y = bcq_lut_gemm(x2, pw).to(x.dtype)
+        if bias is not None:
+            y = y + bias
+    else:
+        y = blocked_linear(x2, pw, bias, block_rows)
+    return y.reshape(*lead, -1)
+
+
+def packed_embedding(tokens: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
+    """Rows of the packed embedding table for ``tokens`` (long [...]) -> float [..., cols]."""
+    flat = tokens.reshape(-1)
+    uniq, inverse = flat.unique(return_inverse=True)
+    return dequantize_rows(pw, uniq)[inverse].reshape(*tokens.shape, pw.cols)

@@ -1,0 +1,117 @@
+"""``transformer_packed``: the model a packed checkpoint builds in fairseq-generate / -interactive.
+
+A packed file's ``cfg.model`` names this architecture and carries the layout (which modules are
+packed, how); ``build_model`` builds fairseq's transformer with the source model's arguments and
+replaces the listed modules by ``PackedLinear`` / ``PackedEmbedding``. The transformer is built on
+the ``meta`` device, so the fp32 matrices that get replaced are never allocated; the rest is
+allocated after the swap and filled by ``load_state_dict``.
+
+``install_load_hook`` wraps ``fairseq.checkpoint_utils.load_checkpoint_to_cpu`` so that a file it
+cannot read, or a packed file whose header or checksum is wrong, is reported as a QuantConfigError
+naming the file (not a traceback from torch's unpickler or from a kernel).
+"""
+import argparse
+import functools
+import json
+import logging
+
+import torch
+from fairseq import checkpoint_utils
+from fairseq.models import register_model, register_model_architecture
+from fairseq.models.transformer import TransformerModel
+from fairseq.models.transformer import transformer_legacy as fairseq_transformer
+from fairseq.modules import SinusoidalPositionalEmbedding
+from omegaconf import OmegaConf
+
+from ..errors import QuantConfigError
+from ..models.base import set_attention_temperature
+from ..modules import ActQuantizer
+from .fileformat import dictionary_checksum, is_packed, validate_packed
+from .modules import PackedEmbedding, PackedLinear, PackedParams
+
+logger = logging.getLogger(__name__)
+
+
+def _set_module(model, name, new):
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, new)
+
+
+def swap_packed(model, layout):
+    """Replace every module named in ``layout`` by its packed module; tied modules share PackedParams."""
+    params = {}
+    for name, e in sorted(layout.items(), key=lambda kv: kv[1]["weight"] != kv[0]):
+        if e["weight"] not in params:
+            params[e["weight"]] = PackedParams(e["method"], e["shape"])
+        wq, old = params[e["weight"]], model.get_submodule(name)
+        rows, cols = e["shape"]
+        if e["kind"] == "embedding":
+            new = PackedEmbedding(rows, cols, old.padding_idx, wq)
+        else:
+            act = ActQuantizer(e.get("act_bits", 8)) if e.get("act", "none") != "none" else None
+            new = PackedLinear(cols, rows, wq, old.bias, act_in=act if e.get("act") == "input" else None,
+                               act_out=act if e.get("act") == "output" else None)
+        _set_module(model, name, new)
+
+
+def _materialize(model):
+    """Allocate what is still on the meta device (non-packed parameters and buffers; filled by the
+    state dict) and rebuild sinusoidal position tables, which are computed, not loaded."""
+    model.to_empty(device="cpu")
+    for m in model.modules():
+        if isinstance(m, SinusoidalPositionalEmbedding):
+            m.weights = SinusoidalPositionalEmbedding.get_embedding(m.weights.shape[0], m.embedding_dim, m.padding_idx)
+
+
+@register_model("transformer_packed")
+class TransformerPackedModel(TransformerModel):
+    """fairseq's transformer over packed weights (inference only)."""
+
+    @classmethod
+    def build_model(cls, args, task):
+        if OmegaConf.is_config(args):
+            args = argparse.Namespace(**OmegaConf.to_container(args, resolve=True))
+        layout = json.loads(args.qpack_layout)
+        expected = getattr(args, "qpack_dictionary", None)
+        found = dictionary_checksum(task.source_dictionary, task.target_dictionary)
+        if expected and expected != found:
+            raise QuantConfigError(
+                f"the packed checkpoint was made with other dictionaries (checksum {expected}) than the data "
+                f"directory's ({found}, {len(task.source_dictionary)}/{len(task.target_dictionary)} symbols); "
+                "give fairseq-generate the data directory the model was trained on"
+            )
+        with torch.device("meta"):
+            model = super().build_model(args, task)
+        swap_packed(model, layout)
+        _materialize(model)
+        set_attention_temperature(model, getattr(args, "attn_temperature", None) or 1.0)
+        logger.info("packed model: %d packed modules", len(layout))
+        return model
+
+
+@register_model_architecture("transformer_packed", "transformer_packed")
+def transformer_packed(args):
+    fairseq_transformer.base_architecture(args)
+
+
+def install_load_hook():
+    """Make fairseq's checkpoint loading report unreadable or corrupted files as QuantConfigError."""
+    original = checkpoint_utils.load_checkpoint_to_cpu
+    if getattr(original, "_qplugin", False):
+        return
+
+    @functools.wraps(original)
+    def load_checkpoint_to_cpu(path, *args, **kwargs):
+        try:
+            state = original(path, *args, **kwargs)
+        except (QuantConfigError, FileNotFoundError):
+            raise
+        except Exception as e:
+            raise QuantConfigError(f"{path}: cannot be read as a checkpoint ({type(e).__name__}: {e}); "
+                                   "the file is truncated or corrupted") from e
+        if is_packed(state):
+            validate_packed(state, path)
+        return state
+
+    load_checkpoint_to_cpu._qplugin = True
+    checkpoint_utils.load_checkpoint_to_cpu = load_checkpoint_to_cpu

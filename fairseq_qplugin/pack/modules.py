@@ -1,0 +1,102 @@
+"""Inference modules over packed weights: ``PackedLinear`` and ``PackedEmbedding``.
+
+Both hold their weight in a ``PackedParams`` submodule named ``wq`` (as the fake-quant modules
+name their quantizer), whose buffers are the packed tensors: state-dict keys are
+``<module>.wq.<field>`` (``codes``/``planes``/``indices``, ``scale``/``alpha``/``codebook``, ...).
+An embedding and the output projection tied to it share one ``PackedParams``. No fp32 weight
+matrix exists: the kernels (kernels.py) read the packed buffers.
+"""
+from dataclasses import MISSING, fields
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..errors import QuantConfigError
+from ..modules import ActQuantizer
+from .formats import PACKED, PackedWeight, packed_from_dict
+from .kernels import LUT_MAX_ROWS, packed_embedding, packed_linear
+
+
+class PackedParams(nn.Module):
+    """The packed tensors of one weight, as buffers; loading validates them (``from_dict``).
+
+    Buffers take the shapes and dtypes of the loaded tensors: the module is built from the method
+    alone and is ready once a state dict is loaded.
+    """
+
+    def __init__(self, method: str, shape):
+        super().__init__()
+        if method not in PACKED:
+            raise QuantConfigError(f"unknown packed method {method!r}; known: {sorted(PACKED)}")
+        self.method, self.shape = method, tuple(shape)
+        self.names = [f.name for f in fields(PACKED[method])]
+        self.required = [f.name for f in fields(PACKED[method]) if f.default is MISSING]
+        for name in self.names:
+            self.register_buffer(name, torch.zeros(0) if name in self.required else None)
+        self._packed: Optional[PackedWeight] = None
+
+    @property
+    def packed(self) -> PackedWeight:
+        if self._packed is None:
+            d = {n: getattr(self, n) for n in self.names if getattr(self, n) is not None}
+            self._packed = packed_from_dict(self.method, d)
+        return self._packed
+
+    def set_packed(self, pw: PackedWeight):
+        for name, t in pw.as_dict().items():
+            setattr(self, name, t)
+        self._packed = pw
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        found = {n: state_dict[prefix + n] for n in self.names if prefix + n in state_dict}
+        absent = [prefix + n for n in self.required if n not in found]
+        if absent:
+            missing.extend(absent)
+            return
+        try:
+            pw = packed_from_dict(self.method, found)
+        except QuantConfigError as e:
+            raise QuantConfigError(f"{prefix.rstrip('.')}: {e}") from None
+        if tuple(pw.shape) != self.shape:
+            raise QuantConfigError(f"{prefix.rstrip('.')}: packed weight is {list(pw.shape)}, "
+                                   f"the model needs {list(self.shape)}")
+        self.set_packed(pw)
+
+    def extra_repr(self):
+        return f"{self.method}, shape={list(self.shape)}"
+
+
+class PackedLinear(nn.Module):
+    """``nn.Linear`` over a packed weight, with the fake-quant model's optional activation quantizers."""
+
+    def __init__(self, in_features: int, out_features: int, wq: PackedParams, bias: Optional[nn.Parameter],
+                 act_in: Optional[ActQuantizer] = None, act_out: Optional[ActQuantizer] = None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.wq, self.bias, self.act_in, self.act_out = wq, bias, act_in, act_out
+        self.lut_max_rows = LUT_MAX_ROWS
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act_in is not None:
+            x = self.act_in(x)
+        y = packed_linear(x, self.wq.packed, self.bias, self.lut_max_rows)
+        return self.act_out(y) if self.act_out is not None else y
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class PackedEmbedding(nn.Module):
+    """``nn.Embedding`` over a packed table: only looked-up rows are dequantized."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: Optional[int], wq: PackedParams):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
+        self.wq = wq
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return packed_embedding(tokens, self.wq.packed)
+
+    def extra_repr(self):
+        return f"{self.num_embeddings}, {self.embedding_dim}, padding_idx={self.padding_idx}"

@@ -1,0 +1,156 @@
+"""End to end: fairseq-train (QAT) -> fairseq-qpack -> fairseq-generate on the packed file."""
+import json
+import shutil
+
+import pytest
+import torch
+
+from .conftest import PLUGIN, ROOT, run, train_args
+from .test_cli import generate
+
+
+def qpack(*args, check=True):
+    return run(["python", "-m", "fairseq_qplugin.pack.cli", *args], cwd=ROOT, check=check)
+
+
+@pytest.fixture(scope="module")
+def int4_ckpt(tiny_data, fp32_checkpoint):
+    save = tiny_data / "pack_int4"
+    run(train_args(tiny_data / "bin", save, "transformer_int8", 10, "--quant-bits", 4, "--quant-scheme", "asym",
+                   "--finetune-from-model", fp32_checkpoint))
+    return save / "checkpoint_last.pt"
+
+
+@pytest.fixture(scope="module")
+def kmeans_ckpt(tiny_data, fp32_checkpoint):
+    save = tiny_data / "pack_kmeans"
+    run(train_args(tiny_data / "bin", save, "transformer_kmeans", 10, "--quant-bits", 3, "--kmeans-iters", 10,
+                   "--finetune-from-model", fp32_checkpoint))
+    return save / "checkpoint_last.pt"
+
+
+@pytest.fixture(scope="module")
+def bin1_ckpt(tiny_data, fp32_checkpoint):
+    """1-bit (BCQ) weights with output activation quantization and attention temperature."""
+    save = tiny_data / "pack_bin1"
+    run(train_args(tiny_data / "bin", save, "transformer_int8", 10, "--quant-bits", 1, "--quant-act", "output",
+                   "--attn-temperature", 2, "--quant-include", "encoder,decoder",
+                   "--finetune-from-model", fp32_checkpoint))
+    return save / "checkpoint_last.pt"
+
+
+def same_translations(got, expected, tol=1e-4):
+    """Same ids and tokens; scores equal up to float summation order (the kernels use other BLAS calls)."""
+    split = [[h.split("\t") for h in hyps] for hyps in (got, expected)]
+    return len(got) == len(expected) and all(
+        a[0] == b[0] and a[2] == b[2] and abs(float(a[1]) - float(b[1])) <= tol for a, b in zip(*split))
+
+
+EXACT = ["--param-dtype", "fp32", "--other-dtype", "fp32"]
+
+
+@pytest.mark.parametrize("which", ["int4_ckpt", "kmeans_ckpt", "bin1_ckpt"])
+def test_generate_from_packed_equals_fake_quant(request, tiny_data, tmp_path, which):
+    ckpt = request.getfixturevalue(which)
+    packed = tmp_path / "packed.pt"
+    qpack(ckpt, packed, *EXACT)
+    state = torch.load(packed, weights_only=True)  # no allow-list, no pickled classes
+    assert state["cfg"]["model"]["arch"] == "transformer_packed"
+    assert "last_optimizer_state" not in state and "optimizer" not in state["optimizer_history"][0]
+    expected, _ = generate(tiny_data / "bin", ckpt)
+    got, log = generate(tiny_data / "bin", packed)
+    assert len(got) == 40, log[-2000:]
+    assert same_translations(got, expected)
+
+
+def test_fp16_parameters_are_smaller_and_close(tiny_data, int4_ckpt, tmp_path):
+    exact, half = tmp_path / "exact.pt", tmp_path / "half.pt"
+    qpack(int4_ckpt, exact, *EXACT)
+    out = qpack(int4_ckpt, half, "--report", tmp_path / "report.md")
+    assert "| embeddings |" in out.stdout and "compression vs fp32" in out.stdout
+    assert half.stat().st_size < exact.stat().st_size
+    expected, _ = generate(tiny_data / "bin", int4_ckpt)
+    got, _ = generate(tiny_data / "bin", half)
+    same = sum(a.split("\t")[2] == b.split("\t")[2] for a, b in zip(expected, got))
+    assert len(got) == 40 and same >= 30, same
+
+
+@pytest.mark.parametrize("method,bits", [("bcq", 3), ("int", 8), ("kmeans", 4)])
+def test_post_training_quantization(tiny_data, fp32_checkpoint, tmp_path, method, bits):
+    packed = tmp_path / f"{method}.pt"
+    qpack(fp32_checkpoint, packed, "--method", method, "--bits", bits)
+    state = torch.load(packed, weights_only=True)
+    layout = state["qpack"]["layout"]
+    assert {e["method"] for e in layout.values()} == {method} and {e["bits"] for e in layout.values()} == {bits}
+    hyps, log = generate(tiny_data / "bin", packed)
+    assert len(hyps) == 40, log[-2000:]
+
+
+def tensor_bytes(state):
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in state["model"].values()}.values())
+
+
+def test_file_is_within_5_percent_of_its_tensors(tiny_data, tmp_path):
+    """A 512-d, 2+2-layer model (15M weights) packed at 3-bit BCQ: zip records and header are < 5%."""
+    size = ["--encoder-embed-dim", 512, "--decoder-embed-dim", 512, "--encoder-ffn-embed-dim", 2048,
+            "--decoder-ffn-embed-dim", 2048, "--encoder-layers", 2, "--decoder-layers", 2]
+    args = train_args(tiny_data / "bin", tmp_path / "big", "transformer", 1, *size)
+    args[args.index("adam")] = "sgd"  # no optimizer state to save
+    run(args + ["--no-save-optimizer-state"])
+    packed = tmp_path / "big.pt"
+    out = qpack(tmp_path / "big" / "checkpoint_last.pt", packed, "--method", "bcq", "--bits", 3)
+    state = torch.load(packed, weights_only=True)
+    assert packed.stat().st_size <= 1.05 * tensor_bytes(state)
+    assert "compression vs fp32 weights" in out.stdout
+
+
+def _assert_clear_error(proc, message):
+    assert proc.returncode != 0
+    assert message in proc.stdout, proc.stdout[-3000:]
+    assert "Traceback" not in proc.stdout, proc.stdout[-3000:]
+
+
+def test_bad_input_gives_one_clear_error(tiny_data, fp32_checkpoint, int4_ckpt, tmp_path):
+    packed = tmp_path / "p.pt"
+    qpack(int4_ckpt, packed)
+    data = packed.read_bytes()
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(data[: len(data) // 2])
+    gen = ["fairseq-generate", tiny_data / "bin", "--user-dir", PLUGIN, "--gen-subset", "test", "--path"]
+    _assert_clear_error(run(gen + [truncated], check=False), f"{truncated}: cannot be read as a checkpoint")
+    state = torch.load(packed, weights_only=True)
+    key = next(k for k in state["model"] if k.endswith(".wq.codes"))
+    state["model"][key] = state["model"][key].clone()
+    state["model"][key][0, 0] ^= 1
+    corrupted = tmp_path / "corrupted.pt"
+    torch.save(state, corrupted)
+    _assert_clear_error(run(gen + [corrupted], check=False), "do not match their checksum")
+    other = tmp_path / "other_bin"
+    shutil.copytree(tiny_data / "bin", other)
+    for lang in ("en", "de"):
+        p = other / f"dict.{lang}.txt"
+        lines = p.read_text().splitlines()
+        p.write_text("\n".join([lines[1], lines[0], *lines[2:]]) + "\n")
+    gen_other = ["fairseq-generate", other, "--user-dir", PLUGIN, "--gen-subset", "test", "--path", packed]
+    _assert_clear_error(run(gen_other, check=False), "made with other dictionaries")
+    _assert_clear_error(qpack(fp32_checkpoint, tmp_path / "x.pt", "--method", "bcq", "--bits", 5, check=False),
+                        "bcq quantization takes 1 to 4 bits")
+    _assert_clear_error(qpack(int4_ckpt, tmp_path / "x.pt", "--method", "int", check=False), "already quantized")
+    _assert_clear_error(qpack(fp32_checkpoint, tmp_path / "x.pt", check=False), "plain fp32 model")
+
+
+def test_packed_model_holds_no_float_weight_matrix(tiny_data, int4_ckpt, tmp_path):
+    from fairseq import checkpoint_utils
+
+    import fairseq_qplugin  # noqa: F401
+    from fairseq_qplugin.pack.modules import PackedParams
+
+    packed = tmp_path / "p.pt"
+    qpack(int4_ckpt, packed)
+    models, _, _ = checkpoint_utils.load_model_ensemble_and_task([str(packed)])
+    model = models[0]
+    packed_params = [m for m in model.modules() if isinstance(m, PackedParams)]
+    assert packed_params and all(m.packed.method == "int" for m in packed_params)
+    floats = [(n, t.shape) for n, t in [*model.named_parameters(), *model.named_buffers()]
+              if t.is_floating_point() and t.dim() == 2 and min(t.shape) > 2 and "embed_positions" not in n]
+    assert floats == []
