@@ -10,7 +10,9 @@ from dataclasses import MISSING, fields
 from typing import Callable, Dict, List, Optional
 
 from fairseq.dataclass.utils import gen_parser_from_dataclass
+from fairseq.models import register_model_architecture
 from fairseq.models.transformer import TransformerModel
+from fairseq.models.transformer import transformer_legacy as fairseq_transformer
 from fairseq.modules import MultiheadAttention
 from torch.nn import Parameter
 
@@ -33,6 +35,37 @@ def fill_defaults(args, config_cls):
         if getattr(args, f.name, None) is None:
             default = f.default if f.default is not MISSING else f.default_factory()
             setattr(args, f.name, default)
+
+
+# fairseq's transformer sizes, mirrored by every quantized architecture as ``<model>_<suffix>``.
+SIZE_PRESETS = {
+    "": fairseq_transformer.base_architecture,
+    "_iwslt_de_en": fairseq_transformer.transformer_iwslt_de_en,
+    "_wmt_en_de": fairseq_transformer.transformer_wmt_en_de,
+    "_wmt_en_de_big": fairseq_transformer.transformer_vaswani_wmt_en_de_big,
+}
+
+
+def register_preset(model_name: str, arch_name: str, config_cls, validate: Callable, size_fn, **defaults):
+    """Register ``arch_name`` for ``model_name``: fill ``defaults`` then the flags' dataclass defaults
+    where the command line left them out, validate them, then fill the size of ``size_fn``."""
+
+    @register_model_architecture(model_name, arch_name)
+    def arch(args):
+        for key, value in defaults.items():
+            if getattr(args, key, None) is None:
+                setattr(args, key, value)
+        fill_defaults(args, config_cls)
+        validate(args)
+        size_fn(args)
+
+    return arch
+
+
+def register_size_presets(model_name: str, config_cls, validate: Callable, prefix: str = "", **defaults):
+    """``<model_name><prefix>`` plus one architecture per fairseq size in ``SIZE_PRESETS``."""
+    for suffix, size_fn in SIZE_PRESETS.items():
+        register_preset(model_name, model_name + prefix + suffix, config_cls, validate, size_fn, **defaults)
 
 
 def set_attention_temperature(model, tau: float):

@@ -14,14 +14,14 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
-from fairseq.models import register_model, register_model_architecture
+from fairseq.models import register_model
 from fairseq.models.transformer import transformer_legacy as fairseq_transformer
 from torch import nn
 
 from ..errors import QuantConfigError
 from ..modules import QuantEmbedding, QuantLinear, RowBitsQuantizer, WeightQuantizer, pattern_selector, select
 from ..quant import QuantSpec, frequency_row_bits, group_sizes
-from .base import QuantizedTransformerModel, fill_defaults
+from .base import QuantizedTransformerModel, register_preset, register_size_presets
 
 logger = logging.getLogger(__name__)
 
@@ -199,23 +199,10 @@ class TransformerBCQModel(QuantizedTransformerModel):
         return model
 
 
-def _preset(name, size_fn, **bcq_defaults):
-    @register_model_architecture("transformer_bcq", name)
-    def arch(args):
-        for key, value in bcq_defaults.items():
-            if getattr(args, key, None) is None:
-                setattr(args, key, value)
-        fill_defaults(args, BCQConfig)
-        validate(args)
-        size_fn(args)
-
-    return arch
-
 
 PAPER = dict(bcq_embed_bits=4, bcq_embed_freq_ratio=1.0, bcq_layer_bits=PAPER_LAYER_BITS)
-_preset("transformer_bcq", fairseq_transformer.base_architecture)
-_preset("transformer_bcq_iwslt_de_en", fairseq_transformer.transformer_iwslt_de_en)
-_preset("transformer_bcq_wmt_en_de", fairseq_transformer.transformer_wmt_en_de)
-_preset("transformer_bcq_wmt_en_de_big", fairseq_transformer.transformer_vaswani_wmt_en_de_big)
-_preset("transformer_bcq_paper", fairseq_transformer.base_architecture, **PAPER)
-_preset("transformer_bcq_paper_iwslt_de_en", fairseq_transformer.transformer_iwslt_de_en, **PAPER)
+register_size_presets("transformer_bcq", BCQConfig, validate)
+register_preset("transformer_bcq", "transformer_bcq_paper", BCQConfig, validate,
+                fairseq_transformer.base_architecture, **PAPER)
+register_preset("transformer_bcq", "transformer_bcq_paper_iwslt_de_en", BCQConfig, validate,
+                fairseq_transformer.transformer_iwslt_de_en, **PAPER)

@@ -8,13 +8,12 @@ trained fp32 ``transformer`` with ``--finetune-from-model``.
 from dataclasses import dataclass, field
 
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
-from fairseq.models import register_model, register_model_architecture
-from fairseq.models.transformer import transformer_legacy as fairseq_transformer
+from fairseq.models import register_model
 
 from ..errors import QuantConfigError
 from ..modules import pattern_selector
 from ..quant import QuantSpec
-from .base import QuantizedTransformerModel, fill_defaults
+from .base import QuantizedTransformerModel, register_size_presets
 
 
 @dataclass
@@ -71,17 +70,5 @@ class TransformerInt8Model(QuantizedTransformerModel):
         return lambda names: spec if chosen(names) else None
 
 
-def _preset(name, size_fn):
-    @register_model_architecture("transformer_int8", name)
-    def arch(args):
-        fill_defaults(args, Int8Config)
-        validate(args)
-        size_fn(args)
 
-    return arch
-
-
-_preset("transformer_int8", fairseq_transformer.base_architecture)
-_preset("transformer_int8_iwslt_de_en", fairseq_transformer.transformer_iwslt_de_en)
-_preset("transformer_int8_wmt_en_de", fairseq_transformer.transformer_wmt_en_de)
-_preset("transformer_int8_wmt_en_de_big", fairseq_transformer.transformer_vaswani_wmt_en_de_big)
+register_size_presets("transformer_int8", Int8Config, validate)

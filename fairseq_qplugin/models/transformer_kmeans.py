@@ -11,13 +11,12 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
-from fairseq.models import register_model, register_model_architecture
-from fairseq.models.transformer import transformer_legacy as fairseq_transformer
+from fairseq.models import register_model
 
 from ..errors import QuantConfigError
 from ..modules import BSFlexQuantizer, KMeansQuantizer, PruneQuantizer, pattern_selector
 from ..quant import PruneSchedule, QuantSpec
-from .base import QuantizedTransformerModel, fill_defaults
+from .base import QuantizedTransformerModel, register_size_presets
 
 logger = logging.getLogger(__name__)
 
@@ -131,17 +130,5 @@ class TransformerKMeansModel(QuantizedTransformerModel):
         super().set_num_updates(num_updates)
 
 
-def _preset(name, size_fn):
-    @register_model_architecture("transformer_kmeans", name)
-    def arch(args):
-        fill_defaults(args, KMeansConfig)
-        validate(args)
-        size_fn(args)
 
-    return arch
-
-
-_preset("transformer_kmeans", fairseq_transformer.base_architecture)
-_preset("transformer_kmeans_iwslt_de_en", fairseq_transformer.transformer_iwslt_de_en)
-_preset("transformer_kmeans_wmt_en_de", fairseq_transformer.transformer_wmt_en_de)
-_preset("transformer_kmeans_wmt_en_de_big", fairseq_transformer.transformer_vaswani_wmt_en_de_big)
+register_size_presets("transformer_kmeans", KMeansConfig, validate)
