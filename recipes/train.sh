@@ -9,10 +9,10 @@
 #   --save-dir DIR         where checkpoints go (created)
 #   --arch ARCH            fairseq architecture, e.g. transformer or one of the plugin's
 # Options:
-#   --max-update N         number of updates (default: 2400)
+#   --max-update N         number of updates (default: 500)
 #   --lr LR                peak learning rate (default: 0.002)
-#   --warmup N             linear warmup updates of the inverse_sqrt schedule (default: 800)
-#   --max-tokens N         tokens per batch (default: 8192)
+#   --warmup N             linear warmup updates of the inverse_sqrt schedule (default: 150)
+#   --max-tokens N         tokens per batch (default: 4096)
 #   --seed N               random seed (default: 1)
 #   --save-interval N      also save checkpoint_last.pt (and validate) every N updates, so an
 #                          interrupted run resumes from there (default: 500; 0 = only at epoch ends)
@@ -23,7 +23,12 @@
 #                          defaults below, so it can override them (e.g. -- --dropout 0.3, or the
 #                          plugin's quantization flags)
 #
-# Defaults passed to fairseq-train (a small CPU model):
+# The defaults suit a small model on a 2-core CPU: 500 updates of 4096 tokens train a 3+3-layer
+# d=256 pre-norm transformer in about 10 minutes (pass --encoder-normalize-before
+# --decoder-normalize-before after --: pre-norm learns much faster than fairseq's post-norm default
+# in such short runs).
+#
+# Always passed to fairseq-train:
 #   --task translation --share-all-embeddings --optimizer adam --adam-betas '(0.9,0.98)'
 #   --lr-scheduler inverse_sqrt --warmup-init-lr 1e-07 --criterion label_smoothed_cross_entropy
 #   --label-smoothing 0.1 --no-epoch-checkpoints --keep-interval-updates 1
@@ -36,7 +41,7 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-DATA="" SAVE_DIR="" ARCH="" MAX_UPDATE=2400 LR=0.002 WARMUP=800 MAX_TOKENS=8192 SEED=1
+DATA="" SAVE_DIR="" ARCH="" MAX_UPDATE=500 LR=0.002 WARMUP=150 MAX_TOKENS=4096 SEED=1
 SAVE_INTERVAL=500 FINETUNE_FROM=""
 EXTRA=()
 while [[ $# -gt 0 ]]; do
