@@ -16,7 +16,7 @@ check=0
 for arg in "$@"; do
     case $arg in
         --check) check=1 ;;
-        -h | --help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h | --help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "demo.sh: unknown argument '$arg' (see --help)" >&2; exit 2 ;;
     esac
 done
