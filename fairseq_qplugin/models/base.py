@@ -6,9 +6,10 @@ plain ``transformer`` of the same size: ``--finetune-from-model fp32.pt`` starts
 training from a trained fp32 model.
 """
 import logging
-from dataclasses import MISSING, fields
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Callable, Dict, List, Optional
 
+from fairseq.dataclass import FairseqDataclass
 from fairseq.dataclass.utils import gen_parser_from_dataclass
 from fairseq.models import register_model_architecture
 from fairseq.models.transformer import TransformerModel
@@ -22,6 +23,19 @@ from ..modules import (QuantEmbedding, QuantLinear, WeightQuantizer, quantizable
 from ..quant import QuantSpec
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class QuantPartsConfig(FairseqDataclass):
+    """The --quant-include / --quant-exclude flags that choose the quantized modules (modules/swap.py)."""
+
+    quant_include: str = field(
+        default="all",
+        metadata={"help": "comma list of parts to quantize: all, embeddings, encoder, decoder, self_attn, "
+                          "cross_attn, ffn, output_projection, or globs over module names "
+                          "(e.g. 'encoder.layers.*.self_attn.*')"},
+    )
+    quant_exclude: str = field(default="", metadata={"help": "parts or globs to leave in full precision"})
 
 
 def add_dataclass_args(parser, config_cls):

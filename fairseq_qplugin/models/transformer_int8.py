@@ -7,17 +7,17 @@ trained fp32 ``transformer`` with ``--finetune-from-model``.
 """
 from dataclasses import dataclass, field
 
-from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+from fairseq.dataclass import ChoiceEnum
 from fairseq.models import register_model
 
 from ..errors import QuantConfigError
 from ..modules import pattern_selector
 from ..quant import QuantSpec
-from .base import QuantizedTransformerModel, register_size_presets
+from .base import QuantizedTransformerModel, QuantPartsConfig, register_size_presets
 
 
 @dataclass
-class Int8Config(FairseqDataclass):
+class Int8Config(QuantPartsConfig):
     quant_bits: int = field(
         default=8, metadata={"help": "bits per weight: 2-8 range-based linear quantization, 1 = binarize (sign x mean|W|)"}
     )
@@ -27,13 +27,6 @@ class Int8Config(FairseqDataclass):
     quant_granularity: ChoiceEnum(["channel", "tensor"]) = field(
         default="channel", metadata={"help": "one scale per output channel (row) or per tensor"}
     )
-    quant_include: str = field(
-        default="all",
-        metadata={"help": "comma list of parts to quantize: all, embeddings, encoder, decoder, self_attn, "
-                          "cross_attn, ffn, output_projection, or globs over module names "
-                          "(e.g. 'encoder.layers.*.self_attn.*')"},
-    )
-    quant_exclude: str = field(default="", metadata={"help": "parts or globs to leave in full precision"})
     quant_act: ChoiceEnum(["none", "input", "output"]) = field(
         default="none", metadata={"help": "also quantize the inputs or outputs of the quantized linear layers"}
     )

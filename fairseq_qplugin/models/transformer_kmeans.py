@@ -10,13 +10,13 @@ import logging
 from dataclasses import dataclass, field
 from typing import Optional
 
-from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+from fairseq.dataclass import ChoiceEnum
 from fairseq.models import register_model
 
 from ..errors import QuantConfigError
 from ..modules import BSFlexQuantizer, KMeansQuantizer, PruneQuantizer, pattern_selector
 from ..quant import PruneSchedule, QuantSpec
-from .base import QuantizedTransformerModel, register_size_presets
+from .base import QuantizedTransformerModel, QuantPartsConfig, register_size_presets
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ QUANTIZER_STATE = tuple(f"wq.{n}" for n in ("mask", "centroids", "indices", "cen
 
 
 @dataclass
-class KMeansConfig(FairseqDataclass):
+class KMeansConfig(QuantPartsConfig):
     quant_method: ChoiceEnum(METHOD_CHOICES) = field(
         default="kmeans",
         metadata={"help": "kmeans: 2^b shared values per tensor (or row), fixed assignments, trained centroids; "
@@ -40,13 +40,6 @@ class KMeansConfig(FairseqDataclass):
     quant_granularity: ChoiceEnum(["tensor", "channel"]) = field(
         default="tensor", metadata={"help": "one codebook per weight tensor (the poster) or per output row"}
     )
-    quant_include: str = field(
-        default="all",
-        metadata={"help": "comma list of parts to quantize: all, embeddings, encoder, decoder, self_attn, "
-                          "cross_attn, ffn, output_projection, or globs over module names "
-                          "(e.g. 'encoder.layers.*.self_attn.*')"},
-    )
-    quant_exclude: str = field(default="", metadata={"help": "parts or globs to leave in full precision"})
     kmeans_iters: int = field(default=100, metadata={"help": "maximum Lloyd iterations per clustering"})
     kmeans_recluster_interval: int = field(
         default=0,
