@@ -9,10 +9,12 @@
 # Rows: bcq-w3 (uniform 3-bit BCQ, pNR), bcq-paper (the paper's mixed configuration, pNR),
 # bcq-w2-alt / bcq-w2-greedy (2-bit BCQ, alternating vs greedy), km-w4 (4-bit k-means),
 # bsflex-selfattn (1-bit BS-Flex on self-attention only), prune50 (magnitude pruning 30% -> 50%),
-# and the controls fp32-ft100 / fp32-ft150: the fp32 model fine-tuned with the same schedule and no
+# and the controls fp32-ft100 / fp32-ft<N>: the fp32 model fine-tuned with the same schedule and no
 # quantization. The demo's fp32 model is small and not converged, so fine-tuning alone changes its
 # BLEU; the cost of a method is its BLEU against the control of the same length.
-# Steps already done are skipped. DEMO_DIR as for demo.sh.
+# Steps already done are skipped. DEMO_DIR as for demo.sh; METHODS_UPDATES (default 150) sets the
+# fine-tuning length of every row (and names the control fp32-ft<N>), PNR_PERIOD (default 25) the
+# pNR sync period of the BCQ rows, FP32_CKPT (default DEMO_DIR/fp32/checkpoint_best.pt) the start.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
@@ -20,29 +22,32 @@ export PATH="$PWD/${QPLUGIN_VENV:-.venv}/bin:$PATH"
 exp=${DEMO_DIR:-exp/demo}
 log() { echo "$(date '+%F %T') | methods | $*" >&2; }
 source scripts/demo_model.sh
-fp32="$exp/fp32/checkpoint_best.pt"
+fp32=${FP32_CKPT:-$exp/fp32/checkpoint_best.pt}
+n=${METHODS_UPDATES:-150}
 [ -f "$fp32" ] || { echo "methods.sh: $fp32 not found: run scripts/demo.sh first" >&2; exit 1; }
 
 # name | arch | max updates | flags after the model flags
-pnr="--optimizer pnr_adam --pnr-period 25"
+pnr="--optimizer pnr_adam --pnr-period ${PNR_PERIOD:-25}"
 declare -A rows=(
     [fp32-ft100]="transformer|100|"
-    [fp32-ft150]="transformer|150|"
-    [bcq-w3]="transformer_bcq|150|--bcq-bits 3 $pnr"
-    [bcq-paper]="transformer_bcq_paper|150|$pnr"
-    [bcq-w2-alt]="transformer_bcq|150|--bcq-bits 2 $pnr"
-    [bcq-w2-greedy]="transformer_bcq|150|--bcq-bits 2 --bcq-search greedy $pnr"
-    [km-w4]="transformer_kmeans|150|--quant-method kmeans --quant-bits 4"
-    [bsflex-selfattn]="transformer_kmeans|150|--quant-method bsflex --quant-include self_attn"
-    [prune50]="transformer_kmeans|150|--quant-method none --prune-schedule 0:0.3,60:0.5"
+    [fp32-ft$n]="transformer|$n|"
+    [bcq-w3]="transformer_bcq|$n|--bcq-bits 3 $pnr"
+    [bcq-paper]="transformer_bcq_paper|$n|$pnr"
+    [bcq-w2-alt]="transformer_bcq|$n|--bcq-bits 2 $pnr"
+    [bcq-w2-greedy]="transformer_bcq|$n|--bcq-bits 2 --bcq-search greedy $pnr"
+    [km-w4]="transformer_kmeans|$n|--quant-method kmeans --quant-bits 4"
+    [bsflex-selfattn]="transformer_kmeans|$n|--quant-method bsflex --quant-include self_attn"
+    [prune50]="transformer_kmeans|$n|--quant-method none --prune-schedule 0:0.3,$((n * 2 / 5)):0.5"
 )
-order=(fp32-ft100 fp32-ft150 bcq-w3 bcq-paper bcq-w2-alt bcq-w2-greedy km-w4 bsflex-selfattn prune50)
+order=(fp32-ft100 "fp32-ft$n" bcq-w3 bcq-paper bcq-w2-alt bcq-w2-greedy km-w4 bsflex-selfattn prune50)
 selected=("$@")
 [ ${#selected[@]} -gt 0 ] || selected=("${order[@]}")
 for name in "${selected[@]}"; do
     [ -n "${rows[$name]:-}" ] || { echo "methods.sh: unknown row '$name' (rows: ${order[*]})" >&2; exit 2; }
 done
 
+recipes/generate.sh --data "$exp/data/bin" --checkpoint "$fp32" --raw-ref "$exp/data/raw/test.de" \
+    --out "$exp/gen/fp32" --beam 5
 table=("fp32=$fp32:$exp/gen/fp32")
 for name in "${selected[@]}"; do
     IFS='|' read -r arch updates flags <<< "${rows[$name]}"
