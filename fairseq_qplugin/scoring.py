@@ -7,8 +7,8 @@ Two scores of the same detokenized hypotheses against the raw reference:
 - ``compound_split_bleu``: the "tokenized BLEU" of the Transformer paper and of the WMT14 en-de
   results that follow it (fairseq's ``scripts/compound_split_bleu.sh``, tensor2tensor's
   ``get_ende_bleu.sh``): both sides Moses-tokenized, hyphenated compounds split as
-  ``Hals-Nasen-Ohren`` -> ``Hals ##AT##-##AT## Nasen-Ohren`` (the sed/perl rule's non-overlapping
-  matches, reproduced exactly), then multi-bleu.perl's BLEU on the tokens: sacrebleu with
+  ``E-Mail`` -> ``E ##AT##-##AT## Mail`` (the perl rule ``s{(\S)-(\S)}{$1 ##AT##-##AT## $2}g``,
+  reproduced exactly), then multi-bleu.perl's BLEU on the tokens: sacrebleu with
   ``tokenize='none'`` (case-sensitive, no smoothing, brevity penalty against the reference length).
 
 Command line (also run by recipes/generate.sh):
@@ -34,8 +34,8 @@ _TRANSLATED = re.compile(r"Translated ([\d,]+) sentences \(([\d,]+) tokens\) in 
 
 
 def compound_split(line: str) -> str:
-    """``s{(\\S)-(\\S)}{$1 ##AT##-##AT## $2}g``: split hyphenated compounds (non-overlapping matches,
-    so ``a-b-c`` becomes ``a ##AT##-##AT## b-c``, exactly as the perl/sed rule does)."""
+    """``s{(\\S)-(\\S)}{$1 ##AT##-##AT## $2}g``: split hyphenated compounds. The matches do not
+    overlap, so one-letter parts stay joined (``a-b-c`` -> ``a ##AT##-##AT## b-c``), as with perl."""
     return _COMPOUND.sub(r"\1 ##AT##-##AT## \2", line)
 
 

@@ -100,7 +100,7 @@ declare -A INPUT
 for split in "${SPLITS[@]}"; do
     for lang in "$SRC" "$TGT"; do
         INPUT[$split.$lang]=$(find_input "$SRC_DIR" "$split.$lang") || {
-            avail=$(cd "$SRC_DIR" && ls -- *.* 2>/dev/null | sed -n 's/^train\.\([^.]*\)\(\.gz\)\{0,1\}$/\1/p' | sort -u | tr '\n' ' ' || true)
+            avail=$(cd "$SRC_DIR" && ls -- *.* 2>/dev/null | sed -n 's/^train\.\([^.]*\)\(\.gz\)\{0,1\}$/\1/p' | sort -u | paste -sd ' ' || true)
             die "missing $SRC_DIR/$split.$lang (or $split.$lang.gz): no $SRC-$TGT pair there (train languages found: ${avail:-none})"
         }
     done
