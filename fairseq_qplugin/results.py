@@ -140,16 +140,17 @@ def table(rows: List[Row]) -> str:
     base = rows[0]
     base_bytes = base.summary["fp32_bytes"]
     lines = [
-        f"| model | method | configuration | BLEU | Δ BLEU vs {base.name} | tok. BLEU (compound split) "
+        f"| model | method | configuration | BLEU | Δ BLEU vs {base.name} | % of baseline | tok. BLEU (compound split) "
         "| code bits (avg) | bits with scales | size (MB) | compression | tokens/s |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         s = r.summary
         delta = "" if r is base else f"{r.bleu - base.bleu:+.2f}"
+        percent = f"{100 * r.bleu / base.bleu:.1f}%" if base.bleu else "n/a"
         lines.append(
             f"| {r.name} | {s.get('method', '?')} | {s.get('configuration', '?')} | {r.bleu:.2f} | {delta} "
-            f"| {_fmt(r.compound_bleu, '.2f')} | {s['code_bits']:.2f} | {s['avg_bits']:.2f} "
+            f"| {percent} | {_fmt(r.compound_bleu, '.2f')} | {s['code_bits']:.2f} | {s['avg_bits']:.2f} "
             f"| {s['packed_bytes'] / 1e6:.2f} | {base_bytes / s['packed_bytes']:.1f}x | {_fmt(r.tokens_per_s, '.1f')} |"
         )
     return "\n".join(lines) + "\n"

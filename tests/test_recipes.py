@@ -5,7 +5,6 @@ import os
 import re
 import struct
 import subprocess
-import sys
 import tarfile
 import time
 from collections import Counter
@@ -141,23 +140,36 @@ def pipeline(tmp_path_factory):
     return exp, proc.stdout
 
 
+def read_table(path: Path):
+    """Rows of a results.md table by model name, each a dict keyed by the header."""
+    lines = path.read_text().splitlines()
+    header = [c.strip() for c in lines[0].split("|")[1:-1]]
+    rows = {}
+    for line in lines[2:]:
+        if not line.startswith("|"):
+            break  # the end of the table
+        cells = [c.strip() for c in line.split("|")[1:-1]]
+        rows[cells[0]] = dict(zip(header, cells))
+    return rows
+
+
 def test_pipeline_writes_a_table_row_per_method_and_a_plot(pipeline):
     exp, _ = pipeline
-    table = (exp / "results.md").read_text()
-    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[1:-1]]
-            for line in table.splitlines()[2:]}
-    assert list(rows) == ["fp32", "bcq-paper", "int8-w4", "km-w4"], table  # baseline first
-    methods = {name: cells[1] for name, cells in rows.items()}
-    assert methods == {"fp32": "fp32", "bcq-paper": "BCQ", "int8-w4": "int (range-based linear)", "km-w4": "k-means"}
-    for name, cells in rows.items():
-        bleu, delta, compound, code_bits, bits, size, ratio, speed = cells[3:]
-        for value in (bleu, compound, code_bits, bits, size, speed):
-            float(value)
-        assert (delta == "") == (name == "fp32")
-        assert float(size) > 0 and float(speed) > 0 and ratio.endswith("x")
-    assert float(rows["fp32"][6]) == 32.0 and float(rows["int8-w4"][6]) == 4.0 and float(rows["km-w4"][6]) == 4.0
-    assert 2.0 < float(rows["bcq-paper"][6]) < 3.0  # the paper's mixed configuration
-    assert float(rows["int8-w4"][8]) < float(rows["fp32"][8])  # smaller than fp32
+    rows = read_table(exp / "results.md")
+    assert list(rows) == ["fp32", "bcq-paper", "int8-w4", "km-w4"]  # baseline first
+    assert {name: r["method"] for name, r in rows.items()} == {
+        "fp32": "fp32", "bcq-paper": "BCQ", "int8-w4": "int (range-based linear)", "km-w4": "k-means"}
+    numeric = ["BLEU", "tok. BLEU (compound split)", "code bits (avg)", "bits with scales", "size (MB)", "tokens/s"]
+    for name, r in rows.items():
+        assert all(float(r[k]) >= 0 for k in numeric), r
+        assert float(r["size (MB)"]) > 0 and float(r["tokens/s"]) > 0 and r["compression"].endswith("x")
+        assert (r["Δ BLEU vs fp32"] == "") == (name == "fp32")
+        if name != "fp32":
+            assert float(r["Δ BLEU vs fp32"]) == pytest.approx(float(r["BLEU"]) - float(rows["fp32"]["BLEU"]), abs=0.011)
+    bits = {name: float(r["code bits (avg)"]) for name, r in rows.items()}
+    assert bits["fp32"] == 32.0 and bits["int8-w4"] == 4.0 and bits["km-w4"] == 4.0
+    assert 2.0 < bits["bcq-paper"] < 3.0  # the paper's mixed configuration
+    assert float(rows["int8-w4"]["size (MB)"]) < float(rows["fp32"]["size (MB)"]) / 4
     assert is_png(exp / "results.png")
 
 
@@ -193,8 +205,8 @@ def test_results_keeps_the_name_checkpoint_gendir_rows(pipeline, tmp_path):
     out = tmp_path / "t.md"
     sh("-c", f"cd {ROOT} && python -m fairseq_qplugin.results --out {out} --plot {tmp_path / 'p.png'} "
              f"base={exp}/fp32/checkpoint_best.pt:{exp}/gen/fp32 q4={exp}/int8-w4/checkpoint_best.pt:{exp}/gen/int8-w4")
-    lines = out.read_text().splitlines()
-    assert "Δ BLEU vs base" in lines[0] and [line.split("|")[1].strip() for line in lines[2:]] == ["base", "q4"]
+    rows = read_table(out)
+    assert list(rows) == ["base", "q4"] and rows["q4"]["Δ BLEU vs base"].startswith(("+", "-"))
     assert is_png(tmp_path / "p.png")
 
 
@@ -328,8 +340,9 @@ def test_wmt14_example_end_to_end(wmt14_bpe, fake_wmt14):
     proc, _ = sh(EXAMPLE / "run.sh", "--tiny", "--exp", wmt14_bpe, "--local-dir", local, "--bpe-merges", 300,
                  "--methods", "int8-w8")
     assert "already prepared with this configuration: skipping" in proc.stdout
+    rows = read_table(wmt14_bpe / "results.md")
+    assert rows["fp32"]["method"] == "fp32" and rows["int8-w8"]["configuration"].startswith("8-bit")
     text = (wmt14_bpe / "results.md").read_text()
-    assert re.search(r"^\| fp32 \| fp32 \|", text, re.M) and re.search(r"^\| int8-w8 \| int \(range-based linear\) \| 8-bit", text, re.M)
     assert "## Published numbers (from the papers, not measured here)" in text
     assert is_png(wmt14_bpe / "results.png")
     hyps = (wmt14_bpe / "gen" / "fp32" / "hyp.txt").read_text(encoding="utf-8")
