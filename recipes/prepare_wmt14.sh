@@ -153,7 +153,9 @@ if ! step_done "$OUT" orig; then
             fi
         fi
         log "extracting ${files[*]} from $tgz"
-        tar -xzf "$tgz" -C "$OUT/orig" "${files[@]}" ||
+        # (members are stored as "dir/file" or "./dir/file" depending on the tar that made the archive)
+        tar -xzf "$tgz" -C "$OUT/orig" "${files[@]}" 2>/dev/null ||
+            tar -xzf "$tgz" -C "$OUT/orig" "${files[@]/#/./}" 2>/dev/null ||
             die "$tgz does not hold ${files[*]} (is it the WMT archive $archive?)"
     done
     step_mark "$OUT" orig
