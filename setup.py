@@ -17,6 +17,7 @@ setup(
         "fairseq>=0.12.2; python_version < '3.11'",
         "sacrebleu>=2.0",
         "sentencepiece",
+        "sacremoses",  # Moses tokenization (WMT recipes) and tokenized BLEU with compound splitting
         "subword-nmt",
         "numpy",
         "matplotlib",  # python -m fairseq_qplugin.analysis (weight histograms)

@@ -1,82 +1,266 @@
-"""Results table: BLEU, delta to a baseline, average weight bits and packed size of each checkpoint.
+"""Results table and BLEU-vs-size plot: method, configuration, bits, size, BLEU, speed of each model.
 
 "code bits" are the bits per quantized weight of the codes alone (the papers' "average bits");
-"bits with scales" add the fp16 scales, codebooks and masks.
+"bits with scales" add the fp16 scales, codebooks and masks. Sizes are computed from the model the
+checkpoint builds: quantized weights at their bits plus fp16 scales, everything else at fp32.
 
-    python -m fairseq_qplugin.results --out results.md fp32=exp/fp32/checkpoint_best.pt:exp/gen/fp32 \
-        int8-8bit=exp/int8/checkpoint_best.pt:exp/gen/int8 ...
+Rows given one by one (NAME=CHECKPOINT:GEN_DIR; the first row is the baseline of the delta column):
 
-Each row is NAME=CHECKPOINT:GEN_DIR, where GEN_DIR holds ``bleu.txt`` (written by recipes/generate.sh).
-The first row is the baseline for the delta column. Sizes are computed from the model the checkpoint
-builds: quantized weights at their bits plus fp16 scales, everything else at fp32.
+    python -m fairseq_qplugin.results --out results.md fp32=exp/fp32/checkpoint_best.pt:exp/gen/fp32 \\
+        int8-w4=exp/int8-w4/checkpoint_best.pt:exp/gen/int8-w4 ...
+
+or collected from an experiment directory: every EXP/gen/NAME made by recipes/generate.sh is a row,
+its checkpoint the one recorded in EXP/gen/NAME/.done (the layout of scripts/demo.sh, scripts/methods.sh
+and examples/wmt14_en_de/run.sh); writes EXP/results.md and EXP/results.png:
+
+    python -m fairseq_qplugin.results --exp-dir exp/demo [--baseline fp32]
+
+A GEN_DIR holds ``bleu.txt`` and, from recipes/generate.sh, ``compound_bleu.txt`` (tokenized BLEU
+with compound splitting; computed here from ``hyp.txt`` and the stamp's reference when missing) and
+``speed.json`` (tokens/s of fairseq-generate's "Translated" line).
 """
 import argparse
+import json
 import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
 logger = logging.getLogger("fairseq_qplugin.results")
 
 
+@dataclass
+class Row:
+    name: str
+    summary: dict  # checkpoint_summary()
+    bleu: float
+    compound_bleu: Optional[float] = None
+    tokens_per_s: Optional[float] = None
+
+
+def describe(model_cfg) -> Tuple[str, str]:
+    """(method, configuration) of a checkpoint's model configuration (an argparse Namespace)."""
+    get = lambda key, default=None: getattr(model_cfg, key, default)  # noqa: E731
+    arch = str(get("arch", "?"))
+    parts = get("quant_include", "all")
+    where = "" if parts in (None, "all") else f", only {parts}"
+    if get("quant_exclude"):
+        where += f", not {get('quant_exclude')}"
+    if arch.startswith("transformer_int8"):
+        bits = get("quant_bits", 8)
+        method = "binary (int family)" if bits == 1 else "int (range-based linear)"
+        conf = f"{bits}-bit {get('quant_scheme', 'sym')} per-{get('quant_granularity', 'channel')}"
+        conf += " weights" + ("" if get("quant_act", "none") == "none" else f" + {get('quant_act_bits')}-bit activations")
+        if (get("attn_temperature") or 1.0) != 1.0:
+            conf += f", tau {get('attn_temperature'):g}"
+        return method, conf + where
+    if arch.startswith("transformer_bcq"):
+        conf = f"{get('bcq_bits')}-bit default"
+        blocks = [(k, get(f"bcq_{k}_bits")) for k in ("embed", "encoder", "decoder")]
+        conf += "".join(f", {k} {b}" for k, b in blocks if b is not None)
+        if get("bcq_embed_freq_ratio") is not None:
+            conf += f" (frequency r={get('bcq_embed_freq_ratio'):g})"
+        if get("bcq_layer_bits"):
+            conf += f", {get('bcq_layer_bits')}"
+        inc = get("bcq_include", "all")
+        conf += "" if inc in (None, "all") else f", only {inc}"
+        if get("bcq_search") == "greedy":
+            conf += ", greedy"
+        return "BCQ", conf
+    if arch.startswith("transformer_kmeans"):
+        qm = get("quant_method", "kmeans")
+        prune = f", pruning {get('prune_schedule')}" if get("prune_schedule") else ""
+        if qm == "none":
+            return "pruning", f"magnitude {get('prune_schedule')}{where}"
+        if qm == "kmeans":
+            return "k-means", f"{get('quant_bits') or 4}-bit per-{get('quant_granularity', 'tensor')}{where}{prune}"
+        return "BS-Flex" + (" (fixed)" if qm == "bsflex_fixed" else ""), f"1-bit{where}{prune}"
+    if arch.startswith("transformer_packed"):
+        return "packed", arch
+    return "fp32", arch
+
+
 def checkpoint_summary(path: str) -> dict:
-    """Average bits and packed size of a checkpoint's model (fp32 for a plain transformer)."""
+    """Average bits, packed size, method and configuration of a checkpoint's model."""
     from fairseq import checkpoint_utils
 
     from .models.base import quantization_summary
 
-    models, _cfg, _task = checkpoint_utils.load_model_ensemble_and_task([path])
-    model = models[0]
-    s = quantization_summary(model)
+    models, cfg, _task = checkpoint_utils.load_model_ensemble_and_task([str(path)])
+    s = quantization_summary(models[0])
     if s["quantized_params"] == 0:  # plain fp32 model
         s["avg_bits"] = s["code_bits"] = 32.0
-    s["arch"] = _cfg.model.arch if hasattr(_cfg.model, "arch") else "?"
+    s["arch"] = getattr(cfg.model, "arch", "?")
+    s["method"], s["configuration"] = describe(cfg.model)
     return s
 
 
-def table(rows):
-    """rows: (name, summary, bleu); the first is the baseline. Returns markdown."""
-    base_bleu = rows[0][2]
-    base_bytes = rows[0][1]["fp32_bytes"]
+def _number(path: Path) -> Optional[float]:
+    return float(path.read_text().split()[0]) if path.exists() else None
+
+
+def _stamp(gen: Path) -> Dict[str, str]:
+    """key=value lines of GEN_DIR/.done (recipes/generate.sh)."""
+    f = gen / ".done"
+    if not f.exists():
+        return {}
+    return dict(line.split("=", 1) for line in f.read_text().splitlines() if "=" in line and not line.startswith("#"))
+
+
+def gen_scores(gen: Path) -> Tuple[float, Optional[float], Optional[float]]:
+    """(BLEU, compound-split tokenized BLEU, tokens/s) of a generate.sh output directory."""
+    bleu = _number(gen / "bleu.txt")
+    if bleu is None:
+        raise FileNotFoundError(f"{gen / 'bleu.txt'} does not exist (not a finished recipes/generate.sh output)")
+    compound = _number(gen / "compound_bleu.txt")
+    stamp = _stamp(gen)
+    if compound is None and (gen / "hyp.txt").exists() and Path(stamp.get("raw_ref", "")).is_file():
+        from .scoring import compound_split_bleu, read_lines
+
+        ref = stamp["raw_ref"]
+        lang = stamp.get("lang") or Path(ref).suffix.lstrip(".")
+        compound = round(compound_split_bleu(read_lines(gen / "hyp.txt"), read_lines(ref), lang).score, 2)
+    speed = None
+    if (gen / "speed.json").exists():
+        speed = json.loads((gen / "speed.json").read_text())["tokens_per_s"]
+    elif (gen / "speed.txt").exists():
+        speed = _number(gen / "speed.txt")
+    return bleu, compound, speed
+
+
+def _fmt(x: Optional[float], spec: str) -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+def table(rows: List[Row]) -> str:
+    """Markdown table; the first row is the baseline."""
+    base = rows[0]
+    base_bytes = base.summary["fp32_bytes"]
     lines = [
-        "| model | BLEU | Δ BLEU | % of baseline | code bits (avg) | bits with scales | packed size (MB) | compression |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        f"| model | method | configuration | BLEU | Δ BLEU vs {base.name} | % of baseline | tok. BLEU (compound split) "
+        "| code bits (avg) | bits with scales | size (MB) | compression | tokens/s |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, s, bleu in rows:
-        delta = "" if name == rows[0][0] else f"{bleu - base_bleu:+.2f}"
+    for r in rows:
+        s = r.summary
+        delta = "" if r is base else f"{r.bleu - base.bleu:+.2f}"
+        percent = f"{100 * r.bleu / base.bleu:.1f}%" if base.bleu else "n/a"
         lines.append(
-            f"| {name} | {bleu:.2f} | {delta} | {100 * bleu / base_bleu:.1f}% | {s['code_bits']:.2f} "
-            f"| {s['avg_bits']:.2f} | {s['packed_bytes'] / 1e6:.2f} | {base_bytes / s['packed_bytes']:.1f}x |"
+            f"| {r.name} | {s.get('method', '?')} | {s.get('configuration', '?')} | {r.bleu:.2f} | {delta} "
+            f"| {percent} | {_fmt(r.compound_bleu, '.2f')} | {s['code_bits']:.2f} | {s['avg_bits']:.2f} "
+            f"| {s['packed_bytes'] / 1e6:.2f} | {base_bytes / s['packed_bytes']:.1f}x | {_fmt(r.tokens_per_s, '.1f')} |"
         )
     return "\n".join(lines) + "\n"
 
 
+def plot(rows: List[Row], path: Path, title: str = "BLEU vs model size"):
+    """Scatter of BLEU against packed size (MB, log scale), one labelled point per row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    methods = sorted({r.summary.get("method", "?") for r in rows})
+    colors = {m: plt.cm.tab10(i % 10) for i, m in enumerate(methods)}
+    for m in methods:
+        pts = [r for r in rows if r.summary.get("method", "?") == m]
+        ax.scatter([r.summary["packed_bytes"] / 1e6 for r in pts], [r.bleu for r in pts], label=m,
+                   color=colors[m], s=40, zorder=3)
+    for r in rows:
+        ax.annotate(r.name, (r.summary["packed_bytes"] / 1e6, r.bleu), textcoords="offset points",
+                    xytext=(4, 4), fontsize=8)
+    ax.axhline(rows[0].bleu, color="grey", lw=0.8, ls="--", zorder=1, label=f"{rows[0].name} (baseline)")
+    sizes = [r.summary["packed_bytes"] / 1e6 for r in rows]
+    if max(sizes) / min(sizes) > 3:
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(FormatStrFormatter("%g"))
+    ax.set_xlabel("packed model size (MB)")
+    ax.set_ylabel("BLEU (sacrebleu)")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3, zorder=0)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def collect(exp_dir: Path, baseline: Optional[str]) -> List[Tuple[str, str, Path]]:
+    """(name, checkpoint, gen dir) of every finished EXP/gen/NAME, the baseline first."""
+    gen_root = exp_dir / "gen"
+    found = []
+    for gen in sorted(gen_root.glob("*/")) if gen_root.is_dir() else []:
+        stamp = _stamp(gen)
+        if "checkpoint" not in stamp:
+            logger.warning("skipping %s: no finished recipes/generate.sh output there (no .done)", gen)
+            continue
+        found.append((gen.name, stamp["checkpoint"], gen))
+    if not found:
+        raise SystemExit(f"error: no finished recipes/generate.sh output under {gen_root} (expected {gen_root}/NAME/.done)")
+    names = [f[0] for f in found]
+    if baseline is None:
+        baseline = "fp32" if "fp32" in names else names[0]
+    if baseline not in names:
+        raise SystemExit(f"error: --baseline {baseline} is not among the rows found in {gen_root}: {', '.join(names)}")
+    return sorted(found, key=lambda f: f[0] != baseline)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("rows", nargs="+", metavar="NAME=CHECKPOINT:GEN_DIR")
-    parser.add_argument("--out", help="also write the table to this file")
+    parser.add_argument("rows", nargs="*", metavar="NAME=CHECKPOINT:GEN_DIR")
+    parser.add_argument("--exp-dir", type=Path, help="collect the rows from EXP_DIR/gen/*/ (instead of giving them)")
+    parser.add_argument("--baseline", help="with --exp-dir: the row for the delta column (default: fp32 if present)")
+    parser.add_argument("--out", type=Path, help="write the table to this file (default with --exp-dir: EXP_DIR/results.md)")
+    parser.add_argument("--plot", type=Path, help="write the BLEU-vs-size plot (PNG) to this file "
+                                                  "(default with --exp-dir: EXP_DIR/results.png)")
+    parser.add_argument("--title", default="BLEU vs model size", help="title of the plot")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)s | %(name)s | %(message)s")
+
+    if args.exp_dir is not None:
+        if args.rows:
+            parser.error("give either rows NAME=CHECKPOINT:GEN_DIR or --exp-dir, not both")
+        if not args.exp_dir.is_dir():
+            parser.error(f"--exp-dir {args.exp_dir} is not a directory")
+        specs = collect(args.exp_dir, args.baseline)
+        args.out = args.out or args.exp_dir / "results.md"
+        args.plot = args.plot or args.exp_dir / "results.png"
+    else:
+        if not args.rows:
+            parser.error("give rows NAME=CHECKPOINT:GEN_DIR or --exp-dir")
+        specs = []
+        for spec in args.rows:
+            name, _, rest = spec.partition("=")
+            ckpt, _, gen = rest.rpartition(":")
+            if not name or not ckpt or not gen:
+                parser.error(f"row {spec!r} is not NAME=CHECKPOINT:GEN_DIR")
+            specs.append((name, ckpt, Path(gen)))
+    for name, ckpt, gen in specs:
+        for p in (Path(ckpt), gen / "bleu.txt"):
+            if not p.exists():
+                parser.error(f"{p} does not exist (row {name})")
+
     import fairseq_qplugin  # noqa: F401  (architectures and checkpoint loading)
 
     rows = []
-    for spec in args.rows:
-        name, _, rest = spec.partition("=")
-        ckpt, _, gen = rest.rpartition(":")
-        if not name or not ckpt or not gen:
-            parser.error(f"row {spec!r} is not NAME=CHECKPOINT:GEN_DIR")
-        for p in (Path(ckpt), Path(gen) / "bleu.txt"):
-            if not p.exists():
-                parser.error(f"{p} does not exist (row {name})")
-        bleu = float((Path(gen) / "bleu.txt").read_text().split()[0])
+    for name, ckpt, gen in specs:
         logger.info("summarizing %s (%s)", name, ckpt)
         with torch.no_grad():
-            rows.append((name, checkpoint_summary(ckpt), bleu))
+            summary = checkpoint_summary(ckpt)
+        rows.append(Row(name, summary, *gen_scores(gen)))
     text = table(rows)
     sys.stdout.write(text)
     if args.out:
-        Path(args.out).write_text(text)
+        args.out.write_text(text)
+    if args.plot:
+        plot(rows, args.plot, args.title)
+        logger.info("plot: %s", args.plot)
 
 
 if __name__ == "__main__":

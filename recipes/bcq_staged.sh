@@ -15,6 +15,10 @@
 # SAVE_ROOT/1-embedding, 2-decoder, 3-encoder; re-running the script resumes an interrupted stage
 # (fairseq resumes from a stage's checkpoint_last.pt when there is one).
 set -euo pipefail
+if [ "${1:-}" = -h ] || [ "${1:-}" = --help ]; then
+    sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
+    exit 0
+fi
 if [ $# -lt 3 ]; then
     sed -n '2,16p' "$0" >&2
     exit 2

@@ -2,7 +2,10 @@
 # Usage: recipes/generate.sh --data BIN --checkpoint CKPT --raw-ref REF --out DIR [options] [-- EXTRA_FAIRSEQ_GENERATE_ARGS...]
 #
 # Translate a split of a fairseq binary data set with fairseq-generate (beam search, plugin loaded
-# with --user-dir), detokenize (sentencepiece), and score against the raw reference with sacrebleu.
+# with --user-dir), undo the subwords (sentencepiece, or BPE and then the Moses tokenization, as
+# BIN/preprocessing.txt of prepare_corpus.sh says; sentencepiece when it is absent), and score
+# against the raw reference: sacrebleu, and the tokenized BLEU with compound splitting of the
+# WMT14 en-de papers (fairseq_qplugin/scoring.py).
 #
 # Required:
 #   --data BIN           fairseq binary data (prepare_corpus.sh OUT/bin)
@@ -15,13 +18,18 @@
 #   --beam N             beam size (default: 5)
 #   --lenpen X           length penalty (default: 1.0)
 #   --batch-size N       sentences per batch (default: 64)
+#   --lang LANG          target language for the Moses (de)tokenizer (default: tgt= of
+#                        BIN/preprocessing.txt, else the suffix of --raw-ref, e.g. test.de -> de)
 #   -h, --help           show this help
 #   -- ARGS...           passed unchanged to fairseq-generate after the defaults (e.g. --max-tokens 4000)
 #
 # Output:
 #   DIR/hyp.txt          detokenized hypotheses, in the order of the split (sentence id)
 #   DIR/bleu.txt         corpus BLEU (sacrebleu defaults: 13a tokenization, mixed case), just the number
-#   DIR/sacrebleu.json   sacrebleu's JSON for BLEU (score, signature, verbose_score) plus chrF2
+#   DIR/compound_bleu.txt  tokenized BLEU with compound splitting (Moses tokenizer, ##AT##-##AT##,
+#                        multi-bleu), just the number
+#   DIR/sacrebleu.json   sacrebleu's JSON for BLEU (score, signature, verbose_score) plus chrF2 and
+#                        compound_split_bleu
 #   DIR/speed.txt        generation speed in target tokens/s (fairseq-generate's "Translated" line)
 #   DIR/speed.json       the same with sentences, tokens, generation seconds and the command's wall time
 #   DIR/generate.out     fairseq-generate's full output
@@ -30,7 +38,7 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-DATA="" CKPT="" REF="" OUT="" SUBSET=test BEAM=5 LENPEN=1.0 BATCH_SIZE=64
+DATA="" CKPT="" REF="" OUT="" SUBSET=test BEAM=5 LENPEN=1.0 BATCH_SIZE=64 LANG_FLAG=""
 EXTRA=()
 while [[ $# -gt 0 ]]; do
     case $1 in
@@ -43,6 +51,7 @@ while [[ $# -gt 0 ]]; do
         --beam) need_value "$1" $#; BEAM=$2; shift 2 ;;
         --lenpen) need_value "$1" $#; LENPEN=$2; shift 2 ;;
         --batch-size) need_value "$1" $#; BATCH_SIZE=$2; shift 2 ;;
+        --lang) need_value "$1" $#; LANG_FLAG=$2; shift 2 ;;
         --) shift; EXTRA=("$@"); break ;;
         *) arg_error "unknown argument '$1' (fairseq-generate arguments go after --)" ;;
     esac
@@ -68,7 +77,28 @@ compgen -G "$DATA/$SUBSET.*.idx" >/dev/null || die "no $SUBSET.*.idx in $DATA: s
 require_file "$CKPT" "--checkpoint"
 require_file "$REF" "--raw-ref reference"
 [[ -s $REF ]] || die "--raw-ref $REF is empty"
-python -c 'import sacrebleu' 2>/dev/null || die "the sacrebleu Python module is not installed"
+python -c 'import sacrebleu, sacremoses' 2>/dev/null ||
+    die "the sacrebleu and sacremoses Python modules are needed (pip install sacrebleu sacremoses)"
+SCORING="$RECIPES_DIR/../fairseq_qplugin/scoring.py"
+
+# How the data was prepared (prepare_corpus.sh writes BIN/preprocessing.txt; older data: sentencepiece).
+SUBWORD=spm TOKENIZE=none DATA_TGT=""
+if [[ -f $DATA/preprocessing.txt ]]; then
+    SUBWORD=$(_stamp_get "$DATA/preprocessing.txt" subword)
+    TOKENIZE=$(_stamp_get "$DATA/preprocessing.txt" tokenize)
+    DATA_TGT=$(_stamp_get "$DATA/preprocessing.txt" tgt)
+fi
+case $SUBWORD in
+    spm) POST_PROCESS=sentencepiece ;;
+    bpe) POST_PROCESS=subword_nmt ;;  # = --remove-bpe
+    *) die "$DATA/preprocessing.txt: unknown subword=$SUBWORD (expected spm or bpe)" ;;
+esac
+[[ $TOKENIZE == none || $TOKENIZE == moses ]] || die "$DATA/preprocessing.txt: unknown tokenize=$TOKENIZE"
+TGT_LANG=${LANG_FLAG:-$DATA_TGT}
+if [[ -z $TGT_LANG ]]; then
+    TGT_LANG=${REF##*.}
+    [[ $TGT_LANG =~ ^[a-z]{2,3}$ ]] || die "cannot tell the target language from --raw-ref $REF: give --lang (e.g. --lang de)"
+fi
 
 config_add recipe generate
 config_add data "$DATA"
@@ -81,6 +111,10 @@ config_add beam "$BEAM"
 config_add lenpen "$LENPEN"
 config_add batch_size "$BATCH_SIZE"
 config_add extra_args "$(quote_args "${EXTRA[@]+"${EXTRA[@]}"}")"
+# (keys added after the first version only when not the old behaviour, so older DIRs still match)
+config_add_nondefault subword "$SUBWORD" spm
+config_add_nondefault tokenize "$TOKENIZE" none
+config_add_nondefault lang "$LANG_FLAG" ""
 if stamp_check "$OUT" --out; then
     log "$OUT already has this generation: skipping (BLEU $(cat "$OUT/bleu.txt"); delete $OUT/.done to redo)"
     exit 0
@@ -90,7 +124,9 @@ fi
 if ! step_done "$OUT" generate; then
     ARGS=("$DATA" --user-dir "$QPLUGIN_USER_DIR" --task translation --path "$CKPT"
         --gen-subset "$SUBSET" --beam "$BEAM" --lenpen "$LENPEN" --batch-size "$BATCH_SIZE"
-        --post-process sentencepiece)
+        --post-process "$POST_PROCESS" --required-batch-size-multiple 1)
+    # (--required-batch-size-multiple 1: fairseq's batch_by_size drops the last sentences of a split
+    # whose size is not a multiple of the default 8 when they all fit in one batch, e.g. 30 of 24)
     ARGS+=("${EXTRA[@]+"${EXTRA[@]}"}")
     log "fairseq-generate $(quote_args "${ARGS[@]}")"
     START=$(now_s)
@@ -103,67 +139,10 @@ if ! step_done "$OUT" generate; then
 fi
 WALL=$(cat "$OUT/.generate_wall_s")
 
-# 2. hypotheses in sentence order; 3. BLEU and speed.
-python - "$OUT" "$REF" "$WALL" <<'EOF'
-import json
-import re
-import sys
+# 2. hypotheses in sentence order (Moses-detokenized for tokenized data); 3. BLEU and speed.
+python "$SCORING" generate-out "$OUT" --ref "$REF" --lang "$TGT_LANG" --wall-s "$WALL" \
+    --detok "$([[ $TOKENIZE == moses ]] && echo moses || echo none)" || die "scoring $OUT/generate.out failed"
 
-import sacrebleu
-
-out, ref_path, wall = sys.argv[1], sys.argv[2], float(sys.argv[3])
-hyps = {}
-speed = None
-with open(f"{out}/generate.out", encoding="utf-8", newline="\n") as f:
-    for line in f:
-        line = line.rstrip("\n")
-        if line.startswith("D-"):
-            parts = line.split("\t")
-            hyps[int(parts[0][2:])] = parts[2] if len(parts) > 2 else ""
-        m = re.search(r"Translated ([\d,]+) sentences \(([\d,]+) tokens\) in ([\d.]+)s "
-                      r"\(([\d.]+) sentences/s, ([\d.]+) tokens/s\)", line)
-        if m:
-            speed = {
-                "sentences": int(m.group(1).replace(",", "")),
-                "tokens": int(m.group(2).replace(",", "")),
-                "generation_s": float(m.group(3)),
-                "sentences_per_s": float(m.group(4)),
-                "tokens_per_s": float(m.group(5)),
-            }
-with open(ref_path, encoding="utf-8", newline="\n") as f:
-    refs = f.read().split("\n")
-if refs and refs[-1] == "":
-    refs.pop()
-if sorted(hyps) != list(range(len(refs))):
-    sys.exit(f"ERROR: {len(hyps)} hypotheses (ids {min(hyps, default=None)}..{max(hyps, default=None)}) "
-             f"do not match the {len(refs)} lines of the reference {ref_path}: wrong --raw-ref or --subset?")
-if speed is None:
-    sys.exit(f"ERROR: no 'Translated ... tokens/s' line in {out}/generate.out")
-hyp_list = [hyps[i] for i in range(len(refs))]
-with open(f"{out}/hyp.txt", "w", encoding="utf-8") as f:
-    f.write("".join(h + "\n" for h in hyp_list))
-
-bleu = sacrebleu.metrics.BLEU()
-score = bleu.corpus_score(hyp_list, [refs])
-result = json.loads(score.format(signature=str(bleu.get_signature()), is_json=True))
-chrf = sacrebleu.metrics.CHRF()
-result["chrF2"] = round(chrf.corpus_score(hyp_list, [refs]).score, 2)
-result["chrF2_signature"] = str(chrf.get_signature())
-with open(f"{out}/sacrebleu.json", "w", encoding="utf-8") as f:
-    json.dump(result, f, indent=1, ensure_ascii=False)
-    f.write("\n")
-with open(f"{out}/bleu.txt", "w") as f:
-    f.write(f"{score.score:.2f}\n")
-speed["wall_s"] = wall
-with open(f"{out}/speed.txt", "w") as f:
-    f.write(f"{speed['tokens_per_s']:.1f}\n")
-with open(f"{out}/speed.json", "w") as f:
-    json.dump(speed, f, indent=1)
-    f.write("\n")
-print(f"BLEU {score.score:.2f} chrF2 {result['chrF2']:.2f} | {speed['sentences']} sentences, "
-      f"{speed['tokens']} tokens in {speed['generation_s']:.1f}s ({speed['tokens_per_s']:.1f} tokens/s), "
-      f"command wall {wall:.1f}s", file=sys.stderr)
-EOF
-
-stamp_done "$OUT" "bleu=$(cat "$OUT/bleu.txt")" "tokens_per_s=$(cat "$OUT/speed.txt")"
-log "done: BLEU $(cat "$OUT/bleu.txt") ($OUT/sacrebleu.json), $(cat "$OUT/speed.txt") tokens/s"
+stamp_done "$OUT" "bleu=$(cat "$OUT/bleu.txt")" "compound_split_bleu=$(cat "$OUT/compound_bleu.txt")" \
+    "tokens_per_s=$(cat "$OUT/speed.txt")"
+log "done: BLEU $(cat "$OUT/bleu.txt") (tokenized, compound-split: $(cat "$OUT/compound_bleu.txt"); $OUT/sacrebleu.json), $(cat "$OUT/speed.txt") tokens/s"

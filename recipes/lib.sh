@@ -5,8 +5,8 @@
 #
 # Provides logging (log, warn, die), argument errors (usage, arg_error, need_value, check_int,
 # check_number), path helpers (abspath, find_input, require_file, require_cmd) and the stamp files
-# that make every step idempotent and resumable (config_add, stamp_check, stamp_done, step_done,
-# step_mark).
+# that make every step idempotent and resumable (config_add, config_add_nondefault, stamp_check,
+# stamp_done, step_done, step_mark).
 #
 # Stamp protocol (one output directory per step):
 #   OUT/.config  written when the step starts: its configuration, one "key=value" line per setting.
@@ -112,6 +112,12 @@ config_add() { # config_add KEY VALUE...
     local key=$1
     shift
     STEP_CONFIG+="$key=$*"$'\n'
+}
+
+# config_add_nondefault KEY VALUE DEFAULT: config_add only when VALUE differs from DEFAULT, so that a
+# flag added to a recipe later does not change the configuration of the directories made before it.
+config_add_nondefault() {
+    [[ $2 == "$3" ]] || config_add "$1" "$2"
 }
 
 # Lines of a stamp file without comments.

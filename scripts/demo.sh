@@ -49,8 +49,8 @@ for name in fp32 int8-w8 int8-w4; do
         --raw-ref "$exp/data/raw/test.de" --out "$exp/gen/$name" --beam 5
     rows+=("$name=$exp/$name/checkpoint_best.pt:$exp/gen/$name")
 done
-python -m fairseq_qplugin.results --out "$exp/results.md" "${rows[@]}"
-log "done in $(( ($(date +%s) - start) / 60 )) min $(( ($(date +%s) - start) % 60 )) s; table in $exp/results.md"
+python -m fairseq_qplugin.results --out "$exp/results.md" --plot "$exp/results.png" "${rows[@]}"
+log "done in $(( ($(date +%s) - start) / 60 )) min $(( ($(date +%s) - start) % 60 )) s; table in $exp/results.md, plot $exp/results.png"
 
 if [ "$check" = 1 ]; then
     python - "$exp" <<'EOF'

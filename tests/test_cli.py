@@ -99,10 +99,14 @@ def test_results_table_reports_bits_and_size(tiny_data, fp32_checkpoint, int4_ch
     out = tmp_path / "results.md"
     run(["python", "-m", "fairseq_qplugin.results", "--out", out,
          f"fp32={fp32_checkpoint}:{tmp_path / 'fp32'}", f"int4={int4_checkpoint}:{tmp_path / 'int4'}"], cwd=ROOT)
-    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
-            for line in out.read_text().splitlines()[2:]}
-    assert rows["fp32"][:4] == ["12.50", "", "100.0%", "32.00"]
-    bleu, delta, percent, code_bits, bits, packed_mb, compression = rows["int4"]
-    assert (delta, percent, code_bits) == ("-0.60", "95.2%", "4.00")
-    assert 4.0 < float(bits) < 4.6  # 4-bit codes plus one fp16 scale per row
-    assert float(compression.rstrip("x")) > 4.0  # layer norms and biases stay fp32
+    lines = out.read_text().splitlines()
+    header = [c.strip() for c in lines[0].split("|")[1:-1]]
+    rows = {cells[0]: dict(zip(header, cells)) for cells in
+            ([c.strip() for c in line.split("|")[1:-1]] for line in lines[2:])}
+    fp32, int4 = rows["fp32"], rows["int4"]
+    assert [fp32[k] for k in ("BLEU", "Δ BLEU vs fp32", "% of baseline", "code bits (avg)")] == ["12.50", "", "100.0%", "32.00"]
+    assert [int4[k] for k in ("Δ BLEU vs fp32", "% of baseline", "code bits (avg)")] == ["-0.60", "95.2%", "4.00"]
+    assert (fp32["method"], int4["method"]) == ("fp32", "int (range-based linear)")
+    assert 4.0 < float(int4["bits with scales"]) < 4.6  # 4-bit codes plus one fp16 scale per row
+    assert float(int4["compression"].rstrip("x")) > 4.0  # layer norms and biases stay fp32
+    assert int4["tok. BLEU (compound split)"] == int4["tokens/s"] == "n/a"  # bleu.txt only
