@@ -59,4 +59,4 @@ for name in "${selected[@]}"; do
         --raw-ref "$exp/data/raw/test.de" --out "$exp/gen/$name" --beam 5
     table+=("$name=$exp/$name/checkpoint_best.pt:$exp/gen/$name")
 done
-python -m fairseq_qplugin.results --out "$exp/methods.md" "${table[@]}"
+python -m fairseq_qplugin.results --out "$exp/methods.md" --plot "$exp/methods.png" "${table[@]}"
