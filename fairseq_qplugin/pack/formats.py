@@ -227,7 +227,8 @@ class PackedMixedBCQ(PackedWeight):
                f"bcq_mixed weight: planes {self.planes.dtype} {list(self.planes.shape)} do not hold {used} "
                f"row-planes of {self.cols} columns")
         _check(self.alpha.dim() == 2 and self.alpha.shape[0] == used and self.cols % self.alpha.shape[1] == 0,
-               f"bcq_mixed weight: alpha {list(self.alpha.shape)} does not fit {used} row-planes of {self.cols} columns")
+               f"bcq_mixed weight: alpha {list(self.alpha.shape)} does not fit {used} row-planes of "
+               f"{self.cols} columns")
         _float_param(self.alpha, "bcq_mixed weight: alpha")
 
 
