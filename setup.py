@@ -22,6 +22,6 @@ setup(
         "numpy",
         "matplotlib",  # python -m fairseq_qplugin.analysis (weight histograms)
     ],
-    extras_require={"test": ["pytest"]},
+    extras_require={"test": ["pytest"], "bench": ["ctranslate2>=4.0"]},
     entry_points={"console_scripts": ["fairseq-qpack = fairseq_qplugin.pack.cli:main"]},
 )

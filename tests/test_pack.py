@@ -86,7 +86,7 @@ def test_corrupted_packed_dict_is_rejected():
         packed_from_dict("int", {**d, "codes": d["codes"][:, :-1]})
     with pytest.raises(QuantConfigError, match="unknown packed method"):
         packed_from_dict("pq", d)
-    assert set(PACKED) == {"int", "bcq", "kmeans"}
+    assert set(PACKED) == {"int", "bcq", "bcq_mixed", "kmeans"}
 
 
 def _rel_err(y, ref):

@@ -6,10 +6,12 @@
 The source is a checkpoint of ``transformer_int8`` / ``transformer_kmeans`` (or any plugin
 architecture whose quantizers return a packable QuantizedWeight), or, with ``--method``, a plain
 fp32 ``transformer`` that is quantized on the fly (no retraining). Float parameters of the packed
-weights (scales, alphas, codebooks) and the unquantized tensors are stored as fp16 by default;
-``--param-dtype fp32 --other-dtype fp32`` keeps them bit-exact, so that fairseq-generate on the
-packed file gives exactly the fake-quant checkpoint's translations (fp16 parameters change the
-weights by up to 2^-11 relative, which can flip a near-tie in beam search).
+weights (scales, alphas, codebooks) and the unquantized tensors (biases, norms, float layers) are
+stored by default (``auto``) in fp16 where that is lossless and in fp32 otherwise, tensor by
+tensor, so fairseq-generate on the packed file gives the fake-quant checkpoint's translations.
+``--param-dtype fp16 --other-dtype fp16`` makes smaller files that are not exact: fp16 changes each
+value by up to 2^-11 relative, which flips near-ties in beam search (up to 4 of 200 test
+sentences of the demo's int4 model). (8-bit int weights: see ``--int8-kernel``.)
 """
 import argparse
 import enum
@@ -27,8 +29,10 @@ from ..modules import QuantEmbedding, QuantLinear, pattern_selector, quantizable
 from ..quant import QuantSpec
 from .fileformat import FORMAT, VERSION, dictionary_checksum, tensors_sha256
 from .formats import FLOAT_DTYPES, pack_weight
+from .int8 import KERNELS as INT8_KERNELS
 
 logger = logging.getLogger("fairseq_qplugin.pack")
+DTYPES = ("auto", *sorted(FLOAT_DTYPES))
 PTQ_GRANULARITY = {"int": "channel", "bcq": "channel", "kmeans": "tensor"}
 COMPONENTS = ("embeddings", "encoder", "decoder", "other")
 
@@ -68,8 +72,23 @@ def post_training_quantize(model, args):
     swap_modules(model, lambda ns: spec if chosen(ns) else None)
 
 
-def pack_model(model, param_dtype, other_dtype):
-    """(layout, state dict of packed + other tensors, per-weight stats) for a fake-quant model."""
+def narrow(t: torch.Tensor, dtype: str) -> torch.Tensor:
+    """A float tensor in ``dtype`` ("fp16"/"fp32"), or for "auto" in fp16 if that is lossless, else fp32."""
+    if dtype != "auto":
+        return t.to(FLOAT_DTYPES[dtype])
+    half = t.to(torch.float16)
+    return half if torch.equal(half.float(), t.float()) else t.float()
+
+
+def narrow_params(pw, dtype: str):
+    """``pw`` with its float parameters (scales, alphas, codebooks) narrowed by ``narrow``."""
+    d = {k: narrow(t, dtype) if t.is_floating_point() else t for k, t in pw.as_dict().items()}
+    return type(pw).from_dict(d)
+
+
+def pack_model(model, param_dtype: str = "auto", other_dtype: str = "auto"):
+    """(layout, state dict of packed + other tensors, per-weight stats) for a fake-quant model;
+    dtypes as ``narrow`` takes them."""
     state = model.state_dict()
     layout, stats, done = {}, [], {}
     quantized = [(n, m) for n, m in model.named_modules(remove_duplicate=False)
@@ -80,7 +99,7 @@ def pack_model(model, param_dtype, other_dtype):
         if key not in done:
             qw = module.wq.quantized(module.weight.detach())
             try:
-                pw = pack_weight(qw, param_dtype)
+                pw = narrow_params(pack_weight(qw, torch.float32), param_dtype)
             except QuantConfigError:  # e.g. pruning only: stays a (sparse) float weight
                 continue
             done[key] = (name, pw)
@@ -99,7 +118,7 @@ def pack_model(model, param_dtype, other_dtype):
     packed_keys = {k for k in state if any(k.startswith(n + ".wq.") for n in layout)}
     for k, t in state.items():
         if k not in packed_keys and t.is_floating_point() and t.dim() > 0:
-            state[k] = t.to(other_dtype)
+            state[k] = narrow(t, other_dtype)
     return layout, state, stats
 
 
@@ -162,12 +181,13 @@ def export(args) -> dict:
     elif not any(isinstance(m, (QuantLinear, QuantEmbedding)) for m in model.modules()):
         raise QuantConfigError(f"{args.checkpoint} is a plain fp32 model: give --method int|bcq|kmeans and "
                                "--bits N to quantize it after training")
-    layout, state, stats = pack_model(model, FLOAT_DTYPES[args.param_dtype], FLOAT_DTYPES[args.other_dtype])
+    layout, state, stats = pack_model(model, args.param_dtype, args.other_dtype)
     cfg_plain = plain(cfg)
     model_args = cfg_plain["model"]
     source_arch = model_args.get("arch") or model_args.get("_name")
     model_args.update({"_name": "transformer_packed", "arch": "transformer_packed", "qpack_layout": json.dumps(layout),
-                       "qpack_dictionary": dictionary_checksum(task.source_dictionary, task.target_dictionary)})
+                       "qpack_dictionary": dictionary_checksum(task.source_dictionary, task.target_dictionary),
+                       "int8_kernel": args.int8_kernel})
     header = {"format": FORMAT, "version": VERSION, "layout": layout, "sha256": tensors_sha256(state),
               "source": {"checkpoint": os.path.basename(args.checkpoint), "arch": source_arch,
                          "ptq": plain(vars(args)) if args.method else None,
@@ -192,10 +212,15 @@ def get_parser():
                    help="--method: parameters per row or per tensor (default: channel; tensor for kmeans)")
     p.add_argument("--include", default="all", help="--method: parts or module globs to quantize")
     p.add_argument("--exclude", default="", help="--method: parts or module globs to leave in float")
-    p.add_argument("--param-dtype", choices=sorted(FLOAT_DTYPES), default="fp16",
-                   help="dtype of scales, alphas and codebooks (fp32: bit-exact with the source checkpoint)")
-    p.add_argument("--other-dtype", choices=sorted(FLOAT_DTYPES), default="fp16",
-                   help="dtype of the tensors that are not quantized (biases, norms, float layers)")
+    p.add_argument("--param-dtype", choices=DTYPES, default="auto",
+                   help="dtype of scales, alphas and codebooks (auto: fp16 where lossless, else fp32: "
+                        "bit-exact with the source checkpoint; fp16: smaller, not exact)")
+    p.add_argument("--other-dtype", choices=DTYPES, default="auto",
+                   help="dtype of the tensors that are not quantized (biases, norms, float layers); as --param-dtype")
+    p.add_argument("--int8-kernel", choices=INT8_KERNELS, default="fbgemm",
+                   help="8-bit int weights: fbgemm = int8 GEMM with dynamic activation quantization (fast, "
+                        "translations may differ slightly), dequant = exact dequantize + fp32 BLAS; "
+                        "fairseq-generate --model-overrides \"{'int8_kernel': 'dequant'}\" changes it later")
     p.add_argument("--report", help="also write the size report (markdown) to this file")
     return p
 

@@ -14,17 +14,24 @@ Layouts (``rows x cols`` = ``[out, in]`` of a linear layer, ``[vocab, dim]`` of 
 - ``PackedBCQ``:    planes uint8 [q, rows, ceil(cols/8)] (8 signs per byte, bit j of byte c =
                     column 8c+j, 1 = +1); alpha float [q, rows or 1, groups] (groups split cols
                     evenly, 1 = one alpha per row); ``w = sum_k alpha_k * (2*bit_k - 1)``.
+- ``PackedMixedBCQ``: BCQ with a bit count per row (frequency-mixed embeddings): row_bits uint8
+                    [rows]; for k = 1..8 in turn, the rows with k bits (in row order, n_k of them)
+                    add a block of k * n_k rows to planes uint8 [sum(row_bits), ceil(cols/8)] and
+                    alpha float [sum(row_bits), groups], plane-major (block row j * n_k + i = plane j
+                    of the group's i-th row): each block is a ``PackedBCQ`` of n_k rows. Nothing is
+                    stored past a row's bits.
 - ``PackedKMeans``: indices uint8 [rows, ceil(cols*bits/8)]; codebook float [2^bits] or
                     [rows, 2^bits]; optional mask uint8 [rows, ceil(cols/8)] (1 bit per weight,
                     1 = kept); ``w = codebook[index] * mask``.
 """
 from dataclasses import dataclass
-from typing import ClassVar, Dict, Optional, Type
+from functools import cached_property
+from typing import ClassVar, Dict, List, Optional, Tuple, Type
 
 import torch
 
 from ..errors import QuantConfigError
-from ..quant import BCQWeight, IntWeight, KMeansWeight, QuantizedWeight
+from ..quant import BCQWeight, IntWeight, KMeansWeight, MixedBCQWeight, QuantizedWeight
 from .bitpack import pack_bits, packed_size, unpack_bits
 
 FLOAT_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
@@ -142,6 +149,89 @@ class PackedBCQ(PackedWeight):
         _float_param(self.alpha, "bcq weight: alpha")
 
 
+@dataclass
+class PackedMixedBCQ(PackedWeight):
+    method = "bcq_mixed"
+    source = MixedBCQWeight
+    planes: torch.Tensor
+    alpha: torch.Tensor
+    row_bits: torch.Tensor
+    cols: int
+
+    @property
+    def shape(self):
+        return (self.row_bits.shape[0], self.cols)
+
+    @property
+    def bits(self) -> int:
+        """The most bits of any row."""
+        return int(self.row_bits.max()) if self.row_bits.numel() else 0
+
+    @cached_property
+    def by_bits(self) -> List[Tuple[torch.Tensor, PackedBCQ]]:
+        """[(rows long [n_k], PackedBCQ [n_k, cols])] for each bit count k present, ascending."""
+        bits, nbytes, groups = self.row_bits.long(), self.planes.shape[1], self.alpha.shape[1]
+        out, start = [], 0
+        for k in range(1, 9):
+            rows = (bits == k).nonzero().squeeze(1)
+            end = start + k * len(rows)
+            if len(rows):
+                out.append((rows, PackedBCQ(self.planes[start:end].reshape(k, len(rows), nbytes),
+                                            self.alpha[start:end].reshape(k, len(rows), groups), self.cols)))
+            start = end
+        return out
+
+    @cached_property
+    def position(self) -> torch.Tensor:
+        """long [rows]: each row's index inside its bit group."""
+        pos = torch.empty(self.shape[0], dtype=torch.long)
+        for rows, _ in self.by_bits:
+            pos[rows] = torch.arange(len(rows))
+        return pos
+
+    @classmethod
+    def pack(cls, qw: MixedBCQWeight, param_dtype=torch.float16):
+        bits = qw.row_bits.long()
+        planes = pack_bits(qw.planes, 1)  # [b, rows, nbytes]
+        parts = [(planes[:k, rows].reshape(-1, planes.shape[2]), qw.alpha[:k, rows].reshape(-1, qw.alpha.shape[2]))
+                 for k in range(1, 9) for rows in [(bits == k).nonzero().squeeze(1)] if len(rows)]
+        return cls(torch.cat([p for p, _ in parts]), torch.cat([a for _, a in parts]).to(param_dtype),
+                   qw.row_bits.to(torch.uint8), qw.shape[1])
+
+    def unpack(self) -> MixedBCQWeight:
+        b, (rows, cols), groups = self.bits, self.shape, self.alpha.shape[1]
+        planes = torch.zeros(b, rows, cols, dtype=torch.bool)
+        alpha = torch.zeros(b, rows, groups)
+        for idx, pw in self.by_bits:
+            planes[: pw.bits, idx] = unpack_bits(pw.planes, 1, cols).bool()
+            alpha[: pw.bits, idx] = pw.alpha.float()
+        return MixedBCQWeight(planes=planes, alpha=alpha, group_size=cols // groups if groups > 1 else 0,
+                              row_bits=self.row_bits.to(torch.int8))
+
+    def dequantize(self) -> torch.Tensor:
+        w = torch.empty(self.shape)
+        for rows, pw in self.by_bits:
+            w[rows] = pw.dequantize()
+        return w
+
+    def storage_bits(self):
+        return (self.planes.numel() + self.row_bits.numel()) * 8 + self.alpha.numel() * self.alpha.element_size() * 8
+
+    def validate(self):
+        bits = self.row_bits
+        _check(bits.dim() == 1 and bits.dtype == torch.uint8 and bits.numel() > 0
+               and 1 <= int(bits.min()) and int(bits.max()) <= 8,
+               f"bcq_mixed weight: row_bits {bits.dtype} {list(bits.shape)} must be uint8 [rows] in 1..8")
+        used = int(bits.long().sum())
+        _check(self.planes.dtype == torch.uint8 and tuple(self.planes.shape) == (used, packed_size(self.cols, 1)),
+               f"bcq_mixed weight: planes {self.planes.dtype} {list(self.planes.shape)} do not hold {used} "
+               f"row-planes of {self.cols} columns")
+        _check(self.alpha.dim() == 2 and self.alpha.shape[0] == used and self.cols % self.alpha.shape[1] == 0,
+               f"bcq_mixed weight: alpha {list(self.alpha.shape)} does not fit {used} row-planes of "
+               f"{self.cols} columns")
+        _float_param(self.alpha, "bcq_mixed weight: alpha")
+
+
 def expand_groups(alpha: torch.Tensor, cols: int) -> torch.Tensor:
     """alpha [q, rows, groups] -> [q, rows, cols or 1]: each group covers cols / groups columns."""
     groups = alpha.shape[-1]
@@ -190,7 +280,8 @@ class PackedKMeans(PackedWeight):
                    f"kmeans weight: mask {list(self.mask.shape)} does not fit {rows} x {self.cols}")
 
 
-PACKED: Dict[str, Type[PackedWeight]] = {c.method: c for c in (PackedInt, PackedBCQ, PackedKMeans)}
+# pack_weight takes the first class whose source type matches: MixedBCQWeight before its base BCQWeight.
+PACKED: Dict[str, Type[PackedWeight]] = {c.method: c for c in (PackedInt, PackedMixedBCQ, PackedBCQ, PackedKMeans)}
 
 
 def pack_weight(qw: QuantizedWeight, param_dtype: torch.dtype = torch.float16) -> PackedWeight:

@@ -21,6 +21,7 @@ from fairseq.models import register_model, register_model_architecture
 from fairseq.models.transformer import TransformerModel
 from fairseq.models.transformer import transformer_legacy as fairseq_transformer
 from fairseq.modules import SinusoidalPositionalEmbedding
+from fairseq.utils import safe_getattr
 from omegaconf import OmegaConf
 
 from ..errors import QuantConfigError
@@ -37,7 +38,7 @@ def _set_module(model, name, new):
     setattr(model.get_submodule(parent) if parent else model, attr, new)
 
 
-def swap_packed(model, layout):
+def swap_packed(model, layout, int8_kernel="fbgemm"):
     """Replace every module named in ``layout`` by its packed module; tied modules share PackedParams."""
     params = {}
     for name, e in sorted(layout.items(), key=lambda kv: kv[1]["weight"] != kv[0]):
@@ -50,7 +51,7 @@ def swap_packed(model, layout):
         else:
             act = ActQuantizer(e.get("act_bits", 8)) if e.get("act", "none") != "none" else None
             new = PackedLinear(cols, rows, wq, old.bias, act_in=act if e.get("act") == "input" else None,
-                               act_out=act if e.get("act") == "output" else None)
+                               act_out=act if e.get("act") == "output" else None, int8_kernel=int8_kernel)
         _set_module(model, name, new)
 
 
@@ -82,7 +83,7 @@ class TransformerPackedModel(TransformerModel):
             )
         with torch.device("meta"):
             model = super().build_model(args, task)
-        swap_packed(model, layout)
+        swap_packed(model, layout, getattr(args, "int8_kernel", None) or "fbgemm")
         _materialize(model)
         set_attention_temperature(model, getattr(args, "attn_temperature", None) or 1.0)
         logger.info("packed model: %d packed modules", len(layout))
@@ -91,6 +92,9 @@ class TransformerPackedModel(TransformerModel):
 
 @register_model_architecture("transformer_packed", "transformer_packed")
 def transformer_packed(args):
+    """``int8_kernel`` (set by ``fairseq-qpack --int8-kernel``; at generation time
+    ``--model-overrides "{'int8_kernel': 'dequant'}"``): see PackedLinear."""
+    args.int8_kernel = safe_getattr(args, "int8_kernel", None) or "fbgemm"
     fairseq_transformer.base_architecture(args)
 
 

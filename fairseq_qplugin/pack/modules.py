@@ -14,8 +14,10 @@ from torch import nn
 
 from ..errors import QuantConfigError
 from ..modules import ActQuantizer
-from .formats import PACKED, PackedWeight, packed_from_dict
+from . import int8
+from .formats import PACKED, PackedMixedBCQ, PackedWeight, packed_from_dict
 from .kernels import LUT_MAX_ROWS, packed_embedding, packed_linear
+from .mixed import mixed_embedding, mixed_linear
 
 
 class PackedParams(nn.Module):
@@ -68,23 +70,46 @@ class PackedParams(nn.Module):
 
 
 class PackedLinear(nn.Module):
-    """``nn.Linear`` over a packed weight, with the fake-quant model's optional activation quantizers."""
+    """``nn.Linear`` over a packed weight, with the fake-quant model's optional activation quantizers.
+
+    ``int8_kernel``: "fbgemm" runs 8-bit ``int`` weights through torch's int8 GEMM (int8.py; packed
+    once, on the first call), "dequant" through the exact dequantize + BLAS kernel.
+    """
 
     def __init__(self, in_features: int, out_features: int, wq: PackedParams, bias: Optional[nn.Parameter],
-                 act_in: Optional[ActQuantizer] = None, act_out: Optional[ActQuantizer] = None):
+                 act_in: Optional[ActQuantizer] = None, act_out: Optional[ActQuantizer] = None,
+                 int8_kernel: str = "fbgemm"):
         super().__init__()
+        if int8_kernel not in int8.KERNELS:
+            raise QuantConfigError(f"unknown int8 kernel {int8_kernel!r}; choose one of {int8.KERNELS}")
         self.in_features, self.out_features = in_features, out_features
         self.wq, self.bias, self.act_in, self.act_out = wq, bias, act_in, act_out
         self.lut_max_rows = LUT_MAX_ROWS
+        self.int8_kernel = int8_kernel
+        self._int8 = None  # (packed weight, bias version, engine's packed weight or None)
+
+    def _int8_packed(self, pw: PackedWeight):
+        version = None if self.bias is None else self.bias._version
+        if self._int8 is None or self._int8[0] is not pw or self._int8[1] != version:
+            self._int8 = (pw, version, int8.prepack(pw, self.bias))
+        return self._int8[2]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act_in is not None:
             x = self.act_in(x)
-        y = packed_linear(x, self.wq.packed, self.bias, self.lut_max_rows)
+        pw = self.wq.packed
+        packed = self._int8_packed(pw) if self.int8_kernel == "fbgemm" and int8.supported(pw) else None
+        if packed is not None:
+            y = int8.int8_linear(x, packed)
+        elif isinstance(pw, PackedMixedBCQ):
+            y = mixed_linear(x, pw, self.bias, self.lut_max_rows)
+        else:
+            y = packed_linear(x, pw, self.bias, self.lut_max_rows)
         return self.act_out(y) if self.act_out is not None else y
 
     def extra_repr(self):
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        s = f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        return s + (f", int8_kernel={self.int8_kernel}" if self.wq.method == "int" else "")
 
 
 class PackedEmbedding(nn.Module):
@@ -96,7 +121,8 @@ class PackedEmbedding(nn.Module):
         self.wq = wq
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return packed_embedding(tokens, self.wq.packed)
+        pw = self.wq.packed
+        return mixed_embedding(tokens, pw) if isinstance(pw, PackedMixedBCQ) else packed_embedding(tokens, pw)
 
     def extra_repr(self):
         return f"{self.num_embeddings}, {self.embedding_dim}, padding_idx={self.padding_idx}"

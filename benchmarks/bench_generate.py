@@ -1,0 +1,303 @@
+"""End-to-end translation benchmark: fairseq-generate on fp32 vs packed checkpoints, and CTranslate2 int8.
+
+    python benchmarks/bench_generate.py --exp /work/main/exp/demo [--out exp/bench] [--sentences 100]
+                                        [--threads 1] [--quick] [--no-ct2]
+
+Prints one markdown table (and writes OUT/results.json): for each model and each setting
+(batch 1 beam 1, batch 1 beam 5, batch 32 beam 5) on the first ``--sentences`` sentences of the
+test split:
+
+- tokens/s: generated target tokens (EOS included, as fairseq counts them) / seconds of generation,
+  model loading excluded: fairseq-generate's own "Translated N sentences (M tokens) in Xs" line; for
+  CTranslate2 the wall time of ``translate_batch`` in the same way.
+- peak RSS: ``ru_maxrss`` of the child process (``os.wait4``), imports and model loading included.
+- file: bytes of the model file (fp32: the checkpoint without optimizer state; CTranslate2: model.bin).
+- BLEU: sacrebleu (13a, mixed case) on the sentencepiece-detokenized output against the raw
+  reference, as recipes/generate.sh scores.
+
+Inputs (defaults under ``--exp``, the layout of scripts/demo.sh): the fp32 ``transformer`` checkpoint
+(``--fp32``), the quantization-aware checkpoints to pack (``--qat NAME=CKPT``, repeatable), the
+data-bin with the dictionaries (``--data-bin``), the sentencepiece model (``--spm``) and the raw
+test text (``--raw-src``, ``--raw-ref``). Everything derived (the sentence subset binarized with the
+data-bin's dictionaries, the packed files made with ``fairseq-qpack`` defaults, the CTranslate2
+model converted with ``ct2-fairseq-converter --quantization int8``, generation logs) goes to
+``--out`` and is reused when present (``--redo`` rebuilds it). fairseq runs with
+``OMP_NUM_THREADS=--threads`` and CTranslate2 with ``intra_threads=--threads``; CTranslate2's
+``max_decoding_length`` is fairseq's default maximum length (200).
+"""
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PLUGIN = ROOT / "fairseq_qplugin"
+SETTINGS = [(1, 1), (1, 5), (32, 5)]  # (batch size, beam)
+DEFAULT_QAT = {"int8": "int8-w8", "int4": "int8-w4", "bcq3": "bcq-w3", "bcq-paper": "bcq-paper", "km4": "km-w4"}
+TRANSLATED = re.compile(r"Translated ([\d,]+) sentences \(([\d,]+) tokens\) in ([\d.]+)s")
+MAX_LEN = 200  # fairseq-generate's default --max-len-b (with --max-len-a 0)
+
+
+def checkpoint_in(directory: Path) -> Path:
+    for name in ("checkpoint_best.pt", "checkpoint_last.pt"):
+        if (directory / name).exists():
+            return directory / name
+    raise SystemExit(f"error: no checkpoint_best.pt or checkpoint_last.pt in {directory}")
+
+
+def log(msg):
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def tool(name):
+    exe = Path(sys.executable).parent / name
+    return str(exe) if exe.exists() else name
+
+
+def run_measured(cmd, env, log_path: Path):
+    """Run ``cmd`` with its output to ``log_path``; return (exit status, peak RSS of that child in MiB, output)."""
+    with open(log_path, "w", encoding="utf-8") as out:
+        proc = subprocess.Popen([str(c) for c in cmd], env=env, stdout=out, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, usage.ru_maxrss / 1024, log_path.read_text(encoding="utf-8")
+
+
+def run_checked(cmd, what):
+    proc = subprocess.run([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"error: {what} failed:\n{proc.stdout[-3000:]}")
+    return proc.stdout
+
+
+def prepare_subset(args, out: Path) -> Path:
+    """First N sentences of the raw test split, sentencepiece-encoded and binarized with the data-bin's
+    dictionaries (so the dictionary checksum of the packed files matches)."""
+    import sentencepiece as spm
+
+    d = out / f"data-{args.sentences}"
+    if (d / ".done").exists() and not args.redo:
+        return d
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir(parents=True)
+    sp = spm.SentencePieceProcessor(model_file=str(args.spm))
+    for lang, raw in ((args.src, args.raw_src), (args.tgt, args.raw_ref)):
+        lines = raw.read_text(encoding="utf-8").split("\n")[: args.sentences]
+        (d / f"raw.{lang}").write_text("".join(t + "\n" for t in lines), encoding="utf-8")
+        (d / f"test.{lang}").write_text("".join(" ".join(sp.encode(t, out_type=str)) + "\n" for t in lines),
+                                        encoding="utf-8")
+    run_checked([tool("fairseq-preprocess"), "--source-lang", args.src, "--target-lang", args.tgt,
+                 "--srcdict", args.data_bin / f"dict.{args.src}.txt",
+                 "--tgtdict", args.data_bin / f"dict.{args.tgt}.txt",
+                 "--testpref", d / "test", "--destdir", d / "bin", "--workers", 1], "fairseq-preprocess")
+    (d / ".done").write_text("")
+    return d
+
+
+def strip_optimizer(src: Path, dst: Path):
+    """The fp32 checkpoint without optimizer state (the file a user would ship)."""
+    import torch
+
+    import fairseq_qplugin  # noqa: F401  (allow-lists fairseq's classes for torch.load)
+
+    state = torch.load(src, map_location="cpu", weights_only=False)
+    state["last_optimizer_state"] = None
+    for h in state.get("optimizer_history", []):
+        h.pop("optimizer", None)
+    torch.save(state, dst)
+
+
+def prepare_models(args, out: Path):
+    """[(label, model path or CTranslate2 dir, extra fairseq-generate args, file bytes)]."""
+    models = out / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    rows = []
+    fp32 = models / "fp32.pt"
+    if args.redo or not fp32.exists():
+        log(f"fp32: {args.fp32} without optimizer state -> {fp32}")
+        strip_optimizer(args.fp32, fp32)
+    rows.append(("fp32", fp32, [], fp32.stat().st_size))
+    for name, ckpt in args.qat.items():
+        packed = models / f"{name}.packed.pt"
+        if args.redo or not packed.exists():
+            log(f"{name}: fairseq-qpack {ckpt} {packed}")
+            run_checked([sys.executable, "-m", "fairseq_qplugin.pack.cli", ckpt, packed, "--data", args.data_bin,
+                         "--report", models / f"{name}.report.md"], f"fairseq-qpack {ckpt}")
+        rows.append((name, packed, [], packed.stat().st_size))
+        if name == "int8" and args.int8_dequant:
+            rows.append(("int8 (dequant kernel)", packed, ["--model-overrides", "{'int8_kernel': 'dequant'}"],
+                         packed.stat().st_size))
+    if args.ct2:
+        ct2 = models / "ct2-int8"
+        if args.redo or not (ct2 / "model.bin").exists():
+            log(f"CTranslate2: ct2-fairseq-converter {args.fp32} -> {ct2}")
+            run_checked([tool("ct2-fairseq-converter"), "--model_path", args.fp32, "--data_dir", args.data_bin,
+                         "--user_dir", PLUGIN, "--source_lang", args.src, "--target_lang", args.tgt,
+                         "--quantization", "int8", "--output_dir", ct2, "--force"], "ct2-fairseq-converter")
+        rows.append(("CTranslate2 int8", ct2, None, (ct2 / "model.bin").stat().st_size))
+    return rows
+
+
+def bleu(hyps, refs) -> float:
+    import sacrebleu
+
+    return sacrebleu.metrics.BLEU().corpus_score(hyps, [refs]).score
+
+
+def fairseq_run(args, data: Path, path: Path, extra, batch, beam, log_path: Path):
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    cmd = [tool("fairseq-generate"), data / "bin", "--user-dir", PLUGIN, "--task", "translation", "--path", path,
+           "--gen-subset", "test", "--beam", beam, "--batch-size", batch, "--post-process", "sentencepiece",
+           "--required-batch-size-multiple", 1, *extra]  # the default (8) drops a batch when --batch-size < 8
+    status, rss, text = run_measured(cmd, env, log_path)
+    m = TRANSLATED.search(text)
+    if status != 0 or not m:
+        raise SystemExit(f"error: fairseq-generate {path} failed (log {log_path}):\n{text[-3000:]}")
+    hyps = {}
+    for line in text.splitlines():
+        if line.startswith("D-"):
+            parts = line.split("\t")
+            hyps[int(parts[0][2:])] = parts[2] if len(parts) > 2 else ""
+    if sorted(hyps) != list(range(args.sentences)):
+        raise SystemExit(f"error: fairseq-generate {path} translated {len(hyps)} of {args.sentences} sentences "
+                         f"(log {log_path})")
+    tokens, seconds = int(m.group(2).replace(",", "")), float(m.group(3))
+    return [hyps[i] for i in range(len(hyps))], tokens, seconds, rss
+
+
+def ct2_worker(argv):
+    """Child process: translate with CTranslate2, write {"hyps", "tokens", "seconds"} to --json."""
+    p = argparse.ArgumentParser()
+    for a in ("--model", "--src", "--spm", "--json"):
+        p.add_argument(a, required=True)
+    for a in ("--batch", "--beam", "--threads"):
+        p.add_argument(a, type=int, required=True)
+    a = p.parse_args(argv)
+    import ctranslate2
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=a.spm)
+    src = [line.split() for line in Path(a.src).read_text(encoding="utf-8").splitlines()]
+    translator = ctranslate2.Translator(a.model, device="cpu", intra_threads=a.threads, inter_threads=1)
+    start = time.perf_counter()
+    results = translator.translate_batch(src, beam_size=a.beam, max_batch_size=a.batch,
+                                         max_decoding_length=MAX_LEN)
+    seconds = time.perf_counter() - start
+    hyps = [r.hypotheses[0] for r in results]
+    result = {"hyps": [sp.decode(h) for h in hyps], "tokens": sum(len(h) + 1 for h in hyps),  # + EOS
+              "seconds": seconds}
+    Path(a.json).write_text(json.dumps(result, ensure_ascii=False), encoding="utf-8")
+
+
+def ct2_run(args, data: Path, model: Path, batch, beam, log_path: Path):
+    result = log_path.with_suffix(".json")
+    cmd = [sys.executable, __file__, "ct2-worker", "--model", model, "--src", data / f"test.{args.src}",
+           "--spm", args.spm, "--batch", batch, "--beam", beam, "--threads", args.threads, "--json", result]
+    status, rss, text = run_measured(cmd, dict(os.environ), log_path)
+    if status != 0:
+        raise SystemExit(f"error: CTranslate2 on {model} failed (log {log_path}):\n{text[-3000:]}")
+    r = json.loads(result.read_text(encoding="utf-8"))
+    return r["hyps"], r["tokens"], r["seconds"], rss
+
+
+def table(results, args) -> str:
+    lines = [f"{args.sentences} test sentences, {args.threads} thread(s); tokens/s = generated target tokens "
+             "(EOS included) / generation seconds (model load excluded); peak RSS of the process", "",
+             "| model | file MB | batch | beam | tokens/s | peak RSS MB | BLEU |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        lines.append(f"| {r['model']} | {r['file_bytes'] / 1e6:.2f} | {r['batch']} | {r['beam']} | "
+                     f"{r['tokens_per_s']:.1f} | {r['peak_rss_mb']:.0f} | {r['bleu']:.2f} |")
+    return "\n".join(lines)
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--exp", type=Path, default=ROOT / "exp" / "demo",
+                   help="experiment directory with fp32/, the QAT runs and data/ (scripts/demo.sh layout)")
+    p.add_argument("--out", type=Path, default=ROOT / "exp" / "bench", help="scratch directory (reused)")
+    p.add_argument("--fp32", type=Path, help="fp32 transformer checkpoint (default: EXP/fp32/checkpoint_best.pt)")
+    p.add_argument("--qat", action="append", metavar="NAME=CKPT",
+                   help="quantization-aware checkpoint to pack and run (repeatable; default: "
+                        + ", ".join(f"{k}=EXP/{v}" for k, v in DEFAULT_QAT.items()) + ")")
+    p.add_argument("--data-bin", type=Path, help="fairseq data-bin with the dictionaries (default: EXP/data/bin)")
+    p.add_argument("--spm", type=Path, help="sentencepiece model (default: EXP/data/spm.model)")
+    p.add_argument("--raw-src", type=Path, help="raw test source (default: EXP/data/raw/test.SRC)")
+    p.add_argument("--raw-ref", type=Path, help="raw test reference (default: EXP/data/raw/test.TGT)")
+    p.add_argument("--src", default="en")
+    p.add_argument("--tgt", default="de")
+    p.add_argument("--sentences", type=int, default=100, help="first N test sentences")
+    p.add_argument("--threads", type=int, default=1, help="OMP threads for fairseq, intra_threads for CTranslate2")
+    p.add_argument("--settings", default=",".join(f"{b}x{k}" for b, k in SETTINGS),
+                   help="comma-separated BATCHxBEAM settings")
+    p.add_argument("--quick", action="store_true", help="40 sentences (a smoke run of the whole table)")
+    p.add_argument("--no-ct2", dest="ct2", action="store_false", help="leave out CTranslate2")
+    p.add_argument("--no-int8-dequant", dest="int8_dequant", action="store_false",
+                   help="leave out the int8 row with the exact dequantize kernel")
+    p.add_argument("--redo", action="store_true", help="rebuild the subset, packed files and CTranslate2 model")
+    return p
+
+
+def resolve(args):
+    if args.quick:
+        args.sentences = min(args.sentences, 40)
+    exp = args.exp
+    args.fp32 = args.fp32 or checkpoint_in(exp / "fp32")
+    args.data_bin = args.data_bin or exp / "data" / "bin"
+    args.spm = args.spm or exp / "data" / "spm.model"
+    args.raw_src = args.raw_src or exp / "data" / "raw" / f"test.{args.src}"
+    args.raw_ref = args.raw_ref or exp / "data" / "raw" / f"test.{args.tgt}"
+    if args.qat:
+        args.qat = dict(q.split("=", 1) for q in args.qat)
+    else:
+        args.qat = {k: checkpoint_in(exp / v) for k, v in DEFAULT_QAT.items()}
+    args.settings = [tuple(map(int, s.split("x"))) for s in args.settings.split(",")]
+    for path in (args.fp32, args.data_bin, args.spm, args.raw_src, args.raw_ref, *args.qat.values()):
+        if not Path(path).exists():
+            raise SystemExit(f"error: {path} does not exist")
+    if args.ct2:
+        try:
+            import ctranslate2  # noqa: F401
+        except ImportError:
+            raise SystemExit("error: ctranslate2 is not installed: pip install -e '.[bench]' (or give --no-ct2)")
+    return args
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["ct2-worker"]:
+        return ct2_worker(argv[1:])
+    args = resolve(get_parser().parse_args(argv))
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    data = prepare_subset(args, out)
+    refs = (data / f"raw.{args.tgt}").read_text(encoding="utf-8").splitlines()
+    results = []
+    for label, path, extra, size in prepare_models(args, out):
+        for batch, beam in args.settings:
+            slug = re.sub(r"[^A-Za-z0-9]+", "-", label).strip("-")
+            log_path = out / "logs" / f"{slug}.b{batch}.k{beam}.n{args.sentences}.t{args.threads}.log"
+            log_path.parent.mkdir(exist_ok=True)
+            if extra is None:
+                hyps, tokens, seconds, rss = ct2_run(args, data, path, batch, beam, log_path)
+            else:
+                hyps, tokens, seconds, rss = fairseq_run(args, data, path, extra, batch, beam, log_path)
+            r = {"model": label, "file_bytes": size, "batch": batch, "beam": beam, "tokens": tokens,
+                 "seconds": seconds, "tokens_per_s": tokens / seconds, "peak_rss_mb": rss, "bleu": bleu(hyps, refs)}
+            log(f"{label} batch {batch} beam {beam}: {r['tokens_per_s']:.1f} tokens/s, {rss:.0f} MB, "
+                f"BLEU {r['bleu']:.2f}")
+            results.append(r)
+    text = table(results, args)
+    (out / "results.json").write_text(json.dumps({"sentences": args.sentences, "threads": args.threads,
+                                                  "results": results}, indent=1) + "\n")
+    (out / "results.md").write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
