@@ -126,7 +126,33 @@ static void bcq_gemv(const BCQ& w, const float* x, int n, int xs, const float* x
   }
 }
 
-static void bcq_deq(const BCQ& w, int r0, int r1, int c0, int c1, float* out, int ws) {
+// Dequantize blocks [b0, b1) of row r, alpha group g: Q planes known at compile time (0 = w.q).
+template <int Q>
+static inline void bcq_deq_blocks(const BCQ& w, const uint8_t* const* p, int r, int g, int b0, int b1, float* o) {
+  const int q = Q ? Q : w.q;
+  __m512 a[8], na[8];
+  for (int k = 0; k < q; ++k) {
+    a[k] = _mm512_set1_ps(*w.a(k, r, g));
+    na[k] = _mm512_sub_ps(_mm512_setzero_ps(), a[k]);
+  }
+  const int bfull = imin(b1, w.nbytes / 2);
+  int b = b0;
+  for (; b < bfull; ++b) {
+    __m512 v = _mm512_mask_blend_ps(_load_mask16((__mmask16*)(p[0] + 2 * b)), na[0], a[0]);
+#pragma GCC unroll 8
+    for (int k = 1; k < q; ++k)
+      v = _mm512_add_ps(v, _mm512_mask_blend_ps(_load_mask16((__mmask16*)(p[k] + 2 * b)), na[k], a[k]));
+    _mm512_storeu_ps(o + 16 * b, v);
+  }
+  for (; b < b1; ++b) {
+    __m512 v = _mm512_mask_blend_ps(bits16(p[0], b, w.nbytes), na[0], a[0]);
+    for (int k = 1; k < q; ++k) v = _mm512_add_ps(v, _mm512_mask_blend_ps(bits16(p[k], b, w.nbytes), na[k], a[k]));
+    _mm512_storeu_ps(o + 16 * b, v);
+  }
+}
+
+template <int Q>
+static void bcq_deq_q(const BCQ& w, int r0, int r1, int c0, int c1, float* out, int ws) {
   const int nblk = (w.cols + 15) / 16, bb0 = c0 / 16, bb1 = c1 / 16;
   const int bpg = w.groups == 1 ? nblk : (w.cols / w.groups) / 16;
   for (int r = r0; r < r1; ++r) {
@@ -134,18 +160,19 @@ static void bcq_deq(const BCQ& w, int r0, int r1, int c0, int c1, float* out, in
     const uint8_t* p[8];
     for (int k = 0; k < w.q; ++k) p[k] = w.planes + ((int64_t)k * w.rows + r) * w.nbytes;
     for (int g = bb0 / bpg; g < w.groups && g * bpg < bb1; ++g) {
-      __m512 a[8], na[8];
-      for (int k = 0; k < w.q; ++k) {
-        a[k] = _mm512_set1_ps(*w.a(k, r, g));
-        na[k] = _mm512_sub_ps(_mm512_setzero_ps(), a[k]);
-      }
       const int b1 = imin(bb1, g + 1 == w.groups ? nblk : (g + 1) * bpg);
-      for (int b = g * bpg > bb0 ? g * bpg : bb0; b < b1; ++b) {
-        __m512 v = _mm512_mask_blend_ps(bits16(p[0], b, w.nbytes), na[0], a[0]);
-        for (int k = 1; k < w.q; ++k) v = _mm512_add_ps(v, _mm512_mask_blend_ps(bits16(p[k], b, w.nbytes), na[k], a[k]));
-        _mm512_storeu_ps(o + 16 * b, v);
-      }
+      bcq_deq_blocks<Q>(w, p, r, g, g * bpg > bb0 ? g * bpg : bb0, b1, o);
     }
+  }
+}
+
+static void bcq_deq(const BCQ& w, int r0, int r1, int c0, int c1, float* out, int ws) {
+  switch (w.q) {
+    case 1: bcq_deq_q<1>(w, r0, r1, c0, c1, out, ws); break;
+    case 2: bcq_deq_q<2>(w, r0, r1, c0, c1, out, ws); break;
+    case 3: bcq_deq_q<3>(w, r0, r1, c0, c1, out, ws); break;
+    case 4: bcq_deq_q<4>(w, r0, r1, c0, c1, out, ws); break;
+    default: bcq_deq_q<0>(w, r0, r1, c0, c1, out, ws); break;
   }
 }
 

@@ -84,7 +84,9 @@ torch::Tensor tiled_blas(const torch::Tensor& xp, int64_t rows, Deq deq) {
   const int64_t n = xp.size(0), xs = xp.size(1);
   const int64_t tc = std::min<int64_t>(xs, kTileCols);
   const int64_t tr = std::min<int64_t>(rows, std::max<int64_t>(16, kTileElems / tc / 16 * 16));
-  auto buf = torch::empty({tr, tc}, xp.options());
+  // The tile buffer is kept per calling thread: a fresh 1 MiB allocation per call costs page faults.
+  static thread_local torch::Tensor buf;
+  if (!buf.defined() || buf.numel() < tr * tc) buf = torch::empty({std::max(kTileElems, tr * tc)}, xp.options());
   float* b = buf.data_ptr<float>();
   auto yt = torch::empty({rows, n}, xp.options());
   for (int64_t r0 = 0; r0 < rows; r0 += tr) {
@@ -95,7 +97,7 @@ torch::Tensor tiled_blas(const torch::Tensor& xp, int64_t rows, Deq deq) {
       at::parallel_for(0, rb, 8, [&](int64_t lo, int64_t hi) {
         deq((int)(r0 + lo), (int)(r0 + hi), (int)c0, (int)(c0 + cb), b + lo * tc, (int)tc);
       });
-      auto tile = buf.narrow(0, 0, rb).narrow(1, 0, cb);
+      auto tile = buf.narrow(0, 0, rb * tc).view({rb, tc}).narrow(1, 0, cb);
       auto xt = xp.narrow(1, c0, cb).t();
       if (c0 == 0) at::mm_out(out, tile, xt);
       else out.addmm_(tile, xt);
