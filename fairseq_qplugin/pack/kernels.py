@@ -35,8 +35,9 @@ logger = logging.getLogger(__name__)
 try:
     from . import _qkernels
     _IMPORT_ERROR = None
-except ImportError as e:  # not built (no compiler, failed build, source checkout without build_ext)
-    _qkernels, _IMPORT_ERROR = None, e
+    _ISAS = list(_qkernels.isas())
+except (ImportError, OSError) as e:  # not built (no compiler, failed build, checkout without build_ext)
+    _qkernels, _IMPORT_ERROR, _ISAS = None, e, []
 
 BACKENDS = ("auto", "torch", "avx512", "avx2", "scalar")
 _logged = set()
@@ -114,7 +115,7 @@ def bcq_lut_gemm(x: torch.Tensor, pw: PackedBCQ) -> torch.Tensor:
 
 def extension_isas() -> list:
     """ISAs the C++ kernels run on this CPU, best first; [] if the extension is not built."""
-    return list(_qkernels.isas()) if _qkernels is not None else []
+    return list(_ISAS) if _qkernels is not None else []
 
 
 def resolve_backend(backend=None) -> str:
