@@ -1,72 +1,151 @@
-"""Per-layer latency of packed kernels vs fp32 and torch.ao dynamic int8; prints a markdown table.
+"""Per-layer latency of the packed kernels vs fp32 and torch.ao dynamic int8; prints one markdown table.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_layers.py [--rows 1,5,20,64] [--reps 20] [--shapes 512x512,...]
+    python benchmarks/bench_layers.py                      # threads 1 and 2, every shape and row count
+    python benchmarks/bench_layers.py --threads 1 --shapes 512x2048 --rows 1,5
+    python benchmarks/bench_layers.py --crossover          # direct kernel vs dequantize-tile + BLAS
+    python benchmarks/bench_layers.py --threads 1 --cpu-time   # on a loaded machine
 
-Every number in one table comes from one run. Shapes are ``out x in`` of transformer-base layers;
-"rows" is the number of activation rows (1 = greedy step, 5..320 = beam search). The bandwidth floor
-is the time to read the packed BCQ 2-bit weight at the measured copy bandwidth of this machine.
-Our kernels are the pure-torch ones (pack/kernels.py): LUT-GEMM up to ``LUT_MAX_ROWS`` rows,
-block dequantization beyond.
+Every number of a table comes from one run; each cell is the best of ``--rounds`` rounds, the
+candidates of one row being timed in turn inside each round, so load changes hit all of them alike.
+Shapes are ``out x in`` (512x32000 is a 32000-wide input, 32000x512 the output projection); "rows"
+is the number of activation rows (1 = greedy step, 5 = beam 5, 20..320 = beams and the encoder).
+Columns: fp32 ``F.linear``; ``torch.ao`` dynamic int8 (fbgemm, int8 activations); our
+``packed_linear`` on BCQ 2 and 3 bits, int8 (``PackedInt``) and k-means 4 bits (per-tensor
+codebook); "floor X" = bytes of the weight in format X / the measured copy bandwidth (the time just
+to stream the weight from DRAM; layers that fit in cache can beat it); the last two columns are the
+speedups of BCQ 3-bit over fp32 and over torch.ao int8. Which kernels ran (C++ ISA or pure torch) is
+printed above the table; ``QPLUGIN_KERNELS=torch`` benchmarks the fallback.
 """
 import argparse
+import logging
 import time
+import warnings
 
 import torch
 import torch.nn.functional as F
 
 from fairseq_qplugin.pack.formats import pack_weight
-from fairseq_qplugin.pack.kernels import packed_linear
+from fairseq_qplugin.pack.kernels import packed_linear, resolve_backend
 from fairseq_qplugin.quant import QuantSpec, kmeans_weight, quantize
 
+SHAPES = "512x512,512x2048,2048x512,512x32000,32000x512"
 
-def timeit(fn, reps):
-    fn()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    return (time.perf_counter() - t0) / reps * 1e3
+
+CLOCK = time.perf_counter
+
+
+def race(fns, rounds, min_ms=20.0):
+    """Best ms per call of each function; the functions take turns within every round."""
+    reps = []
+    for f in fns:  # warm up and pick repetitions so one timing lasts about min_ms
+        f()
+        t0 = CLOCK()
+        f()
+        reps.append(max(1, int(min_ms / max(1e-3, (CLOCK() - t0) * 1e3))))
+    best = [float("inf")] * len(fns)
+    for _ in range(rounds):
+        for k, f in enumerate(fns):
+            t0 = CLOCK()
+            for _ in range(reps[k]):
+                f()
+            best[k] = min(best[k], (CLOCK() - t0) / reps[k] * 1e3)
+    return best
 
 
 def copy_bandwidth() -> float:
-    """Bytes per second of a 64 MiB tensor copy (read + write)."""
-    a = torch.empty(16 << 20)
+    """Bytes per second of a 256 MiB tensor copy (read + write), i.e. DRAM bandwidth."""
+    a = torch.empty(32 << 20)
     b = torch.empty_like(a)
-    ms = timeit(lambda: b.copy_(a), 5)
+    ms = race([lambda: b.copy_(a)], rounds=3, min_ms=50)[0]
     return 2 * a.numel() * 4 / (ms / 1e3)
 
 
+def packed_weights(w):
+    return {
+        "bcq2": pack_weight(quantize(w, QuantSpec("bcq", 2))),
+        "bcq3": pack_weight(quantize(w, QuantSpec("bcq", 3))),
+        "int8": pack_weight(quantize(w, QuantSpec("int", 8))),
+        "kmeans4": pack_weight(kmeans_weight(w, 4, iters=3)),
+    }
+
+
+def ao_int8(w):
+    lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+    lin.weight.data.copy_(w)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(lin), {torch.nn.Linear}, dtype=torch.qint8)
+
+
+def layer_table(args, bw):
+    cols = ["fp32", "ao int8", "bcq2", "bcq3", "int8", "kmeans4",
+            "floor fp32", "floor bcq2", "floor bcq3", "floor int8", "floor km4", "fp32/bcq3", "ao/bcq3"]
+    print("| threads | shape (out x in) | rows | " + " | ".join(cols) + " |")
+    print("|---:|---|---:|" + "---:|" * len(cols))
+    for threads in map(int, args.threads.split(",")):
+        torch.set_num_threads(threads)
+        for shape in args.shapes.split(","):
+            out_f, in_f = map(int, shape.split("x"))
+            torch.manual_seed(0)
+            w = torch.randn(out_f, in_f) * 0.05
+            ao, packed = ao_int8(w), packed_weights(w)
+            floors = [w.numel() * 4 / bw * 1e3] + [pw.nbytes() / bw * 1e3 for pw in packed.values()]
+            for n in map(int, args.rows.split(",")):
+                x = torch.randn(n, in_f)
+                fns = [lambda: F.linear(x, w), lambda: ao(x)]
+                fns += [lambda pw=pw: packed_linear(x, pw) for pw in packed.values()]
+                with torch.no_grad():
+                    t = race(fns, args.rounds)
+                cells = [f"{v:.3f}" for v in t + floors] + [f"{t[0] / t[3]:.2f}x", f"{t[1] / t[3]:.2f}x"]
+                print(f"| {threads} | {shape} | {n} | " + " | ".join(cells) + " |", flush=True)
+
+
+def crossover_table(args):
+    """ms of the direct kernel (small_max=1000) vs dequantize-tile + BLAS (small_max=0) by row count."""
+    print("| threads | shape | rows | fp32 | bcq3 direct | bcq3 tile+BLAS | kmeans4 direct | kmeans4 tile+BLAS |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|")
+    for threads in map(int, args.threads.split(",")):
+        torch.set_num_threads(threads)
+        for shape in args.shapes.split(","):
+            out_f, in_f = map(int, shape.split("x"))
+            torch.manual_seed(0)
+            w = torch.randn(out_f, in_f) * 0.05
+            packed = packed_weights(w)
+            b3, k4 = packed["bcq3"], packed["kmeans4"]
+            for n in map(int, args.rows.split(",")):
+                x = torch.randn(n, in_f)
+                t = race([lambda: F.linear(x, w)] + [lambda pw=pw, s=s: packed_linear(x, pw, small_max=s)
+                                                      for pw in (b3, k4) for s in (1000, 0)], args.rounds)
+                print(f"| {threads} | {shape} | {n} | " + " | ".join(f"{v:.3f}" for v in t) + " |", flush=True)
+
+
 def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--shapes", default="512x512,2048x512,512x2048,32000x512")
-    p.add_argument("--rows", default="1,5,20,64")
-    p.add_argument("--reps", type=int, default=20)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shapes", default=SHAPES)
+    p.add_argument("--rows", default=None, help="default 1,5,20,64 (--crossover: 1,2,4,6,8,12,16,24,32,64)")
+    p.add_argument("--threads", default="1,2")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--crossover", action="store_true", help="direct kernel vs tile + BLAS by row count")
+    p.add_argument("--cpu-time", action="store_true",
+                   help="time with the calling thread's CPU time (robust on a loaded machine; 1 thread only)")
     args = p.parse_args()
-    torch.manual_seed(0)
+    global CLOCK
+    if args.cpu_time:
+        if args.threads != "1":
+            p.error("--cpu-time measures the calling thread only: use it with --threads 1")
+        CLOCK = time.thread_time
+    logging.basicConfig(level=logging.WARNING)
+    backend = resolve_backend()
+    print(f"kernels: {'pure torch' if backend == 'torch' else 'C++ ' + backend}; torch {torch.__version__}; "
+          f"{'thread CPU' if args.cpu_time else 'wall-clock'} ms per call (best of {args.rounds} rounds)")
+    if args.crossover:
+        args.rows = args.rows or "1,2,4,6,8,12,16,24,32,64"
+        crossover_table(args)
+        return
+    args.rows = args.rows or "1,5,20,64"
     bw = copy_bandwidth()
-    cols_ = ["fp32", "ao int8", "bcq2", "bcq3", "int8", "kmeans4", "floor bcq2"]
-    print(f"threads={torch.get_num_threads()}, copy bandwidth {bw / 1e9:.1f} GB/s; times in ms\n")
-    print("| shape (out x in) | rows | " + " | ".join(cols_) + " |")
-    print("|---|---:|" + "---:|" * len(cols_))
-    for shape in args.shapes.split(","):
-        out_f, in_f = map(int, shape.split("x"))
-        w = torch.randn(out_f, in_f) * 0.05
-        lin = torch.nn.Linear(in_f, out_f, bias=False)
-        lin.weight.data.copy_(w)
-        ao = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(lin), {torch.nn.Linear}, dtype=torch.qint8)
-        packed = {
-            "bcq2": pack_weight(quantize(w, QuantSpec("bcq", 2))),
-            "bcq3": pack_weight(quantize(w, QuantSpec("bcq", 3))),
-            "int8": pack_weight(quantize(w, QuantSpec("int", 8))),
-            "kmeans4": pack_weight(kmeans_weight(w, 4, iters=5)),
-        }
-        floor = packed["bcq2"].nbytes() / bw * 1e3
-        for n in map(int, args.rows.split(",")):
-            x = torch.randn(n, in_f)
-            with torch.no_grad():
-                times = [timeit(lambda: F.linear(x, w), args.reps), timeit(lambda: ao(x), args.reps)]
-                times += [timeit(lambda: packed_linear(x, pw), args.reps) for pw in packed.values()]
-            cells = " | ".join(f"{t:.3f}" for t in times + [floor])
-            print(f"| {shape} | {n} | {cells} |")
+    print(f"copy bandwidth {bw / 1e9:.1f} GB/s\n")
+    layer_table(args, bw)
 
 
 if __name__ == "__main__":

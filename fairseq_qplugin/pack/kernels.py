@@ -1,5 +1,13 @@
-"""Pure-torch kernels that compute with packed weights without building the fp32 weight matrix.
+"""Kernels that compute with packed weights without building the fp32 weight matrix.
 
+``packed_linear`` is the entry point (modules.py). BCQ and k-means weights go to the C++ extension
+``_qkernels`` (csrc/, built by ``pip install``; AVX-512 / AVX2 / scalar chosen at run time) when it
+is importable; otherwise, and for int weights, to the pure-torch kernels below. ``QPLUGIN_KERNELS``
+selects: ``auto`` (default), ``torch`` (force the fallback), or an ISA for the extension
+(``avx512``, ``avx2``, ``scalar``; an ISA the CPU lacks is an error). The ``backend`` argument of
+``packed_linear`` does the same per call. Which one runs is logged once.
+
+Pure-torch kernels:
 - ``bcq_lut_gemm``: the BiQGEMM / LUT-GEMM product (METHODS.md §3). Input rows are split into
   chunks of 8 values; each chunk's 256 signed sums ``+-x_1 +- ... +-x_8`` form a table, and every
   packed byte of a bit-plane row indexes it: ``y_k[r] = sum_c table[c, planes[k, r, c]]``,
@@ -13,11 +21,26 @@
 
 Shapes: x float [n, cols] -> y float [n, rows]; tokens long [...] -> float [..., cols].
 """
+import logging
+import os
+
 import torch
 import torch.nn.functional as F
 
 from .bitpack import unpack_bits
 from .formats import PackedBCQ, PackedInt, PackedKMeans, PackedWeight, expand_groups
+
+logger = logging.getLogger(__name__)
+
+try:
+    from . import _qkernels
+    _IMPORT_ERROR = None
+    _ISAS = list(_qkernels.isas())
+except (ImportError, OSError) as e:  # not built (no compiler, failed build, checkout without build_ext)
+    _qkernels, _IMPORT_ERROR, _ISAS = None, e, []
+
+BACKENDS = ("auto", "torch", "avx512", "avx2", "scalar")
+_logged = set()
 
 BLOCK_ROWS = 1024
 LUT_MAX_ROWS = 8  # activation rows up to which the BCQ product uses the lookup table
@@ -90,11 +113,61 @@ def bcq_lut_gemm(x: torch.Tensor, pw: PackedBCQ) -> torch.Tensor:
     return out
 
 
+def extension_isas() -> list:
+    """ISAs the C++ kernels run on this CPU, best first; [] if the extension is not built."""
+    return list(_ISAS) if _qkernels is not None else []
+
+
+def resolve_backend(backend=None) -> str:
+    """``torch`` or the ISA the C++ kernels use, from ``backend`` or $QPLUGIN_KERNELS (default auto)."""
+    want = (backend or os.environ.get("QPLUGIN_KERNELS") or "auto").lower()
+    if want not in BACKENDS:
+        raise ValueError(f"QPLUGIN_KERNELS / backend must be one of {BACKENDS}, got {want!r}")
+    if want == "torch":
+        got = "torch"
+    elif _qkernels is None:
+        if want != "auto":
+            raise RuntimeError(f"kernel backend {want!r} asked for, but the C++ extension is not built "
+                               f"({_IMPORT_ERROR})")
+        got = "torch"
+    else:
+        isas = extension_isas()
+        if want != "auto" and want not in isas:
+            raise RuntimeError(f"kernel backend {want!r} is not available on this CPU (available: {isas})")
+        got = isas[0] if want == "auto" else want
+    if got not in _logged:
+        _logged.add(got)
+        if got == "torch" and _qkernels is None:
+            logger.warning("fairseq-qplugin: C++ kernels not built (%s); using the pure-torch kernels "
+                           "(5-20x slower)", _IMPORT_ERROR)
+        else:
+            logger.info("fairseq-qplugin: packed-weight kernels: %s", "pure torch" if got == "torch" else f"C++ {got}")
+    return got
+
+
+def _cpp_linear(x2: torch.Tensor, pw: PackedWeight, isa: str, small_max: int) -> torch.Tensor:
+    if isinstance(pw, PackedBCQ):
+        return _qkernels.bcq_linear(x2, pw.planes, pw.alpha, pw.cols, isa, small_max)
+    return _qkernels.kmeans_linear(x2, pw.indices, pw.codebook, pw.mask, pw.bits, pw.cols, isa, small_max)
+
+
 def packed_linear(x: torch.Tensor, pw: PackedWeight, bias=None, lut_max_rows: int = LUT_MAX_ROWS,
-                  block_rows: int = BLOCK_ROWS) -> torch.Tensor:
-    """y [..., rows] = x [..., cols] @ W^T + bias, choosing the kernel by the number of activation rows."""
+                  block_rows: int = BLOCK_ROWS, backend=None, small_max: int = -1) -> torch.Tensor:
+    """y [..., rows] = x [..., cols] @ W^T + bias, choosing the kernel by the number of activation rows.
+
+    With the C++ kernels (BCQ, k-means on CPU), ``small_max`` is the activation-row count up to which
+    the direct kernel runs instead of dequantize-tile + BLAS (-1: the measured default).
+    ``lut_max_rows`` / ``block_rows`` steer the pure-torch kernels.
+    """
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
+    if isinstance(pw, (PackedBCQ, PackedKMeans)) and x.device.type == "cpu":
+        isa = resolve_backend(backend)
+        if isa != "torch":
+            y = _cpp_linear(x2, pw, isa, small_max).to(x.dtype)
+            if bias is not None:
+                y = y + bias
+            return y.reshape(*lead, -1)
     if x2.shape[0] <= lut_max_rows and lut_supported(pw):
         y = bcq_lut_gemm(x2, pw).to(x.dtype)
         if bias is not None:
