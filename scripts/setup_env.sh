@@ -27,5 +27,10 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
 fi
 log "installing the plugin from the working tree"
 "${pip[@]}" install -q --no-deps --no-build-isolation --force-reinstall . 2>&1 | grep -v "^$" >&2 || true
+# The same C++ kernels inside the working tree too: the tests, the demo and `--user-dir fairseq_qplugin`
+# from the repository root import the package from here, not from site-packages (reuses build/).
+"$venv/bin/python" setup.py -q build_ext --inplace 2>&1 | grep -iE "error|warning: fairseq-qplugin" >&2 || true
 "$venv/bin/python" -c "import fairseq_qplugin" 2>/dev/null || { log "ERROR: fairseq_qplugin does not import"; exit 1; }
+log "packed-weight kernels: $("$venv/bin/python" -c 'from fairseq_qplugin.pack import kernels as k
+print("C++ (" + ", ".join(k.extension_isas()) + ")" if k.extension_isas() else "pure torch (the C++ extension was not built)")' 2>/dev/null)"
 log "ready: $venv ($("$venv/bin/python" -c 'import torch, fairseq; print("torch", torch.__version__, "fairseq", fairseq.__version__)'))"
