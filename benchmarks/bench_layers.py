@@ -10,8 +10,8 @@ candidates of one row being timed in turn inside each round, so load changes hit
 Shapes are ``out x in`` (512x32000 is a 32000-wide input, 32000x512 the output projection); "rows"
 is the number of activation rows (1 = greedy step, 5 = beam 5, 20..320 = beams and the encoder).
 Columns: fp32 ``F.linear``; ``torch.ao`` dynamic int8 (fbgemm, int8 activations); our
-``packed_linear`` on BCQ 2 and 3 bits, int8 (``PackedInt``) and k-means 4 bits (per-tensor
-codebook); "floor X" = bytes of the weight in format X / the measured copy bandwidth (the time just
+``packed_linear`` on BCQ 2 and 3 bits and k-means 4 bits (per-tensor codebook), and int8
+(``PackedInt`` through the int8 GEMM of pack/int8.py, as ``PackedLinear`` runs 8-bit weights); "floor X" = bytes of the weight in format X / the measured copy bandwidth (the time just
 to stream the weight from DRAM; layers that fit in cache can beat it); the last two columns are the
 speedups of BCQ 3-bit over fp32 and over torch.ao int8. Which kernels ran (C++ ISA or pure torch) is
 printed above the table; ``QPLUGIN_KERNELS=torch`` benchmarks the fallback.
@@ -24,6 +24,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from fairseq_qplugin.pack import int8
 from fairseq_qplugin.pack.formats import pack_weight
 from fairseq_qplugin.pack.kernels import packed_linear, resolve_backend
 from fairseq_qplugin.quant import QuantSpec, kmeans_weight, quantize
@@ -89,11 +90,13 @@ def layer_table(args, bw):
             torch.manual_seed(0)
             w = torch.randn(out_f, in_f) * 0.05
             ao, packed = ao_int8(w), packed_weights(w)
+            int8_gemm = int8.prepack(packed["int8"], None)
             floors = [w.numel() * 4 / bw * 1e3] + [pw.nbytes() / bw * 1e3 for pw in packed.values()]
             for n in map(int, args.rows.split(",")):
                 x = torch.randn(n, in_f)
                 fns = [lambda: F.linear(x, w), lambda: ao(x)]
-                fns += [lambda pw=pw: packed_linear(x, pw) for pw in packed.values()]
+                fns += [(lambda: int8.int8_linear(x, int8_gemm)) if name == "int8" and int8_gemm is not None
+                        else (lambda pw=pw: packed_linear(x, pw)) for name, pw in packed.items()]
                 with torch.no_grad():
                     t = race(fns, args.rounds)
                 cells = [f"{v:.3f}" for v in t + floors] + [f"{t[0] / t[3]:.2f}x", f"{t[1] / t[3]:.2f}x"]
