@@ -13,47 +13,40 @@ def qpack(*args, check=True):
     return run(["python", "-m", "fairseq_qplugin.pack.cli", *args], cwd=ROOT, check=check)
 
 
+def qat(tiny_data, fp32_checkpoint, name, arch, *flags):
+    """checkpoint_last.pt of 10 updates of quantization-aware fine-tuning from the tiny fp32 model."""
+    save = tiny_data / name
+    run(train_args(tiny_data / "bin", save, arch, 10, *flags, "--finetune-from-model", fp32_checkpoint))
+    return save / "checkpoint_last.pt"
+
+
 @pytest.fixture(scope="module")
 def int4_ckpt(tiny_data, fp32_checkpoint):
-    save = tiny_data / "pack_int4"
-    run(train_args(tiny_data / "bin", save, "transformer_int8", 10, "--quant-bits", 4, "--quant-scheme", "asym",
-                   "--finetune-from-model", fp32_checkpoint))
-    return save / "checkpoint_last.pt"
+    return qat(tiny_data, fp32_checkpoint, "pack_int4", "transformer_int8", "--quant-bits", 4, "--quant-scheme", "asym")
 
 
 @pytest.fixture(scope="module")
 def kmeans_ckpt(tiny_data, fp32_checkpoint):
-    save = tiny_data / "pack_kmeans"
-    run(train_args(tiny_data / "bin", save, "transformer_kmeans", 10, "--quant-bits", 3, "--kmeans-iters", 10,
-                   "--finetune-from-model", fp32_checkpoint))
-    return save / "checkpoint_last.pt"
+    return qat(tiny_data, fp32_checkpoint, "pack_kmeans", "transformer_kmeans", "--quant-bits", 3, "--kmeans-iters", 10)
 
 
 @pytest.fixture(scope="module")
 def int8_ckpt(tiny_data, fp32_checkpoint):
-    save = tiny_data / "pack_int8"
-    run(train_args(tiny_data / "bin", save, "transformer_int8", 10, "--quant-bits", 8, "--quant-scheme", "asym",
-                   "--finetune-from-model", fp32_checkpoint))
-    return save / "checkpoint_last.pt"
+    return qat(tiny_data, fp32_checkpoint, "pack_int8", "transformer_int8", "--quant-bits", 8, "--quant-scheme", "asym")
 
 
 @pytest.fixture(scope="module")
 def bmix_ckpt(tiny_data, fp32_checkpoint):
     """BCQ with frequency-mixed bits per vocabulary row (the paper's embedding scheme)."""
-    save = tiny_data / "pack_bmix"
-    run(train_args(tiny_data / "bin", save, "transformer_bcq", 10, "--bcq-bits", 2, "--bcq-embed-bits", 3,
-                   "--bcq-embed-freq-ratio", 2, "--bcq-rounds", 2, "--finetune-from-model", fp32_checkpoint))
-    return save / "checkpoint_last.pt"
+    return qat(tiny_data, fp32_checkpoint, "pack_bmix", "transformer_bcq", "--bcq-bits", 2, "--bcq-embed-bits", 3,
+               "--bcq-embed-freq-ratio", 2, "--bcq-rounds", 2)
 
 
 @pytest.fixture(scope="module")
 def bin1_ckpt(tiny_data, fp32_checkpoint):
     """1-bit (BCQ) weights with output activation quantization and attention temperature."""
-    save = tiny_data / "pack_bin1"
-    run(train_args(tiny_data / "bin", save, "transformer_int8", 10, "--quant-bits", 1, "--quant-act", "output",
-                   "--attn-temperature", 2, "--quant-include", "encoder,decoder",
-                   "--finetune-from-model", fp32_checkpoint))
-    return save / "checkpoint_last.pt"
+    return qat(tiny_data, fp32_checkpoint, "pack_bin1", "transformer_int8", "--quant-bits", 1, "--quant-act", "output",
+               "--attn-temperature", 2, "--quant-include", "encoder,decoder")
 
 
 def same_translations(got, expected, tol=1e-4):
