@@ -70,6 +70,16 @@ def packed_weights(w):
     }
 
 
+def layer_weights(args):
+    """(threads, shape, w) for each thread count and ``out x in`` shape, with torch set to those threads."""
+    for threads in map(int, args.threads.split(",")):
+        torch.set_num_threads(threads)
+        for shape in args.shapes.split(","):
+            out_f, in_f = map(int, shape.split("x"))
+            torch.manual_seed(0)
+            yield threads, shape, torch.randn(out_f, in_f) * 0.05
+
+
 def ao_int8(w):
     lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
     lin.weight.data.copy_(w)
@@ -83,43 +93,35 @@ def layer_table(args, bw):
             "floor fp32", "floor bcq2", "floor bcq3", "floor int8", "floor km4", "fp32/bcq3", "ao/bcq3"]
     print("| threads | shape (out x in) | rows | " + " | ".join(cols) + " |")
     print("|---:|---|---:|" + "---:|" * len(cols))
-    for threads in map(int, args.threads.split(",")):
-        torch.set_num_threads(threads)
-        for shape in args.shapes.split(","):
-            out_f, in_f = map(int, shape.split("x"))
-            torch.manual_seed(0)
-            w = torch.randn(out_f, in_f) * 0.05
-            ao, packed = ao_int8(w), packed_weights(w)
-            int8_gemm = int8.prepack(packed["int8"], None)
-            floors = [w.numel() * 4 / bw * 1e3] + [pw.nbytes() / bw * 1e3 for pw in packed.values()]
-            for n in map(int, args.rows.split(",")):
-                x = torch.randn(n, in_f)
-                fns = [lambda: F.linear(x, w), lambda: ao(x)]
-                fns += [(lambda: int8.int8_linear(x, int8_gemm)) if name == "int8" and int8_gemm is not None
-                        else (lambda pw=pw: packed_linear(x, pw)) for name, pw in packed.items()]
-                with torch.no_grad():
-                    t = race(fns, args.rounds)
-                cells = [f"{v:.3f}" for v in t + floors] + [f"{t[0] / t[3]:.2f}x", f"{t[1] / t[3]:.2f}x"]
-                print(f"| {threads} | {shape} | {n} | " + " | ".join(cells) + " |", flush=True)
+    for threads, shape, w in layer_weights(args):
+        in_f = w.shape[1]
+        ao, packed = ao_int8(w), packed_weights(w)
+        int8_gemm = int8.prepack(packed["int8"], None)
+        floors = [w.numel() * 4 / bw * 1e3] + [pw.nbytes() / bw * 1e3 for pw in packed.values()]
+        for n in map(int, args.rows.split(",")):
+            x = torch.randn(n, in_f)
+            fns = [lambda: F.linear(x, w), lambda: ao(x)]
+            fns += [(lambda: int8.int8_linear(x, int8_gemm)) if name == "int8" and int8_gemm is not None
+                    else (lambda pw=pw: packed_linear(x, pw)) for name, pw in packed.items()]
+            with torch.no_grad():
+                t = race(fns, args.rounds)
+            cells = [f"{v:.3f}" for v in t + floors] + [f"{t[0] / t[3]:.2f}x", f"{t[1] / t[3]:.2f}x"]
+            print(f"| {threads} | {shape} | {n} | " + " | ".join(cells) + " |", flush=True)
 
 
 def crossover_table(args):
     """ms of the direct kernel (small_max=1000) vs dequantize-tile + BLAS (small_max=0) by row count."""
     print("| threads | shape | rows | fp32 | bcq3 direct | bcq3 tile+BLAS | kmeans4 direct | kmeans4 tile+BLAS |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|")
-    for threads in map(int, args.threads.split(",")):
-        torch.set_num_threads(threads)
-        for shape in args.shapes.split(","):
-            out_f, in_f = map(int, shape.split("x"))
-            torch.manual_seed(0)
-            w = torch.randn(out_f, in_f) * 0.05
-            packed = packed_weights(w)
-            b3, k4 = packed["bcq3"], packed["kmeans4"]
-            for n in map(int, args.rows.split(",")):
-                x = torch.randn(n, in_f)
-                t = race([lambda: F.linear(x, w)] + [lambda pw=pw, s=s: packed_linear(x, pw, small_max=s)
-                                                      for pw in (b3, k4) for s in (1000, 0)], args.rounds)
-                print(f"| {threads} | {shape} | {n} | " + " | ".join(f"{v:.3f}" for v in t) + " |", flush=True)
+    for threads, shape, w in layer_weights(args):
+        in_f = w.shape[1]
+        packed = packed_weights(w)
+        b3, k4 = packed["bcq3"], packed["kmeans4"]
+        for n in map(int, args.rows.split(",")):
+            x = torch.randn(n, in_f)
+            t = race([lambda: F.linear(x, w)] + [lambda pw=pw, s=s: packed_linear(x, pw, small_max=s)
+                                                  for pw in (b3, k4) for s in (1000, 0)], args.rounds)
+            print(f"| {threads} | {shape} | {n} | " + " | ".join(f"{v:.3f}" for v in t) + " |", flush=True)
 
 
 def main():
