@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from fairseq_qplugin.errors import QuantConfigError
 from fairseq_qplugin.pack.formats import PackedMixedBCQ, pack_weight, packed_from_dict
-from fairseq_qplugin.pack.mixed import mixed_embedding, mixed_linear
+from fairseq_qplugin.pack.kernels import packed_embedding, packed_linear
 from fairseq_qplugin.pack.modules import PackedEmbedding, PackedLinear, PackedParams
 from fairseq_qplugin.quant import BCQWeight, MixedBCQWeight, QuantSpec, frequency_row_bits, quantize_bcq_rows
 
@@ -60,11 +60,11 @@ def test_mixed_kernels_match_dequantized_reference(n):
     w = qw.dequantize()
     x, bias = torch.randn(2, n, 48), torch.randn(300)
     ref = x.double() @ w.double().T + bias.double()
-    y = mixed_linear(x, pw, bias)
+    y = packed_linear(x, pw, bias)
     assert y.shape == (2, n, 300)
     assert float((y.double() - ref).norm() / ref.norm()) <= 1e-5
     tokens = torch.randint(0, 300, (4, 7))
-    assert torch.equal(mixed_embedding(tokens, pw), w[tokens])
+    assert torch.equal(packed_embedding(tokens, pw), w[tokens])
 
 
 def test_tied_mixed_embedding_and_output_projection_modules():

@@ -18,6 +18,8 @@ Pure-torch kernels:
   serves all activation rows and at most one block is ever materialized. Its block values equal
   ``QuantizedWeight.dequantize()`` bit for bit, so outputs match the fake-quant model.
 - ``packed_embedding``: dequantizes only the looked-up rows.
+- Frequency-mixed BCQ (``PackedMixedBCQ``, a bit count per row): both entry points run the BCQ
+  kernels once per bit group (``by_bits``), so work follows ``sum(row_bits)``.
 
 Shapes: x float [n, cols] -> y float [n, rows]; tokens long [...] -> float [..., cols].
 """
@@ -28,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .bitpack import unpack_bits
-from .formats import PackedBCQ, PackedInt, PackedKMeans, PackedWeight, expand_groups
+from .formats import PackedBCQ, PackedInt, PackedKMeans, PackedMixedBCQ, PackedWeight, expand_groups
 
 logger = logging.getLogger(__name__)
 
@@ -161,6 +163,15 @@ def packed_linear(x: torch.Tensor, pw: PackedWeight, bias=None, lut_max_rows: in
     """
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
+    if isinstance(pw, PackedMixedBCQ):
+        # One BCQ product per bit group, its outputs scattered into the group's rows: work and weight
+        # reads follow sum(row_bits), not rows * max(row_bits).
+        y = x2.new_empty(x2.shape[0], pw.shape[0])
+        for rows, group in pw.by_bits:
+            y[:, rows] = packed_linear(x2, group, None, lut_max_rows, block_rows, backend, small_max).to(y.dtype)
+        if bias is not None:
+            y = y + bias
+        return y.reshape(*lead, -1)
     if isinstance(pw, (PackedBCQ, PackedKMeans)) and x.device.type == "cpu":
         isa = resolve_backend(backend)
         if isa != "torch":
@@ -179,6 +190,14 @@ def packed_linear(x: torch.Tensor, pw: PackedWeight, bias=None, lut_max_rows: in
 
 def packed_embedding(tokens: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
     """Rows of the packed embedding table for ``tokens`` (long [...]) -> float [..., cols]."""
-    flat = tokens.reshape(-1)
-    uniq, inverse = flat.unique(return_inverse=True)
-    return dequantize_rows(pw, uniq)[inverse].reshape(*tokens.shape, pw.cols)
+    uniq, inverse = tokens.reshape(-1).unique(return_inverse=True)
+    if isinstance(pw, PackedMixedBCQ):  # each looked-up row from its own bit group
+        rows = torch.empty(len(uniq), pw.cols)
+        bits = pw.row_bits[uniq]
+        for _, group in pw.by_bits:
+            sel = (bits == group.bits).nonzero().squeeze(1)
+            if len(sel):
+                rows[sel] = dequantize_rows(group, pw.position[uniq[sel]])
+    else:
+        rows = dequantize_rows(pw, uniq)
+    return rows[inverse].reshape(*tokens.shape, pw.cols)

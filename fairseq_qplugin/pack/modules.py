@@ -15,9 +15,8 @@ from torch import nn
 from ..errors import QuantConfigError
 from ..modules import ActQuantizer
 from . import int8
-from .formats import PACKED, PackedMixedBCQ, PackedWeight, packed_from_dict
+from .formats import PACKED, PackedWeight, packed_from_dict
 from .kernels import LUT_MAX_ROWS, packed_embedding, packed_linear
-from .mixed import mixed_embedding, mixed_linear
 
 
 class PackedParams(nn.Module):
@@ -101,8 +100,6 @@ class PackedLinear(nn.Module):
         packed = self._int8_packed(pw) if self.int8_kernel == "fbgemm" and int8.supported(pw) else None
         if packed is not None:
             y = int8.int8_linear(x, packed)
-        elif isinstance(pw, PackedMixedBCQ):
-            y = mixed_linear(x, pw, self.bias, self.lut_max_rows)
         else:
             y = packed_linear(x, pw, self.bias, self.lut_max_rows)
         return self.act_out(y) if self.act_out is not None else y
@@ -121,8 +118,7 @@ class PackedEmbedding(nn.Module):
         self.wq = wq
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        pw = self.wq.packed
-        return mixed_embedding(tokens, pw) if isinstance(pw, PackedMixedBCQ) else packed_embedding(tokens, pw)
+        return packed_embedding(tokens, self.wq.packed)
 
     def extra_repr(self):
         return f"{self.num_embeddings}, {self.embedding_dim}, padding_idx={self.padding_idx}"
