@@ -138,10 +138,6 @@ def process_generate_out(out: Path, ref_path: Path, lang: str, detok: str = "non
         speed["wall_s"] = wall_s
     _write(out / "speed.txt", f"{speed['tokens_per_s']:.1f}\n")
     _write(out / "speed.json", json.dumps(speed, indent=1) + "\n")
-    wall = f", command wall {wall_s:.1f}s" if wall_s is not None else ""
-    print(f"BLEU {result['score']:.2f} (compound-split tokenized {result['compound_split_bleu']:.2f}) "
-          f"chrF2 {result['chrF2']:.2f} | {speed['sentences']} sentences, {speed['tokens']} tokens in "
-          f"{speed['generation_s']:.1f}s ({speed['tokens_per_s']:.1f} tokens/s){wall}", file=sys.stderr)
     return result, speed
 
 
@@ -167,7 +163,11 @@ def main(argv=None):
         json.dump(score(hyps, refs, args.lang), sys.stdout, indent=1, ensure_ascii=False)
         sys.stdout.write("\n")
     else:
-        process_generate_out(args.dir, args.ref, args.lang, args.detok, args.wall_s)
+        result, speed = process_generate_out(args.dir, args.ref, args.lang, args.detok, args.wall_s)
+        wall = f", command wall {args.wall_s:.1f}s" if args.wall_s is not None else ""
+        print(f"BLEU {result['score']:.2f} (compound-split tokenized {result['compound_split_bleu']:.2f}) "
+              f"chrF2 {result['chrF2']:.2f} | {speed['sentences']} sentences, {speed['tokens']} tokens in "
+              f"{speed['generation_s']:.1f}s ({speed['tokens_per_s']:.1f} tokens/s){wall}", file=sys.stderr)
 
 
 if __name__ == "__main__":
