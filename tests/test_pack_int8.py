@@ -66,8 +66,9 @@ def test_packed_linear_uses_int8_gemm_only_for_8_bit_int():
         bias = torch.nn.Parameter(torch.randn(16))
         lin = PackedLinear(32, 16, wq, bias, int8_kernel=kernel)
         y = lin(x)
-        exact = torch.equal(y, F.linear(x, pw.dequantize(), bias))
-        assert exact == (kernel == "dequant" or bits != 8), (bits, kernel)
+        # fp32 kernels agree with the reference to summation order; FBGEMM quantizes the activations
+        close = torch.allclose(y, F.linear(x, pw.dequantize(), bias), rtol=1e-5, atol=1e-5)
+        assert close == (kernel == "dequant" or bits != 8), (bits, kernel)
         assert (lin._int8 is not None) == (kernel == "fbgemm" and bits == 8)
         if lin._int8 is not None:  # the bias is folded into the prepacked weight: an update re-packs
             with torch.no_grad():

@@ -13,7 +13,7 @@ from fairseq_qplugin.quant import QuantSpec, kmeans_weight, magnitude_mask, quan
 
 ISAS = extension_isas()
 needs_ext = pytest.mark.skipif(not ISAS, reason=f"C++ kernels not built ({kernels._IMPORT_ERROR})")
-SHAPES = [(1, 8), (7, 13), (33, 64), (16, 100), (300, 24), (40, 257)]
+SHAPES = [(1, 8), (7, 13), (33, 64), (16, 100), (300, 24), (40, 257), (50, 256), (20, 1100)]
 ROWS = [1, 2, 3, 5, 8, 20, 64]
 TOL = 1e-4
 
@@ -51,6 +51,16 @@ def kmeans_weights(w):
             for bits in (1, 2, 3, 4, 6) for gran in ("tensor", "channel") for m in (None, mask)]
 
 
+def int_weights(w):
+    """int 1..7 bits (8 runs on FBGEMM), per-row and per-tensor scales: run as k-means tables."""
+    return [pack_weight(quantize(w, QuantSpec("int", bits, granularity=gran)))
+            for bits in (1, 2, 3, 4, 5, 7) for gran in ("tensor", "channel")]
+
+
+def all_weights(w):
+    return bcq_weights(w) + kmeans_weights(w) + int_weights(w)
+
+
 def _check(pw, x, isa, small_max=-1):
     ref = x.double() @ pw.dequantize().double().T
     y = packed_linear(x, pw, backend=isa, small_max=small_max)
@@ -65,7 +75,7 @@ def test_cpp_kernels_match_dequantized_matmul(shape):
     """Best ISA, direct kernel (small_max=64) and dequantize-tile + BLAS (small_max=0), 1..64 rows."""
     torch.manual_seed(0)
     w = torch.randn(shape)
-    pws = bcq_weights(w) + kmeans_weights(w)
+    pws = all_weights(w)
     for n in ROWS:
         x = torch.randn(n, shape[1])
         for pw in pws:
@@ -81,7 +91,7 @@ def test_every_isa_path_matches_the_reference(isa):
         w = torch.randn(shape)
         for n in (1, 3, 9):
             x = torch.randn(n, shape[1])
-            for pw in bcq_weights(w) + kmeans_weights(w):
+            for pw in all_weights(w):
                 for small_max in (0, 64):
                     _check(pw, x, isa, small_max)
 
@@ -91,7 +101,7 @@ def test_isa_paths_agree():
     """AVX-512, AVX2 and scalar give the same result (up to fp32 summation order)."""
     torch.manual_seed(2)
     w, x = torch.randn(70, 200), torch.randn(4, 200)
-    for pw in bcq_weights(w) + kmeans_weights(w):
+    for pw in all_weights(w):
         ys = [packed_linear(x, pw, backend=isa, small_max=64) for isa in ISAS]
         for y in ys[1:]:
             assert torch.allclose(y, ys[0], rtol=1e-5, atol=1e-5 * float(ys[0].abs().max()))
@@ -117,7 +127,7 @@ def test_fallback_matches_reference():
         w = torch.randn(shape)
         for n in (1, 5, 20):
             x = torch.randn(n, shape[1])
-            for pw in bcq_weights(w) + kmeans_weights(w):
+            for pw in all_weights(w):
                 _check(pw, x, "torch")
 
 
@@ -127,7 +137,7 @@ def test_fallback_equals_kernel():
     w = torch.randn(45, 96)
     for n in (1, 7, 30):
         x = torch.randn(n, 96)
-        for pw in bcq_weights(w) + kmeans_weights(w):
+        for pw in all_weights(w):
             a, b = packed_linear(x, pw, backend="torch"), packed_linear(x, pw)
             assert _rel_err(b, a.double()) <= TOL
 

@@ -1,11 +1,13 @@
 """Kernels that compute with packed weights without building the fp32 weight matrix.
 
-``packed_linear`` is the entry point (modules.py). BCQ and k-means weights go to the C++ extension
-``_qkernels`` (csrc/, built by ``pip install``; AVX-512 / AVX2 / scalar chosen at run time) when it
-is importable; otherwise, and for int weights, to the pure-torch kernels below. ``QPLUGIN_KERNELS``
-selects: ``auto`` (default), ``torch`` (force the fallback), or an ISA for the extension
-(``avx512``, ``avx2``, ``scalar``; an ISA the CPU lacks is an error). The ``backend`` argument of
-``packed_linear`` does the same per call. Which one runs is logged once.
+``packed_linear`` is the entry point (modules.py). BCQ, k-means and 1-7 bit int weights (an int
+weight runs as a k-means one whose table per row is ``(code - zero_point) * scale``) go to the C++
+extension ``_qkernels`` (csrc/, built by ``pip install``; AVX-512 / AVX2 / scalar chosen at run
+time) when it is importable; otherwise, and for 8-bit int weights that FBGEMM does not run
+(modules.py, int8.py), to the pure-torch kernels below. ``QPLUGIN_KERNELS`` selects: ``auto``
+(default), ``torch`` (force the fallback), or an ISA for the extension (``avx512``, ``avx2``,
+``scalar``; an ISA the CPU lacks is an error). The ``backend`` argument of ``packed_linear`` does
+the same per call. Which one runs is logged once.
 
 Pure-torch kernels:
 - ``bcq_lut_gemm``: the BiQGEMM / LUT-GEMM product (METHODS.md §3). Input rows are split into
@@ -147,9 +149,33 @@ def resolve_backend(backend=None) -> str:
     return got
 
 
+def _bcq_lut_layout(pw: PackedBCQ) -> torch.Tensor:
+    """The planes re-laid out for the AVX-512 direct kernel (csrc/qkernels.h), made on first use and
+    kept with the weight: as many bytes again as the planes, no fp32 matrix."""
+    lut = pw.__dict__.get("_lut_layout")
+    if lut is None:
+        lut = pw.__dict__["_lut_layout"] = _qkernels.bcq_lut_layout(pw.planes)
+    return lut
+
+
+def _int_codebook(pw: PackedInt) -> torch.Tensor:
+    """An int weight as a k-means one: ``(code - zero_point) * scale`` is entry ``code`` of a table of
+    2^bits values per row (or one shared table), computed in fp32 exactly as ``dequantize()`` does,
+    so the k-means kernels run int weights; made on first use and kept with the weight."""
+    cb = pw.__dict__.get("_codebook")
+    if cb is None:
+        levels = torch.arange(1 << pw.bits, dtype=torch.float32)
+        cb = (levels - pw.zero_point.float()) * pw.scale.float()  # [rows or 1, 2^bits]
+        cb = pw.__dict__["_codebook"] = cb[0].contiguous() if cb.shape[0] == 1 else cb
+    return cb
+
+
 def _cpp_linear(x2: torch.Tensor, pw: PackedWeight, isa: str, small_max: int) -> torch.Tensor:
     if isinstance(pw, PackedBCQ):
-        return _qkernels.bcq_linear(x2, pw.planes, pw.alpha, pw.cols, isa, small_max)
+        lut = _bcq_lut_layout(pw) if isa == "avx512" else None
+        return _qkernels.bcq_linear(x2, pw.planes, pw.alpha, pw.cols, isa, small_max, lut)
+    if isinstance(pw, PackedInt):
+        return _qkernels.kmeans_linear(x2, pw.codes, _int_codebook(pw), None, pw.bits, pw.cols, isa, small_max)
     return _qkernels.kmeans_linear(x2, pw.indices, pw.codebook, pw.mask, pw.bits, pw.cols, isa, small_max)
 
 
@@ -172,12 +198,16 @@ def packed_linear(x: torch.Tensor, pw: PackedWeight, bias=None, lut_max_rows: in
         if bias is not None:
             y = y + bias
         return y.reshape(*lead, -1)
-    if isinstance(pw, (PackedBCQ, PackedKMeans)) and x.device.type == "cpu":
+    # 8-bit int weights stay on the pure-torch path (FBGEMM normally runs them first, modules.py):
+    # a table of 256 floats per row would be larger than the codes.
+    if x.is_cpu and (isinstance(pw, (PackedBCQ, PackedKMeans)) or (isinstance(pw, PackedInt) and pw.bits < 8)):
         isa = resolve_backend(backend)
         if isa != "torch":
-            y = _cpp_linear(x2, pw, isa, small_max).to(x.dtype)
+            y = _cpp_linear(x2, pw, isa, small_max)  # a fresh fp32 tensor: bias is added in place
+            if y.dtype != x.dtype:
+                y = y.to(x.dtype)
             if bias is not None:
-                y = y + bias
+                y.add_(bias)
             return y.reshape(*lead, -1)
     if x2.shape[0] <= lut_max_rows and lut_supported(pw):
         y = bcq_lut_gemm(x2, pw).to(x.dtype)

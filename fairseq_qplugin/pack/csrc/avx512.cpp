@@ -1,11 +1,6 @@
 // AVX-512 kernels (x86-64 only; chosen at run time on CPUs with AVX-512 F/BW/DQ/VL, see ops.cpp).
 //
-// BCQ, few activation rows: a bit-plane row's 16 packed bits over 16 columns *are* a mask register, so
-//   y_k[r] = sum_j s_j x_j = 2 * sum_{bit j = 1} x_j - sum_j x_j
-// costs one masked FMA per 16 weights and plane (acc_r += alpha_k[r] * x on the lanes whose bit is
-// set), then y[r] = 2 * hsum(acc_r) - (sum_k alpha_k[r]) * sum(x). Exact fp32: no quantized tables
-// (T-MAC's int8 vpshufb tables), no table build, no transposition of the row-major planes. (The same
-// kernel on 256-bit vectors measured 1.6x slower on the development Xeon.)
+// BCQ, few activation rows: a lookup-table GEMM whose tables fit a register (bcq_lut_rows below).
 // k-means: 16 codes (bits <= 4) are spread to 16 lanes with shifts and looked up in the codebook
 // held in one register (vpermps); the optional pruning mask is a mask register.
 #include <cstring>
@@ -28,100 +23,106 @@ static inline __mmask16 bits16(const uint8_t* p, int b, int nbytes) {
   return (__mmask16)p[2 * b];
 }
 
-// R weight rows x N activation rows over the 16-column blocks [b0, b1) of one alpha group g:
-// out[i * N + j] = sum_k alpha_k[r + i] * (sum of x_j over the columns whose bit k is set).
-template <int R, int N>
-static inline void bcq_block(const BCQ& w, const float* x, int xs, int r, int g, int b0, int b1, float* out) {
-  __m512 acc[R][N], acc2[R];
-#pragma GCC unroll 8
-  for (int i = 0; i < R; ++i) {
-    acc2[i] = _mm512_setzero_ps();
-#pragma GCC unroll 4
-    for (int j = 0; j < N; ++j) acc[i][j] = _mm512_setzero_ps();
-  }
-  const int bfull = imin(b1, w.nbytes / 2);  // blocks whose 2 bytes lie inside the row
-  for (int k = 0; k < w.q; ++k) {
-    const uint8_t* p[R];
-    __m512 a[R];
-#pragma GCC unroll 8
-    for (int i = 0; i < R; ++i) {
-      p[i] = w.planes + ((int64_t)k * w.rows + r + i) * w.nbytes;
-      a[i] = _mm512_set1_ps(*w.a(k, r + i, g));
+// Lookup tables of activation rows j < N over the 32-column chunks [c0, c1) (x zero-padded to xs
+// columns, xs a multiple of 16): tab[((j * (c1 - c0) + c - c0) * 8 + t) * 16 + m] = the sum of x_j
+// over the columns 32 c + 4 t + i whose bit i of m is set. bsum[j] = the sum of x_j over the chunks.
+template <int N>
+static inline void lut_tables(const float* x, int xs, int c0, int c1, float* tab, float* bsum) {
+  // Entry m of a 4-column table = x0 [m & 1] + x1 [m & 2] + x2 [m & 4] + x3 [m & 8].
+  const __mmask16 m0 = 0xAAAA, m1 = 0xCCCC, m2 = 0xF0F0, m3 = 0xFF00;
+  for (int j = 0; j < N; ++j) {
+    const float* xj = x + (int64_t)j * xs;
+    __m512 s = _mm512_setzero_ps();
+    for (int c = c0; c < c1; ++c) {
+      for (int t = 0; t < 8; ++t) {
+        const int col = 32 * c + 4 * t;  // xs is a multiple of 16: a 4-column group is all in or all out
+        __m512 v = _mm512_setzero_ps();
+        if (col < xs) {
+          v = _mm512_mask_add_ps(v, m0, v, _mm512_set1_ps(xj[col]));
+          v = _mm512_mask_add_ps(v, m1, v, _mm512_set1_ps(xj[col + 1]));
+          v = _mm512_mask_add_ps(v, m2, v, _mm512_set1_ps(xj[col + 2]));
+          v = _mm512_mask_add_ps(v, m3, v, _mm512_set1_ps(xj[col + 3]));
+        }
+        s = _mm512_add_ps(s, v);
+        _mm512_store_ps(tab + (((int64_t)j * (c1 - c0) + c - c0) * 8 + t) * 16, v);
+      }
     }
-    int b = b0;
-    if (N == 1) {  // one activation row: two accumulators per weight row hide the FMA latency
-      for (; b + 2 <= bfull; b += 2) {
-        const __m512 x0 = _mm512_loadu_ps(x + 16 * b), x1 = _mm512_loadu_ps(x + 16 * b + 16);
+    bsum[j] = _mm512_reduce_add_ps(s) / 8.f;  // each column is in 8 of a table's 16 entries
+  }
+}
+
+// BCQ, few activation rows, on the re-laid-out planes (qkernels.h, BCQ::lut): one 16-entry table
+// per 4 columns (the signed-sum tables of LUT-GEMM, small enough for one register), and 16 weight
+// rows' 4-bit indices into it side by side in one vector, so one vpermps looks up 16 rows x 4
+// columns of a bit-plane (64 weights). The dword of each row holds 8 such indices (32 columns):
+// shift, look up, add. Exact fp32 sums (no quantized tables); tables are built per block of
+// columns small enough to stay in L1 (32 KiB for all N activation rows).
+// y[j][r] += sum_k alpha_k[r] * (2 * sum_{bit set} x_j - sum x_j), for row blocks [rb0, rb1).
+template <int N>
+static void bcq_lut_rows(const BCQ& w, const float* x, int xs, float* y, int ys, int rb0, int rb1) {
+  constexpr int ACC = N == 1 ? 4 : 2;  // independent sums per activation row (add latency)
+  constexpr int CB = 64 / N;           // chunks per table block: N * CB * 8 tables of 64 B = 32 KiB
+  alignas(64) float tab[N * CB * 128];
+  float bsum[N];
+  const int nrb = (w.rows + 15) / 16;
+  const int cpg = w.groups == 1 ? w.chunks : (w.cols / w.groups) / 32;  // chunks per alpha group
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (int g = 0; g < w.groups; ++g) {
+    const int gend = g + 1 == w.groups ? w.chunks : (g + 1) * cpg;
+    for (int c0 = g * cpg; c0 < gend; c0 += CB) {
+      const int c1 = imin(gend, c0 + CB), nc = c1 - c0;
+      lut_tables<N>(x, xs, c0, c1, tab, bsum);
+      for (int rb = rb0; rb < rb1; ++rb) {
+        const int r = 16 * rb;
+        const __mmask16 live = (__mmask16)(r + 16 <= w.rows ? 0xFFFF : (1u << (w.rows - r)) - 1);
+        __m512 out[N];
+        for (int j = 0; j < N; ++j) out[j] = _mm512_setzero_ps();
+        for (int k = 0; k < w.q; ++k) {
+          __m512 acc[N][ACC];
+          for (int j = 0; j < N; ++j)
+            for (int a = 0; a < ACC; ++a) acc[j][a] = _mm512_setzero_ps();
+          const uint32_t* p = w.lut + (((int64_t)k * nrb + rb) * w.chunks + c0) * 16;
+          for (int c = 0; c < nc; ++c) {
+            const __m512i v = _mm512_load_si512(p + 16 * c);
+            const float* tc = tab + (int64_t)c * 128;
 #pragma GCC unroll 8
-        for (int i = 0; i < R; ++i) {
-          acc[i][0] = _mm512_mask3_fmadd_ps(x0, a[i], acc[i][0], _load_mask16((__mmask16*)(p[i] + 2 * b)));
-          acc2[i] = _mm512_mask3_fmadd_ps(x1, a[i], acc2[i], _load_mask16((__mmask16*)(p[i] + 2 * b + 2)));
+            for (int t = 0; t < 8; ++t) {
+              const __m512i idx = t ? _mm512_srli_epi32(v, 4 * t) : v;  // vpermps reads bits 0-3
+#pragma GCC unroll 4
+              for (int j = 0; j < N; ++j)
+                acc[j][t % ACC] = _mm512_add_ps(
+                    acc[j][t % ACC], _mm512_permutexvar_ps(idx, _mm512_load_ps(tc + (int64_t)j * nc * 128 + 16 * t)));
+            }
+          }
+          const __m512 a = w.alpha_shared ? _mm512_set1_ps(*w.a(k, 0, g))
+                                          : _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live,
+                                                                     _mm512_mullo_epi32(lane, _mm512_set1_epi32(w.groups)),
+                                                                     w.a(k, r, g), 4);
+          for (int j = 0; j < N; ++j) {
+            __m512 s = acc[j][0];
+            for (int b = 1; b < ACC; ++b) s = _mm512_add_ps(s, acc[j][b]);
+            out[j] = _mm512_fmadd_ps(a, _mm512_sub_ps(_mm512_add_ps(s, s), _mm512_set1_ps(bsum[j])), out[j]);
+          }
+        }
+        for (int j = 0; j < N; ++j) {
+          float* yj = y + (int64_t)j * ys + r;
+          _mm512_mask_storeu_ps(yj, live, _mm512_add_ps(_mm512_maskz_loadu_ps(live, yj), out[j]));
         }
       }
     }
-    for (; b < bfull; ++b) {
-      __m512 xv[N];
-#pragma GCC unroll 4
-      for (int j = 0; j < N; ++j) xv[j] = _mm512_loadu_ps(x + (int64_t)j * xs + 16 * b);
-#pragma GCC unroll 8
-      for (int i = 0; i < R; ++i) {
-        const __mmask16 m = _load_mask16((__mmask16*)(p[i] + 2 * b));
-#pragma GCC unroll 4
-        for (int j = 0; j < N; ++j) acc[i][j] = _mm512_mask3_fmadd_ps(xv[j], a[i], acc[i][j], m);
-      }
-    }
-    for (; b < b1; ++b) {  // the last block of a row with an odd number of bytes
-      for (int i = 0; i < R; ++i) {
-        const __mmask16 m = bits16(p[i], b, w.nbytes);
-        for (int j = 0; j < N; ++j)
-          acc[i][j] = _mm512_mask3_fmadd_ps(_mm512_loadu_ps(x + (int64_t)j * xs + 16 * b), a[i], acc[i][j], m);
-      }
-    }
   }
-  for (int i = 0; i < R; ++i)
-    for (int j = 0; j < N; ++j)
-      out[i * N + j] = _mm512_reduce_add_ps(j == 0 ? _mm512_add_ps(acc[i][0], acc2[i]) : acc[i][j]);
 }
 
-template <int R, int N>
-static void bcq_tile(const BCQ& w, const float* x, int xs, const float* xsum, float* y, int ys, int r) {
-  const int nblk = (w.cols + 15) / 16;
-  const int bpg = w.groups == 1 ? nblk : (w.cols / w.groups) / 16;
-  float res[R][N] = {};
-  for (int g = 0; g < w.groups; ++g) {
-    float part[R * N];
-    bcq_block<R, N>(w, x, xs, r, g, g * bpg, imin(nblk, (g + 1) * bpg), part);
-    for (int i = 0; i < R; ++i) {
-      float asum = 0.f;
-      for (int k = 0; k < w.q; ++k) asum += *w.a(k, r + i, g);
-      for (int j = 0; j < N; ++j) res[i][j] += 2.f * part[i * N + j] - asum * xsum[(int64_t)j * w.groups + g];
-    }
-  }
-  for (int i = 0; i < R; ++i)
-    for (int j = 0; j < N; ++j) y[(int64_t)j * ys + r + i] = res[i][j];
-}
-
-template <int N>
-static void bcq_rows(const BCQ& w, const float* x, int xs, const float* xsum, float* y, int ys, int r0, int r1) {
-  constexpr int R = N == 1 ? 8 : 4;
-  int r = r0;
-  for (; r + R <= r1; r += R) bcq_tile<R, N>(w, x, xs, xsum, y, ys, r);
-  for (; r < r1; ++r) bcq_tile<1, N>(w, x, xs, xsum, y, ys, r);
-}
-
-// xsum [n, groups]: sum of x over each alpha group.
-static void bcq_gemv(const BCQ& w, const float* x, int n, int xs, const float* xsum, float* y, int ys, int r0,
-                     int r1) {
+// y [n, ys] += x @ W^T for the weight rows of row blocks [rb0, rb1) (16 rows each).
+static void bcq_gemv(const BCQ& w, const float* x, int n, int xs, float* y, int ys, int rb0, int rb1) {
   int i = 0;
-  for (; i + 4 <= n; i += 4)
-    bcq_rows<4>(w, x + (int64_t)i * xs, xs, xsum + (int64_t)i * w.groups, y + (int64_t)i * ys, ys, r0, r1);
+  for (; i + 4 <= n; i += 4) bcq_lut_rows<4>(w, x + (int64_t)i * xs, xs, y + (int64_t)i * ys, ys, rb0, rb1);
   const float* xi = x + (int64_t)i * xs;
-  const float* si = xsum + (int64_t)i * w.groups;
   float* yi = y + (int64_t)i * ys;
   switch (n - i) {
-    case 3: bcq_rows<3>(w, xi, xs, si, yi, ys, r0, r1); break;
-    case 2: bcq_rows<2>(w, xi, xs, si, yi, ys, r0, r1); break;
-    case 1: bcq_rows<1>(w, xi, xs, si, yi, ys, r0, r1); break;
+    case 3: bcq_lut_rows<3>(w, xi, xs, yi, ys, rb0, rb1); break;
+    case 2: bcq_lut_rows<2>(w, xi, xs, yi, ys, rb0, rb1); break;
+    case 1: bcq_lut_rows<1>(w, xi, xs, yi, ys, rb0, rb1); break;
     default: break;
   }
 }
@@ -293,7 +294,7 @@ static void km_deq(const KMeans& w, int r0, int r1, int c0, int c1, float* out, 
 }  // namespace avx512
 
 const Kernels avx512_kernels = {"avx512", avx512::bcq_gemv, nullptr, nullptr, avx512::bcq_deq,
-                                avx512::km_gemv, avx512::km_deq, 16, 4};
+                                avx512::km_gemv, avx512::km_deq, 32, 4};
 }  // namespace qk
 #pragma GCC pop_options
 #endif

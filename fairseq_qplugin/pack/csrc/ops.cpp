@@ -1,7 +1,9 @@
 // Torch binding of the packed-weight kernels: ISA dispatch at run time, threading over output rows,
 // and the many-rows path (dequantize a tile of weight rows into a small fp32 buffer, then BLAS).
 //
-//   bcq_linear(x, planes, alpha, cols, isa, small_max) -> y      x fp32 [n, cols], y fp32 [n, rows]
+//   bcq_linear(x, planes, alpha, cols, isa, small_max, layout) -> y      x fp32 [n, cols], y fp32 [n, rows]
+//   bcq_lut_layout(planes) -> layout   the planes as the AVX-512 direct kernel reads them (qkernels.h);
+//                                       made per call when bcq_linear gets none (callers cache it)
 //   kmeans_linear(x, indices, codebook, mask, bits, cols, isa, small_max) -> y
 //   isas() -> the kernel sets this CPU can run, best first ("avx512", "avx2", "scalar")
 //
@@ -11,6 +13,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstring>
 #include <cstdlib>
 #include <string>
 #include <vector>
@@ -24,8 +27,8 @@ namespace {
 
 // Activation rows up to which the direct kernels beat dequantize-tile + BLAS (measured with
 // benchmarks/bench_layers.py --crossover, one thread, on the 2-core Sapphire Rapids class dev Xeon;
-// see docs/packed.md): BCQ 3-bit breaks even at 6-8 rows, k-means 4-bit at 24-32.
-constexpr int kBcqSmallMaxAvx512 = 6;
+// see docs/packed.md): BCQ 3-bit and k-means 4-bit both break even at 24-32 rows.
+constexpr int kBcqSmallMaxAvx512 = 24;
 constexpr int kBcqSmallMaxLut = 2;
 constexpr int kKmSmallMaxAvx512 = 24;
 constexpr int kKmSmallMaxGeneric = 1;
@@ -106,8 +109,30 @@ torch::Tensor tiled_blas(const torch::Tensor& xp, int64_t rows, Deq deq) {
   return yt.t();
 }
 
+torch::Tensor bcq_lut_layout(torch::Tensor planes) {
+  TORCH_CHECK(planes.dim() == 3 && planes.scalar_type() == torch::kUInt8, "qkernels: planes must be uint8 [q, rows, nbytes]");
+  planes = planes.contiguous();
+  const int64_t q = planes.size(0), rows = planes.size(1), nbytes = planes.size(2);
+  const int64_t nrb = (rows + 15) / 16, chunks = (nbytes + 3) / 4;
+  // 16 spare dwords: torch's CPU allocator aligns to 64 bytes, the kernel loads whole blocks aligned.
+  auto out = torch::zeros({q * nrb * chunks * 16}, planes.options().dtype(torch::kInt32));
+  const uint8_t* p = planes.data_ptr<uint8_t>();
+  uint8_t* o = reinterpret_cast<uint8_t*>(out.data_ptr<int32_t>());
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(o) % 64 == 0, "qkernels: unaligned allocation");
+  at::parallel_for(0, q * rows, 256, [&](int64_t lo, int64_t hi) {
+    for (int64_t kr = lo; kr < hi; ++kr) {
+      const int64_t k = kr / rows, r = kr % rows;
+      const uint8_t* src = p + kr * nbytes;
+      for (int64_t c = 0; c < chunks; ++c)  // little-endian dword: bit j = column 32 c + j
+        std::memcpy(o + ((((k * nrb + r / 16) * chunks + c) * 16) + r % 16) * 4, src + 4 * c,
+                    std::min<int64_t>(4, nbytes - 4 * c));
+    }
+  });
+  return out;
+}
+
 torch::Tensor bcq_linear(torch::Tensor x, torch::Tensor planes, torch::Tensor alpha, int64_t cols, std::string isa,
-                         int64_t small_max) {
+                         int64_t small_max, c10::optional<torch::Tensor> layout) {
   TORCH_CHECK(planes.dim() == 3 && planes.scalar_type() == torch::kUInt8 && planes.size(2) == (cols + 7) / 8,
               "qkernels: planes must be uint8 [q, rows, ceil(cols/8)]");
   planes = planes.contiguous();
@@ -120,7 +145,7 @@ torch::Tensor bcq_linear(torch::Tensor x, torch::Tensor planes, torch::Tensor al
   const bool aligned = alpha.size(2) == 1 || (cols / alpha.size(2)) % K->bcq_group_align == 0;
   if (!aligned) K = generic(K);  // AVX-512 needs groups of whole 16-column blocks
   BCQ w{planes.data_ptr<uint8_t>(), alpha.data_ptr<float>(), (int)q, (int)rows, (int)cols, (int)planes.size(2),
-        (int)alpha.size(2), alpha.size(1) == 1 && rows != 1};
+        (int)alpha.size(2), alpha.size(1) == 1 && rows != 1, nullptr, (int)((cols + 31) / 32)};
   auto xp = padded(x, cols);
   const int64_t n = xp.size(0), xs = xp.size(1);
   const bool lut_ok = w.groups == 1 || (cols / w.groups) % K->bcq_group_align == 0;
@@ -133,10 +158,14 @@ torch::Tensor bcq_linear(torch::Tensor x, torch::Tensor planes, torch::Tensor al
   auto y = torch::zeros({n, rows}, xp.options());
   float* yd = y.data_ptr<float>();
   if (K->bcq_gemv) {
-    auto xsum = xp.narrow(1, 0, cols).reshape({n, w.groups, cols / w.groups}).sum(-1).contiguous();
-    const float* sd = xsum.data_ptr<float>();
-    at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
-      K->bcq_gemv(w, xd, (int)n, (int)xs, sd, yd, (int)rows, (int)r0, (int)r1);
+    const int64_t nrb = (rows + 15) / 16;
+    torch::Tensor lt = layout.has_value() ? *layout : bcq_lut_layout(planes);
+    TORCH_CHECK(lt.scalar_type() == torch::kInt32 && lt.is_contiguous() && lt.numel() == q * nrb * w.chunks * 16 &&
+                    reinterpret_cast<uintptr_t>(lt.data_ptr<int32_t>()) % 64 == 0,
+                "qkernels: layout is not bcq_lut_layout(planes)");
+    w.lut = reinterpret_cast<const uint32_t*>(lt.data_ptr<int32_t>());
+    at::parallel_for(0, nrb, 4, [&](int64_t rb0, int64_t rb1) {
+      K->bcq_gemv(w, xd, (int)n, (int)xs, yd, (int)rows, (int)rb0, (int)rb1);
     });
     return y;
   }
@@ -204,7 +233,8 @@ std::vector<std::string> isas() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fairseq-qplugin CPU kernels over packed BCQ and k-means weights (see pack/kernels.py)";
   m.def("bcq_linear", &qk::bcq_linear, "x @ W^T for a packed BCQ weight", py::arg("x"), py::arg("planes"),
-        py::arg("alpha"), py::arg("cols"), py::arg("isa") = "", py::arg("small_max") = -1);
+        py::arg("alpha"), py::arg("cols"), py::arg("isa") = "", py::arg("small_max") = -1, py::arg("layout") = py::none());
+  m.def("bcq_lut_layout", &qk::bcq_lut_layout, "BCQ planes as the AVX-512 direct kernel reads them", py::arg("planes"));
   m.def("kmeans_linear", &qk::kmeans_linear, "x @ W^T for a packed k-means weight", py::arg("x"), py::arg("indices"),
         py::arg("codebook"), py::arg("mask") = py::none(), py::arg("bits"), py::arg("cols"), py::arg("isa") = "",
         py::arg("small_max") = -1);

@@ -5,6 +5,9 @@
 // Packed layouts (pack/formats.py, pack/bitpack.py), rows x cols = [out, in]:
 //   BCQ:    planes uint8 [q, rows, nbytes = ceil(cols/8)], bit j of byte c = sign of column 8c+j
 //           (1 = +1); alpha fp32 [q, rows or 1, groups], groups split cols evenly.
+//           The AVX-512 direct kernel reads the planes re-laid out (ops.cpp bcq_lut_layout) as
+//           lut uint32 [q, ceil(rows/16), chunks = ceil(cols/32), 16], 64-byte aligned: dword i of
+//           block (k, rb, c) = bits 32c..32c+31 of plane k's row 16 rb + i (zero past rows/cols).
 //   k-means: indices uint8 [rows, rowbytes = ceil(cols*bits/8)], little-endian bit stream;
 //           codebook fp32 [2^bits] or [rows, 2^bits]; optional mask uint8 [rows, ceil(cols/8)].
 // Activations x are fp32 [n, xs] with xs = cols rounded up to 16 and zero padding, so kernels may
@@ -19,6 +22,8 @@ struct BCQ {
   const float* alpha;
   int q, rows, cols, nbytes, groups;
   bool alpha_shared;  // alpha is [q, 1, groups]
+  const uint32_t* lut;  // the planes as laid out for bcq_gemv, or null
+  int chunks;           // ceil(cols / 32)
   const float* a(int k, int r, int g) const {
     return alpha + ((int64_t)k * (alpha_shared ? 1 : rows) + (alpha_shared ? 0 : r)) * groups + g;
   }
@@ -34,8 +39,8 @@ struct KMeans {
 };
 
 // y[i][r] = sum_c W[r][c] x[i][c] for rows r in [r0, r1) and all n activation rows.
-typedef void (*bcq_gemv_fn)(const BCQ&, const float* x, int n, int xs, const float* xsum, float* y, int ys,
-                            int r0, int r1);
+// bcq_gemv (needs BCQ::lut) works on blocks of 16 rows [rb0, rb1) and adds to y (zeroed by the caller).
+typedef void (*bcq_gemv_fn)(const BCQ&, const float* x, int n, int xs, float* y, int ys, int rb0, int rb1);
 typedef void (*km_gemv_fn)(const KMeans&, const float* x, int n, int xs, float* y, int ys, int r0, int r1);
 // w[r - r0][c - c0] = dequantized W[r][c] for r in [r0, r1), c in [c0, c1) (c0, c1 multiples of 16,
 // c1 <= cols rounded up to 16); columns >= cols are finite (zero x pads them). Row stride ws.
