@@ -2,6 +2,9 @@
 
     python benchmarks/bench_generate.py --exp /work/main/exp/demo [--out exp/bench] [--sentences 100]
                                         [--threads 1] [--quick] [--no-ct2]
+    # speed at another model size: post-training packing of an fp32 model, every output N tokens long
+    python benchmarks/bench_generate.py --fp32 base/checkpoint_last.pt --qat none --ptq bcq3=bcq:3 \
+                                        --fixed-len 40 ...
 
 Prints one markdown table (and writes OUT/results.json): for each model and each setting
 (batch 1 beam 1, batch 1 beam 5, batch 32 beam 5) on the first ``--sentences`` sentences of the
@@ -24,6 +27,12 @@ model converted with ``ct2-fairseq-converter --quantization int8``, generation l
 ``--out`` and is reused when present (``--redo`` rebuilds it). fairseq runs with
 ``OMP_NUM_THREADS=--threads`` and CTranslate2 with ``intra_threads=--threads``; CTranslate2's
 ``max_decoding_length`` is fairseq's default maximum length (200).
+
+``--ptq NAME=METHOD:BITS`` packs the fp32 model itself (``fairseq-qpack --method --bits``, post-training
+quantization) instead of a QAT checkpoint; ``--qat none`` leaves out the default QAT rows.
+``--fixed-len N`` makes every translation exactly N tokens long (fairseq ``--min-len N --max-len-b N``,
+CTranslate2 ``min/max_decoding_length``): for speed at a model size that has no trained checkpoint
+(an untrained model's outputs otherwise differ in length between rows); its BLEU means nothing.
 """
 import argparse
 import json
@@ -137,12 +146,14 @@ def prepare_models(args, out: Path):
         log(f"fp32: {args.fp32} without optimizer state -> {fp32}")
         strip_optimizer(args.fp32, fp32)
     rows.append(("fp32", fp32, [], fp32.stat().st_size))
-    for name, ckpt in args.qat.items():
+    packs = [(name, ckpt, []) for name, ckpt in args.qat.items()]
+    packs += [(name, args.fp32, ["--method", method, "--bits", bits]) for name, (method, bits) in args.ptq.items()]
+    for name, ckpt, ptq in packs:
         packed = models / f"{name}.packed.pt"
         if args.redo or not packed.exists():
-            log(f"{name}: fairseq-qpack {ckpt} {packed}")
+            log(f"{name}: fairseq-qpack {ckpt} {packed} {' '.join(ptq)}")
             run_checked([sys.executable, "-m", "fairseq_qplugin.pack.cli", ckpt, packed, "--data", args.data_bin,
-                         "--report", models / f"{name}.report.md"], f"fairseq-qpack {ckpt}")
+                         "--report", models / f"{name}.report.md", *ptq], f"fairseq-qpack {ckpt}")
         rows.append((name, packed, [], packed.stat().st_size))
         if name == "int8" and args.int8_dequant:
             rows.append(("int8 (dequant kernel)", packed, ["--model-overrides", "{'int8_kernel': 'dequant'}"],
@@ -169,6 +180,8 @@ def fairseq_run(args, data: Path, path: Path, extra, batch, beam, log_path: Path
     cmd = [tool("fairseq-generate"), data / "bin", "--user-dir", PLUGIN, "--task", "translation", "--path", path,
            "--gen-subset", "test", "--beam", beam, "--batch-size", batch, "--post-process", "sentencepiece",
            "--required-batch-size-multiple", 1, *extra]  # the default (8) drops a batch when --batch-size < 8
+    if args.fixed_len:
+        cmd += ["--min-len", args.fixed_len, "--max-len-a", 0, "--max-len-b", args.fixed_len]
     status, rss, text = run_measured(cmd, env, log_path)
     m = TRANSLATED.search(text)
     if status != 0 or not m:
@@ -192,6 +205,7 @@ def ct2_worker(argv):
         p.add_argument(a, required=True)
     for a in ("--batch", "--beam", "--threads"):
         p.add_argument(a, type=int, required=True)
+    p.add_argument("--fixed-len", type=int, default=0)
     a = p.parse_args(argv)
     import ctranslate2
     import sentencepiece as spm
@@ -201,7 +215,8 @@ def ct2_worker(argv):
     translator = ctranslate2.Translator(a.model, device="cpu", intra_threads=a.threads, inter_threads=1)
     start = time.perf_counter()
     results = translator.translate_batch(src, beam_size=a.beam, max_batch_size=a.batch,
-                                         max_decoding_length=MAX_LEN)
+                                         max_decoding_length=a.fixed_len or MAX_LEN,
+                                         min_decoding_length=a.fixed_len or 1)
     seconds = time.perf_counter() - start
     hyps = [r.hypotheses[0] for r in results]
     result = {"hyps": [sp.decode(h) for h in hyps], "tokens": sum(len(h) + 1 for h in hyps),  # + EOS
@@ -212,7 +227,8 @@ def ct2_worker(argv):
 def ct2_run(args, data: Path, model: Path, batch, beam, log_path: Path):
     result = log_path.with_suffix(".json")
     cmd = [sys.executable, __file__, "ct2-worker", "--model", model, "--src", data / f"test.{args.src}",
-           "--spm", args.spm, "--batch", batch, "--beam", beam, "--threads", args.threads, "--json", result]
+           "--spm", args.spm, "--batch", batch, "--beam", beam, "--threads", args.threads, "--json", result,
+           "--fixed-len", args.fixed_len]
     status, rss, text = run_measured(cmd, dict(os.environ), log_path)
     if status != 0:
         raise SystemExit(f"error: CTranslate2 on {model} failed (log {log_path}):\n{text[-3000:]}")
@@ -222,7 +238,8 @@ def ct2_run(args, data: Path, model: Path, batch, beam, log_path: Path):
 
 def table(results, args) -> str:
     lines = [f"{args.sentences} test sentences, {args.threads} thread(s); tokens/s = generated target tokens "
-             "(EOS included) / generation seconds (model load excluded); peak RSS of the process", "",
+             "(EOS included) / generation seconds (model load excluded); peak RSS of the process"
+             + (f"; every output forced to {args.fixed_len} tokens (BLEU meaningless)" if args.fixed_len else ""), "",
              "| model | file MB | batch | beam | tokens/s | peak RSS MB | BLEU |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for r in results:
@@ -238,8 +255,12 @@ def get_parser():
     p.add_argument("--out", type=Path, default=ROOT / "exp" / "bench", help="scratch directory (reused)")
     p.add_argument("--fp32", type=Path, help="fp32 transformer checkpoint (default: EXP/fp32/checkpoint_best.pt)")
     p.add_argument("--qat", action="append", metavar="NAME=CKPT",
-                   help="quantization-aware checkpoint to pack and run (repeatable; default: "
+                   help="quantization-aware checkpoint to pack and run (repeatable; 'none': no QAT rows; default: "
                         + ", ".join(f"{k}=EXP/{v}" for k, v in DEFAULT_QAT.items()) + ")")
+    p.add_argument("--ptq", action="append", metavar="NAME=METHOD:BITS",
+                   help="pack the fp32 model itself with fairseq-qpack --method METHOD --bits BITS (repeatable)")
+    p.add_argument("--fixed-len", type=int, default=0, metavar="N",
+                   help="every translation exactly N tokens (speed of untrained models; BLEU meaningless)")
     p.add_argument("--data-bin", type=Path, help="fairseq data-bin with the dictionaries (default: EXP/data/bin)")
     p.add_argument("--spm", type=Path, help="sentencepiece model (default: EXP/data/spm.model)")
     p.add_argument("--raw-src", type=Path, help="raw test source (default: EXP/data/raw/test.SRC)")
@@ -267,10 +288,17 @@ def resolve(args):
     args.spm = args.spm or exp / "data" / "spm.model"
     args.raw_src = args.raw_src or exp / "data" / "raw" / f"test.{args.src}"
     args.raw_ref = args.raw_ref or exp / "data" / "raw" / f"test.{args.tgt}"
-    if args.qat:
+    if args.qat == ["none"]:
+        args.qat = {}
+    elif args.qat:
         args.qat = dict(q.split("=", 1) for q in args.qat)
     else:
         args.qat = {k: checkpoint_in(exp / v) for k, v in DEFAULT_QAT.items()}
+    try:
+        args.ptq = {n: tuple(v.split(":")) for n, v in (q.split("=", 1) for q in args.ptq or [])}
+        assert all(len(v) == 2 for v in args.ptq.values())
+    except (ValueError, AssertionError):
+        raise SystemExit(f"error: --ptq takes NAME=METHOD:BITS, e.g. bcq3=bcq:3 (got {args.ptq})")
     args.settings = [tuple(map(int, s.split("x"))) for s in args.settings.split(",")]
     for path in (args.fp32, args.data_bin, args.spm, args.raw_src, args.raw_ref, *args.qat.values()):
         if not Path(path).exists():
