@@ -294,11 +294,15 @@ def resolve(args):
         args.qat = dict(q.split("=", 1) for q in args.qat)
     else:
         args.qat = {k: checkpoint_in(exp / v) for k, v in DEFAULT_QAT.items()}
-    try:
-        args.ptq = {n: tuple(v.split(":")) for n, v in (q.split("=", 1) for q in args.ptq or [])}
-        assert all(len(v) == 2 for v in args.ptq.values())
-    except (ValueError, AssertionError):
-        raise SystemExit(f"error: --ptq takes NAME=METHOD:BITS, e.g. bcq3=bcq:3 (got {args.ptq})")
+    ptq = {}
+    for q in args.ptq or []:
+        name, _, spec = q.partition("=")
+        method, _, bits = spec.partition(":")
+        if not (name and method and bits.isdigit()) or name in args.qat:
+            raise SystemExit(f"error: --ptq takes NAME=METHOD:BITS with a NAME not used by --qat, e.g. bcq3=bcq:3 "
+                             f"(got {q!r})")
+        ptq[name] = (method, bits)
+    args.ptq = ptq
     args.settings = [tuple(map(int, s.split("x"))) for s in args.settings.split(",")]
     for path in (args.fp32, args.data_bin, args.spm, args.raw_src, args.raw_ref, *args.qat.values()):
         if not Path(path).exists():

@@ -114,7 +114,7 @@ torch::Tensor bcq_lut_layout(torch::Tensor planes) {
   planes = planes.contiguous();
   const int64_t q = planes.size(0), rows = planes.size(1), nbytes = planes.size(2);
   const int64_t nrb = (rows + 15) / 16, chunks = (nbytes + 3) / 4;
-  // 16 spare dwords: torch's CPU allocator aligns to 64 bytes, the kernel loads whole blocks aligned.
+  // The kernel loads whole 64-byte blocks with aligned loads: torch's CPU allocator aligns to 64 bytes.
   auto out = torch::zeros({q * nrb * chunks * 16}, planes.options().dtype(torch::kInt32));
   const uint8_t* p = planes.data_ptr<uint8_t>();
   uint8_t* o = reinterpret_cast<uint8_t*>(out.data_ptr<int32_t>());
@@ -143,7 +143,7 @@ torch::Tensor bcq_linear(torch::Tensor x, torch::Tensor planes, torch::Tensor al
               "qkernels: alpha ", alpha.sizes(), " does not fit planes ", planes.sizes());
   const Kernels* K = pick(isa);
   const bool aligned = alpha.size(2) == 1 || (cols / alpha.size(2)) % K->bcq_group_align == 0;
-  if (!aligned) K = generic(K);  // AVX-512 needs groups of whole 16-column blocks
+  if (!aligned) K = generic(K);  // AVX-512 needs groups of whole 32-column chunks
   BCQ w{planes.data_ptr<uint8_t>(), alpha.data_ptr<float>(), (int)q, (int)rows, (int)cols, (int)planes.size(2),
         (int)alpha.size(2), alpha.size(1) == 1 && rows != 1, nullptr, (int)((cols + 31) / 32)};
   auto xp = padded(x, cols);
