@@ -3,7 +3,7 @@
 # quantization-aware fine-tuning from exp/demo/fp32/checkpoint_best.pt (run scripts/demo.sh first),
 # then beam-5 translation of the test set, sacrebleu, and one table with the demo's rows.
 #
-#   bash scripts/methods.sh             # all rows (about 35 minutes on 2 CPU cores)
+#   bash scripts/methods.sh             # all rows (about 45 minutes on 2 CPU cores at 150 updates)
 #   bash scripts/methods.sh bcq-w3 km-w4  # some rows
 #
 # Rows: bcq-w3 (uniform 3-bit BCQ, pNR), bcq-paper (the paper's mixed configuration, pNR),
