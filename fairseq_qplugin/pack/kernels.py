@@ -149,25 +149,29 @@ def resolve_backend(backend=None) -> str:
     return got
 
 
+def _derived(pw: PackedWeight, name: str, make):
+    """A tensor the C++ kernels read instead of (or beside) the packed fields, made on first use and
+    kept with the weight (the packed weight objects live as long as their module, modules.py)."""
+    t = pw.__dict__.get(name)
+    if t is None:
+        t = pw.__dict__[name] = make()
+    return t
+
+
 def _bcq_lut_layout(pw: PackedBCQ) -> torch.Tensor:
-    """The planes re-laid out for the AVX-512 direct kernel (csrc/qkernels.h), made on first use and
-    kept with the weight: as many bytes again as the planes, no fp32 matrix."""
-    lut = pw.__dict__.get("_lut_layout")
-    if lut is None:
-        lut = pw.__dict__["_lut_layout"] = _qkernels.bcq_lut_layout(pw.planes)
-    return lut
+    """The planes re-laid out for the AVX-512 direct kernel (csrc/qkernels.h): as many bytes again as
+    the planes, no fp32 matrix."""
+    return _derived(pw, "_lut_layout", lambda: _qkernels.bcq_lut_layout(pw.planes))
 
 
 def _int_codebook(pw: PackedInt) -> torch.Tensor:
     """An int weight as a k-means one: ``(code - zero_point) * scale`` is entry ``code`` of a table of
     2^bits values per row (or one shared table), computed in fp32 exactly as ``dequantize()`` does,
-    so the k-means kernels run int weights; made on first use and kept with the weight."""
-    cb = pw.__dict__.get("_codebook")
-    if cb is None:
-        levels = torch.arange(1 << pw.bits, dtype=torch.float32)
-        cb = (levels - pw.zero_point.float()) * pw.scale.float()  # [rows or 1, 2^bits]
-        cb = pw.__dict__["_codebook"] = cb[0].contiguous() if cb.shape[0] == 1 else cb
-    return cb
+    so the k-means kernels run int weights."""
+    def make():
+        cb = (torch.arange(1 << pw.bits, dtype=torch.float32) - pw.zero_point.float()) * pw.scale.float()
+        return cb[0].contiguous() if cb.shape[0] == 1 else cb  # [2^bits] or [rows, 2^bits]
+    return _derived(pw, "_codebook", make)
 
 
 def _cpp_linear(x2: torch.Tensor, pw: PackedWeight, isa: str, small_max: int) -> torch.Tensor:
