@@ -184,7 +184,8 @@ def test_generate_records_bleu_compound_bleu_and_speed(pipeline):
         compound_split_bleu(hyps, refs, "de").score, abs=0.01)
     speed = (gen / "generate.out").read_text()
     tokens_per_s = re.search(r"Translated .* \(([\d.]+) sentences/s, ([\d.]+) tokens/s\)", speed).group(2)
-    assert float((gen / "speed.txt").read_text()) == pytest.approx(float(tokens_per_s), abs=0.05)
+    # fairseq's printed tokens/s at one decimal (an abs=0.05 comparison failed on x.x5 values)
+    assert (gen / "speed.txt").read_text().strip() == f"{float(tokens_per_s):.1f}"
 
 
 def test_rerunning_finished_steps_does_no_work(pipeline):
