@@ -4,7 +4,8 @@
 "bits with scales" add the fp16 scales, codebooks and masks. Sizes are computed from the model the
 checkpoint builds: quantized weights at their bits plus fp16 scales, everything else at fp32.
 
-Rows given one by one (NAME=CHECKPOINT:GEN_DIR; the first row is the baseline of the delta column):
+Rows given one by one (NAME=CHECKPOINT:GEN_DIR; the first row is the baseline of the delta column;
+``--control NAME`` adds a Δ and % against another row, e.g. fp32 fine-tuned without quantization):
 
     python -m fairseq_qplugin.results --out results.md fp32=exp/fp32/checkpoint_best.pt:exp/gen/fp32 \\
         int8-w4=exp/int8-w4/checkpoint_best.pt:exp/gen/int8-w4 ...
@@ -77,7 +78,8 @@ def describe(model_cfg) -> Tuple[str, str]:
             return "pruning", f"magnitude {get('prune_schedule')}{where}"
         if qm == "kmeans":
             return "k-means", f"{get('quant_bits') or 4}-bit per-{get('quant_granularity', 'tensor')}{where}{prune}"
-        return "BS-Flex" + (" (fixed)" if qm == "bsflex_fixed" else ""), f"1-bit{where}{prune}"
+        per = ", per-row centroids" if get("quant_granularity") == "channel" else ""
+        return "BS-Flex" + (" (fixed)" if qm == "bsflex_fixed" else ""), f"1-bit{per}{where}{prune}"
     if arch.startswith("transformer_packed"):
         return "packed", arch
     return "fp32", arch
@@ -135,22 +137,35 @@ def _fmt(x: Optional[float], spec: str) -> str:
     return "n/a" if x is None else format(x, spec)
 
 
-def table(rows: List[Row]) -> str:
-    """Markdown table; the first row is the baseline."""
+def table(rows: List[Row], control: Optional[str] = None) -> str:
+    """Markdown table; the first row is the baseline. ``control`` names a row (the fp32 model trained
+    as long as the quantized ones, without quantization) that gets its own Δ and % columns."""
     base = rows[0]
     base_bytes = base.summary["fp32_bytes"]
+    ctrl = None
+    if control is not None:
+        ctrl = next((r for r in rows if r.name == control), None)
+        if ctrl is None:
+            raise SystemExit(f"error: --control {control} is not among the rows: {', '.join(r.name for r in rows)}")
+    ctrl_head = f" Δ vs {ctrl.name} | % of {ctrl.name} |" if ctrl else ""
     lines = [
-        f"| model | method | configuration | BLEU | Δ BLEU vs {base.name} | % of baseline | tok. BLEU (compound split) "
-        "| code bits (avg) | bits with scales | size (MB) | compression | tokens/s |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| model | method | configuration | BLEU | Δ BLEU vs {base.name} | % of baseline |{ctrl_head} "
+        "tok. BLEU (compound split) | code bits (avg) | bits with scales | size (MB) | compression | tokens/s |",
+        "|---|---|---|---:|---:|---:|" + ("---:|---:|" if ctrl else "") + "---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         s = r.summary
         delta = "" if r is base else f"{r.bleu - base.bleu:+.2f}"
         percent = f"{100 * r.bleu / base.bleu:.1f}%" if base.bleu else "n/a"
+        ctrl_cells = ""
+        if ctrl and r is base:
+            ctrl_cells = " | |"
+        elif ctrl:
+            vs = "" if r is ctrl else f"{r.bleu - ctrl.bleu:+.2f}"
+            ctrl_cells = f" {vs} | " + (f"{100 * r.bleu / ctrl.bleu:.1f}%" if ctrl.bleu else "n/a") + " |"
         lines.append(
             f"| {r.name} | {s.get('method', '?')} | {s.get('configuration', '?')} | {r.bleu:.2f} | {delta} "
-            f"| {percent} | {_fmt(r.compound_bleu, '.2f')} | {s['code_bits']:.2f} | {s['avg_bits']:.2f} "
+            f"| {percent} |{ctrl_cells} {_fmt(r.compound_bleu, '.2f')} | {s['code_bits']:.2f} | {s['avg_bits']:.2f} "
             f"| {s['packed_bytes'] / 1e6:.2f} | {base_bytes / s['packed_bytes']:.1f}x | {_fmt(r.tokens_per_s, '.1f')} |"
         )
     return "\n".join(lines) + "\n"
@@ -216,6 +231,8 @@ def main(argv=None):
     parser.add_argument("rows", nargs="*", metavar="NAME=CHECKPOINT:GEN_DIR")
     parser.add_argument("--exp-dir", type=Path, help="collect the rows from EXP_DIR/gen/*/ (instead of giving them)")
     parser.add_argument("--baseline", help="with --exp-dir: the row for the delta column (default: fp32 if present)")
+    parser.add_argument("--control", help="also give each row's Δ and %% against this row (e.g. the fp32 model "
+                                          "fine-tuned as long as the quantized rows, without quantization)")
     parser.add_argument("--out", type=Path, help="write the table to this file (default with --exp-dir: EXP_DIR/results.md)")
     parser.add_argument("--plot", type=Path, help="write the BLEU-vs-size plot (PNG) to this file "
                                                   "(default with --exp-dir: EXP_DIR/results.png)")
@@ -254,7 +271,7 @@ def main(argv=None):
         with torch.no_grad():
             summary = checkpoint_summary(ckpt)
         rows.append(Row(name, summary, *gen_scores(gen)))
-    text = table(rows)
+    text = table(rows, args.control)
     sys.stdout.write(text)
     if args.out:
         args.out.write_text(text)

@@ -7,8 +7,10 @@
 #   bash scripts/methods.sh bcq-w3 km-w4  # some rows
 #
 # Rows: bcq-w3 (uniform 3-bit BCQ, pNR), bcq-paper (the paper's mixed configuration, pNR),
-# bcq-w2-alt / bcq-w2-greedy (2-bit BCQ, alternating vs greedy), km-w4 (4-bit k-means),
-# bsflex-selfattn (1-bit BS-Flex on self-attention only), prune50 (magnitude pruning 30% -> 50%),
+# bcq-w3-ste / bcq-paper-ste (the same without pNR: straight-through fake quantization at every
+# step, 2 alternating rounds), bcq-w2-alt / bcq-w2-greedy (2-bit BCQ, alternating vs greedy),
+# km-w4 (4-bit k-means), bsflex-selfattn (1-bit BS-Flex on self-attention only, two centroids per
+# tensor; bsflex-selfattn-row: per output row), prune50 (magnitude pruning 30% -> 50%),
 # and the controls fp32-ft100 / fp32-ft<N>: the fp32 model fine-tuned with the same schedule and no
 # quantization. The demo's fp32 model is small and not converged, so fine-tuning alone changes its
 # BLEU; the cost of a method is its BLEU against the control of the same length.
@@ -42,13 +44,16 @@ declare -A rows=(
     [fp32-ft$n]="transformer|$n|"
     [bcq-w3]="transformer_bcq|$n|--bcq-bits 3 $pnr"
     [bcq-paper]="transformer_bcq_paper|$n|$pnr"
+    [bcq-w3-ste]="transformer_bcq|$n|--bcq-bits 3 --bcq-rounds 2"
+    [bcq-paper-ste]="transformer_bcq_paper|$n|--bcq-rounds 2"
     [bcq-w2-alt]="transformer_bcq|$n|--bcq-bits 2 $pnr"
     [bcq-w2-greedy]="transformer_bcq|$n|--bcq-bits 2 --bcq-search greedy $pnr"
     [km-w4]="transformer_kmeans|$n|--quant-method kmeans --quant-bits 4"
     [bsflex-selfattn]="transformer_kmeans|$n|--quant-method bsflex --quant-include self_attn"
+    [bsflex-selfattn-row]="transformer_kmeans|$n|--quant-method bsflex --quant-include self_attn --quant-granularity channel"
     [prune50]="transformer_kmeans|$n|--quant-method none --prune-schedule 0:0.3,$((n * 2 / 5)):0.5"
 )
-order=(fp32-ft100 "fp32-ft$n" bcq-w3 bcq-paper bcq-w2-alt bcq-w2-greedy km-w4 bsflex-selfattn prune50)
+order=(fp32-ft100 "fp32-ft$n" bcq-w3 bcq-paper bcq-w3-ste bcq-paper-ste bcq-w2-alt bcq-w2-greedy km-w4 bsflex-selfattn bsflex-selfattn-row prune50)
 selected=("$@")
 [ ${#selected[@]} -gt 0 ] || selected=("${order[@]}")
 for name in "${selected[@]}"; do
@@ -69,4 +74,6 @@ for name in "${selected[@]}"; do
         --raw-ref "$exp/data/raw/test.de" --out "$exp/gen/$name" --beam 5
     table+=("$name=$exp/$name/checkpoint_best.pt:$exp/gen/$name")
 done
-python -m fairseq_qplugin.results --out "$exp/methods.md" --plot "$exp/methods.png" "${table[@]}"
+control=()
+[[ " ${selected[*]} " != *" fp32-ft$n "* ]] || control=(--control "fp32-ft$n")
+python -m fairseq_qplugin.results --out "$exp/methods.md" --plot "$exp/methods.png" ${control[@]+"${control[@]}"} "${table[@]}"

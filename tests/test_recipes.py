@@ -211,6 +211,25 @@ def test_results_keeps_the_name_checkpoint_gendir_rows(pipeline, tmp_path):
     assert is_png(tmp_path / "p.png")
 
 
+def test_results_control_columns(pipeline, tmp_path):
+    exp, _ = pipeline
+    out = tmp_path / "t.md"
+    sh("-c", f"cd {ROOT} && python -m fairseq_qplugin.results --exp-dir {exp} --control int8-w4 --out {out} "
+             f"--plot {tmp_path / 'p.png'}")
+    rows = read_table(out)
+    bleu = {name: float(r["BLEU"]) for name, r in rows.items()}
+    assert float(rows["km-w4"]["Δ vs int8-w4"]) == pytest.approx(bleu["km-w4"] - bleu["int8-w4"], abs=0.011)
+    if bleu["int8-w4"]:  # the tiny pipeline's BLEU may be 0
+        assert float(rows["km-w4"]["% of int8-w4"].rstrip("%")) == pytest.approx(
+            100 * bleu["km-w4"] / bleu["int8-w4"], abs=0.051)
+    assert rows["int8-w4"]["Δ vs int8-w4"] == ""
+    assert rows["int8-w4"]["% of int8-w4"] == ("100.0%" if bleu["int8-w4"] else "n/a")
+    assert rows["fp32"]["Δ vs int8-w4"] == "" and rows["fp32"]["% of int8-w4"] == ""
+    proc, _ = sh("-c", f"cd {ROOT} && python -m fairseq_qplugin.results --exp-dir {exp} --control nope "
+                       f"--out {tmp_path / 'u.md'}", check=False)
+    assert proc.returncode != 0 and "--control nope is not among the rows" in proc.stdout, proc.stdout
+
+
 # ---- bad input: a clear message before any long work -------------------------------------------
 
 def test_missing_input_file(pipeline, tmp_path):
