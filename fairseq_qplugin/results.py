@@ -146,7 +146,7 @@ def table(rows: List[Row], control: Optional[str] = None) -> str:
     if control is not None:
         ctrl = next((r for r in rows if r.name == control), None)
         if ctrl is None:
-            raise SystemExit(f"error: --control {control} is not among the rows: {', '.join(r.name for r in rows)}")
+            raise ValueError(f"control row {control!r} is not among the rows: {', '.join(r.name for r in rows)}")
     ctrl_head = f" Δ vs {ctrl.name} | % of {ctrl.name} |" if ctrl else ""
     lines = [
         f"| model | method | configuration | BLEU | Δ BLEU vs {base.name} | % of baseline |{ctrl_head} "
@@ -258,6 +258,9 @@ def main(argv=None):
             if not name or not ckpt or not gen:
                 parser.error(f"row {spec!r} is not NAME=CHECKPOINT:GEN_DIR")
             specs.append((name, ckpt, Path(gen)))
+    names = [name for name, _, _ in specs]
+    if args.control is not None and args.control not in names:
+        parser.error(f"--control {args.control} is not among the rows: {', '.join(names)}")
     for name, ckpt, gen in specs:
         for p in (Path(ckpt), gen / "bleu.txt"):
             if not p.exists():

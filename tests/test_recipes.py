@@ -201,22 +201,25 @@ def test_rerunning_finished_steps_does_no_work(pipeline):
     assert mtimes(exp) == before
 
 
+def results_table(tmp_path, args: str, check=True):
+    """Run ``python -m fairseq_qplugin.results ARGS`` into tmp_path; (process, rows of its table)."""
+    out = tmp_path / "t.md"
+    proc, _ = sh("-c", f"cd {ROOT} && python -m fairseq_qplugin.results --out {out} --plot {tmp_path / 'p.png'} {args}",
+                 check=check)
+    return proc, read_table(out) if proc.returncode == 0 else None
+
+
 def test_results_keeps_the_name_checkpoint_gendir_rows(pipeline, tmp_path):
     exp, _ = pipeline
-    out = tmp_path / "t.md"
-    sh("-c", f"cd {ROOT} && python -m fairseq_qplugin.results --out {out} --plot {tmp_path / 'p.png'} "
-             f"base={exp}/fp32/checkpoint_best.pt:{exp}/gen/fp32 q4={exp}/int8-w4/checkpoint_best.pt:{exp}/gen/int8-w4")
-    rows = read_table(out)
+    _, rows = results_table(tmp_path, f"base={exp}/fp32/checkpoint_best.pt:{exp}/gen/fp32 "
+                                      f"q4={exp}/int8-w4/checkpoint_best.pt:{exp}/gen/int8-w4")
     assert list(rows) == ["base", "q4"] and rows["q4"]["Δ BLEU vs base"].startswith(("+", "-"))
     assert is_png(tmp_path / "p.png")
 
 
 def test_results_control_columns(pipeline, tmp_path):
     exp, _ = pipeline
-    out = tmp_path / "t.md"
-    sh("-c", f"cd {ROOT} && python -m fairseq_qplugin.results --exp-dir {exp} --control int8-w4 --out {out} "
-             f"--plot {tmp_path / 'p.png'}")
-    rows = read_table(out)
+    _, rows = results_table(tmp_path, f"--exp-dir {exp} --control int8-w4")
     bleu = {name: float(r["BLEU"]) for name, r in rows.items()}
     assert float(rows["km-w4"]["Δ vs int8-w4"]) == pytest.approx(bleu["km-w4"] - bleu["int8-w4"], abs=0.011)
     if bleu["int8-w4"]:  # the tiny pipeline's BLEU may be 0
@@ -225,8 +228,7 @@ def test_results_control_columns(pipeline, tmp_path):
     assert rows["int8-w4"]["Δ vs int8-w4"] == ""
     assert rows["int8-w4"]["% of int8-w4"] == ("100.0%" if bleu["int8-w4"] else "n/a")
     assert rows["fp32"]["Δ vs int8-w4"] == "" and rows["fp32"]["% of int8-w4"] == ""
-    proc, _ = sh("-c", f"cd {ROOT} && python -m fairseq_qplugin.results --exp-dir {exp} --control nope "
-                       f"--out {tmp_path / 'u.md'}", check=False)
+    proc, _ = results_table(tmp_path, f"--exp-dir {exp} --control nope", check=False)
     assert proc.returncode != 0 and "--control nope is not among the rows" in proc.stdout, proc.stdout
 
 
