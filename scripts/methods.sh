@@ -17,9 +17,10 @@
 # Steps already done are skipped. DEMO_DIR as for demo.sh; METHODS_UPDATES (default 150) sets the
 # fine-tuning length of every row (and names the control fp32-ft<N>), PNR_PERIOD (default 25) the
 # pNR sync period of the BCQ rows, FP32_CKPT (default DEMO_DIR/fp32/checkpoint_best.pt) the start,
-# METHODS_LR (default 0.0005) the peak learning rate, METHODS_SCHEDULE (default inverse_sqrt, the
-# demo's) the lr schedule: `cosine` anneals it to 0 at the last update, so the final pNR sync and the
-# control both end where the learning rate is ~0 (METHODS_WARMUP, default 20, warmup updates).
+# METHODS_LR and METHODS_WARMUP the peak learning rate and warmup updates (default: the demo's
+# qat_schedule in scripts/demo_model.sh), METHODS_SCHEDULE (default inverse_sqrt, the demo's) the lr
+# schedule: `cosine` anneals it to 0 at the last update, so the final pNR sync and the control both
+# end where the learning rate is ~0.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
@@ -29,7 +30,9 @@ log() { echo "$(date '+%F %T') | methods | $*" >&2; }
 source scripts/demo_model.sh
 fp32=${FP32_CKPT:-$exp/fp32/checkpoint_best.pt}
 n=${METHODS_UPDATES:-150}
-schedule=(--lr "${METHODS_LR:-0.0005}" --warmup "${METHODS_WARMUP:-20}")
+schedule=()  # overrides of the demo's qat_schedule
+[ -z "${METHODS_LR:-}" ] || schedule+=(--lr "$METHODS_LR")
+[ -z "${METHODS_WARMUP:-}" ] || schedule+=(--warmup "$METHODS_WARMUP")
 case ${METHODS_SCHEDULE:-inverse_sqrt} in
     inverse_sqrt) sched_flags=() ;;
     cosine) sched_flags=(--lr-scheduler cosine) ;;
@@ -68,7 +71,7 @@ for name in "${selected[@]}"; do
     log "$name: $arch $flags"
     # shellcheck disable=SC2086  # flags are words
     recipes/train.sh --data "$exp/data/bin" --save-dir "$exp/$name" --arch "$arch" --finetune-from "$fp32" \
-        "${qat_schedule[@]}" "${schedule[@]}" --max-update "$updates" -- "${model[@]}" \
+        "${qat_schedule[@]}" ${schedule[@]+"${schedule[@]}"} --max-update "$updates" -- "${model[@]}" \
         ${sched_flags[@]+"${sched_flags[@]}"} $flags
     recipes/generate.sh --data "$exp/data/bin" --checkpoint "$exp/$name/checkpoint_best.pt" \
         --raw-ref "$exp/data/raw/test.de" --out "$exp/gen/$name" --beam 5
