@@ -137,16 +137,11 @@ def _fmt(x: Optional[float], spec: str) -> str:
     return "n/a" if x is None else format(x, spec)
 
 
-def table(rows: List[Row], control: Optional[str] = None) -> str:
-    """Markdown table; the first row is the baseline. ``control`` names a row (the fp32 model trained
-    as long as the quantized ones, without quantization) that gets its own Δ and % columns."""
+def table(rows: List[Row], ctrl: Optional[Row] = None) -> str:
+    """Markdown table; the first row is the baseline. ``ctrl``, one of the rows (the fp32 model trained
+    as long as the quantized ones, without quantization), gets its own Δ and % columns."""
     base = rows[0]
     base_bytes = base.summary["fp32_bytes"]
-    ctrl = None
-    if control is not None:
-        ctrl = next((r for r in rows if r.name == control), None)
-        if ctrl is None:
-            raise ValueError(f"control row {control!r} is not among the rows: {', '.join(r.name for r in rows)}")
     ctrl_head = f" Δ vs {ctrl.name} | % of {ctrl.name} |" if ctrl else ""
     lines = [
         f"| model | method | configuration | BLEU | Δ BLEU vs {base.name} | % of baseline |{ctrl_head} "
@@ -274,7 +269,7 @@ def main(argv=None):
         with torch.no_grad():
             summary = checkpoint_summary(ckpt)
         rows.append(Row(name, summary, *gen_scores(gen)))
-    text = table(rows, args.control)
+    text = table(rows, next((r for r in rows if r.name == args.control), None))
     sys.stdout.write(text)
     if args.out:
         args.out.write_text(text)
