@@ -69,6 +69,33 @@ def test_requantizing_a_quantized_weight_changes_nothing(bits, group_size):
     assert torch.equal(quantize(w_hat, spec).dequantize(), w_hat)
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("group_size", [0, 64])
+def test_warm_start_never_moves_a_code_farther_than_it_was_moved(bits, group_size):
+    """pNR: a sync quantizes the code of the last sync plus a few updates. Started from the last
+    code, the result is no farther from the weights than that code is; a fresh search is (the
+    levels of an alternating code are not ordered as greedy assumes), which made every pNR sync
+    cost about as much as quantizing from scratch."""
+    g = torch.Generator().manual_seed(bits)
+    spec = QuantSpec("bcq", bits, group_size=group_size)
+    code = quantize(torch.randn(64, 256, generator=g) * 0.05, spec)
+    w = code.dequantize() + 1e-3 * torch.randn(64, 256, generator=g)
+    moved = (w - code.dequantize()).norm(dim=1)
+    warm = (quantize(w, spec, code).dequantize() - w).norm(dim=1)
+    assert (warm <= moved * (1 + 1e-4)).all()
+    if bits > 2:
+        assert ((quantize(w, spec).dequantize() - w).norm(dim=1) > 2 * moved).float().mean() > 0.5
+    row_bits = torch.tensor([bits, 1, 2] * 21 + [bits], dtype=torch.int8)
+    code = quantize_bcq_rows(code.dequantize(), row_bits, spec)
+    w = code.dequantize() + 1e-3 * torch.randn(64, 256, generator=g)
+    warm = quantize_bcq_rows(w, row_bits, spec, code).dequantize()
+    assert ((warm - w).norm(dim=1) <= (w - code.dequantize()).norm(dim=1) * (1 + 1e-4)).all()
+    with pytest.raises(QuantConfigError, match="does not fit"):
+        quantize(w[:32], spec, quantize(w, spec))
+    with pytest.raises(QuantConfigError, match="only bcq"):
+        quantize(w, QuantSpec("int", 8), quantize(w, spec))
+
+
 @pytest.mark.parametrize("bits", [1, 2, 3, 4])
 def test_at_most_2_pow_q_levels_per_row_or_group(bits):
     w = tensors()["gaussian"]

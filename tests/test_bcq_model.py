@@ -173,6 +173,22 @@ def test_pnr_eval_and_state_dict_are_the_quantized_model(dict_dir):
     assert torch.equal(fc1.weight, state["decoder.layers.0.fc1.weight"])
 
 
+@pytest.mark.parametrize("arch,flags", [("transformer_bcq", ["--bcq-bits", 3]),
+                                        ("transformer_bcq_paper", ["--share-all-embeddings"])])
+def test_a_pnr_sync_moves_weights_no_farther_than_training_moved_them(dict_dir, arch, flags):
+    """Each sync warm-starts from the last one's code: it never undoes more than the updates since."""
+    model, _, _ = build(dict_dir, *flags, arch=arch)
+    opt = build_pnr(model, period=3)
+    train_steps(model, opt, 3)  # synced at update 3
+    synced = [p.detach().clone() for p in opt.quantized]
+    train_steps(model, opt, 2, seed=3)
+    before = [p.detach().clone() for p in opt.quantized]
+    opt.sync("test")
+    for p, s, b in zip(opt.quantized, synced, before):
+        assert (p - b).norm() <= (b - s).norm() * (1 + 1e-4)
+        assert not torch.equal(b, s)
+
+
 def test_pnr_optimizer_state_round_trip_keeps_the_schedule(dict_dir):
     model, _, _ = build(dict_dir, "--bcq-bits", 2)
     opt = build_pnr(model, period=4)

@@ -24,7 +24,9 @@ class WeightQuantizer(nn.Module):
 
     ``pnr`` (set by the pNR optimizer wrapper, ``optim/pnr.py``): the training forward uses the
     latent weight as is, in full precision; ``sync_`` replaces it in place by its quantized value.
-    Evaluation and ``state_dict`` still see the quantized weight.
+    Evaluation and ``state_dict`` still see the quantized weight. A BCQ search warm-starts from the
+    last sync's code (``quantize_bcq``'s ``init``), so a sync never moves the weight farther than the
+    distance to that code, and a resumed run (whose weights are codes) continues from the same ones.
 
     Subclasses with their own training parametrization (k-means codebooks, pruning masks:
     modules/kmeans.py) override ``forward`` and the methods below; ``trains_latent = False`` freezes
@@ -39,10 +41,11 @@ class WeightQuantizer(nn.Module):
         self.pnr = False
         self._cache = None
         self._synced = None  # (data pointer, version) of the weight right after its last sync
+        self._warm = None  # pNR, bcq: the code of the last sync, the next search's starting point
 
     def quantized(self, w: torch.Tensor) -> QuantizedWeight:
         """The quantized weight object (codes and parameters) of a 2-D tensor: what the packed export stores."""
-        return quantize(w.detach(), self.spec)
+        return quantize(w.detach(), self.spec, self._warm)
 
     def average_bits(self) -> float:
         """Bits per weight of the codes alone (without scales)."""
@@ -64,6 +67,8 @@ class WeightQuantizer(nn.Module):
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and w.requires_grad:
             self._cache = self._synced = None  # a training step follows (which may update w through w.data)
+            if self.pnr and self._warm is None and self.spec.method == "bcq":
+                self._warm = self.quantized(w)  # the code of the starting weight (exactly it after a resume)
             return w if self.pnr else self.fake_quantize(w)
         key = (w.data_ptr(), w._version)
         if self._cache is None or self._cache[0] != key:
@@ -76,7 +81,10 @@ class WeightQuantizer(nn.Module):
         A weight left unchanged since its last sync (no training forward, same version) is skipped."""
         if self._synced == (w.data_ptr(), w._version):
             return
-        w.copy_(self.quantized(w).dequantize().to(w.dtype))
+        qw = self.quantized(w)
+        w.copy_(qw.dequantize().to(w.dtype))
+        if self._warm is not None:
+            self._warm = qw
         self._synced = (w.data_ptr(), w._version)
         self._cache = (self._synced, w.detach())
 
@@ -102,7 +110,7 @@ class RowBitsQuantizer(WeightQuantizer):
         self.register_buffer("row_bits", row_bits.to(torch.int8), persistent=False)
 
     def quantized(self, w: torch.Tensor) -> QuantizedWeight:
-        return quantize_bcq_rows(w.detach(), self.row_bits, self.spec)
+        return quantize_bcq_rows(w.detach(), self.row_bits, self.spec, self._warm)
 
     def average_bits(self) -> float:
         return self.row_bits.float().mean().item()

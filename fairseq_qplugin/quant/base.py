@@ -10,7 +10,7 @@ Methods register a quantize function and a QuantizedWeight class in ``METHODS``.
 "per channel" always means one set of parameters per row.
 """
 from dataclasses import MISSING, dataclass, fields
-from typing import Callable, ClassVar, Dict, NamedTuple, Tuple, Type
+from typing import Callable, ClassVar, Dict, NamedTuple, Optional, Tuple, Type
 
 import torch
 
@@ -134,12 +134,17 @@ def resolve(spec: QuantSpec) -> QuantSpec:
     return spec
 
 
-def quantize(w: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
-    """Quantize a 2-D float tensor; the result's ``dequantize()`` has ``w``'s shape and dtype."""
+def quantize(w: torch.Tensor, spec: QuantSpec, init: Optional[QuantizedWeight] = None) -> QuantizedWeight:
+    """Quantize a 2-D float tensor; the result's ``dequantize()`` has ``w``'s shape and dtype.
+    ``init``: an earlier code of the same tensor to warm-start the search from (bcq only)."""
     if w.dim() != 2:
         raise QuantConfigError(f"only 2-D weights are quantized, got shape {tuple(w.shape)}")
     spec = resolve(spec)
-    return METHODS[spec.method].quantize(w.detach(), spec)
+    if init is None:
+        return METHODS[spec.method].quantize(w.detach(), spec)
+    if spec.method != "bcq":
+        raise QuantConfigError(f"only bcq codes can be warm-started, not {spec.method!r}")
+    return METHODS[spec.method].quantize(w.detach(), spec, init)
 
 
 def fake_quantize(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:

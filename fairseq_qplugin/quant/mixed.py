@@ -6,7 +6,7 @@ and gets ``b - i`` bits. With b = 4: r = 1 -> 2.5 average bits, r = 2 -> 1.73, r
 r = 8 -> 1.14. An embedding row is a word, and so is a row of the output projection.
 """
 from dataclasses import dataclass, field, replace
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 
@@ -47,8 +47,10 @@ def mixed_storage_bits(row_bits: torch.Tensor, cols: int, group_size: int) -> in
     return used * cols + used * (cols // group_size if group_size else 1) * 16 + 8 * row_bits.numel()
 
 
-def quantize_bcq_rows(w: torch.Tensor, row_bits: torch.Tensor, spec: QuantSpec) -> MixedBCQWeight:
-    """BCQ (``spec``'s search, rounds and group size) with ``row_bits[r]`` bits for row r of w [rows, cols]."""
+def quantize_bcq_rows(w: torch.Tensor, row_bits: torch.Tensor, spec: QuantSpec,
+                      init: Optional[MixedBCQWeight] = None) -> MixedBCQWeight:
+    """BCQ (``spec``'s search, rounds and group size) with ``row_bits[r]`` bits for row r of w [rows, cols];
+    ``init``: an earlier code of w with the same row bits, warm-starting the search (``quantize_bcq``)."""
     if spec.method != "bcq" or spec.granularity != "channel":
         raise QuantConfigError("per-row bits need method 'bcq' with granularity 'channel'")
     bits = row_bits.to(device=w.device, dtype=torch.long)
@@ -58,7 +60,9 @@ def quantize_bcq_rows(w: torch.Tensor, row_bits: torch.Tensor, spec: QuantSpec) 
     alpha = torch.zeros(b, w.shape[0], groups, device=w.device)
     for k in bits.unique().tolist():
         rows = (bits == k).nonzero().squeeze(1)
-        part = quantize_bcq(w[rows], replace(spec, bits=k))
+        warm = None if init is None else BCQWeight(planes=init.planes[:k, rows], alpha=init.alpha[:k, rows],
+                                                   group_size=spec.group_size)
+        part = quantize_bcq(w[rows], replace(spec, bits=k), warm)
         planes[:k, rows], alpha[:k, rows] = part.planes, part.alpha
     return MixedBCQWeight(planes=planes, alpha=alpha, group_size=spec.group_size, row_bits=bits.to(torch.int8))
 
