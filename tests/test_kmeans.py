@@ -147,22 +147,30 @@ def test_kmeans_assignments_stay_fixed_and_centroid_gradient_is_sum_of_members()
         assert levels(q(w).detach(), granularity) <= 4
 
 
-def test_kmeans_reclusters_periodically():
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+def test_kmeans_reclustering_follows_the_latent_weight(granularity):
+    """With re-clustering the latent weight trains, every update takes its nearest centroid (so the
+    loss responds to it), and every N updates Lloyd refits the centroids."""
     w = torch.nn.Parameter(gaussian(8, 50))
-    q = KMeansQuantizer(QuantSpec(method="kmeans", bits=2), w.shape, recluster_interval=2).train()
+    q = KMeansQuantizer(QuantSpec(method="kmeans", bits=2, granularity=granularity), w.shape,
+                        recluster_interval=2).train()
     assert q.trains_latent
     opt = torch.optim.SGD([w, q.centroid_delta], lr=1.0)
     target = torch.randn(8, 50) * 0.1
-    indices = []
+    centroids = []
     for update in range(5):
         q.set_num_updates(update)
-        ((q(w) - target) ** 2).sum().backward()
+        value = q(w)
+        codebook = q.codebook().detach().reshape(8 if granularity == "channel" else 1, 1, -1)
+        gaps = (w.detach().reshape(codebook.shape[0], -1, 1) - codebook).abs()
+        assert torch.allclose((value.detach() - w.detach()).abs().reshape(gaps.shape[:2]), gaps.amin(-1))
+        ((value - target) ** 2).sum().backward()
         assert w.grad is not None
         opt.step()
         opt.zero_grad()
-        indices.append(q.indices.clone())
-    assert torch.equal(indices[0], indices[1]) and not torch.equal(indices[1], indices[2])
-    assert torch.equal(indices[2], indices[3]) and not torch.equal(indices[3], indices[4])
+        centroids.append(q.centroids.clone())
+    assert torch.equal(centroids[0], centroids[1]) and not torch.equal(centroids[1], centroids[2])
+    assert torch.equal(centroids[2], centroids[3]) and not torch.equal(centroids[3], centroids[4])
 
 
 def test_magnitude_mask_is_exact_and_only_grows():

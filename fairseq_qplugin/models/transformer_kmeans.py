@@ -44,7 +44,8 @@ class KMeansConfig(QuantPartsConfig):
     kmeans_recluster_interval: int = field(
         default=0,
         metadata={"help": "kmeans: every N updates cluster the weights again; the latent fp32 weights then also "
-                          "train (straight-through). 0: cluster once, train only the centroids"},
+                          "train (straight-through) and take their nearest centroid at every update. 0: cluster "
+                          "once, train only the centroids"},
     )
     prune_schedule: str = field(
         default="",

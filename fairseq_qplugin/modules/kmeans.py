@@ -11,7 +11,8 @@ it (a plain one, or another method's) is accepted and the state is rebuilt from 
   members' gradients (the poster's retraining). The clustering itself is written only into
   buffers, never into a Parameter, so it is safe under any optimizer wrapper (fp16 master copies).
   The latent weight is frozen, unless periodic re-clustering is on: then it also trains
-  (straight-through) and every N updates it is clustered again, warm-started from the codebook.
+  (straight-through), takes its nearest centroid at every update, and every N updates it is
+  clustered again (Lloyd, warm-started from the codebook).
 - ``BSFlexQuantizer``: 1 bit, two centroids per tensor or row; each update every weight takes its
   nearer centroid and the centroids become the means of their members, so weights change cluster
   as the latent weight (straight-through) moves. ``fixed=True`` keeps the initial centroids (the
@@ -29,6 +30,7 @@ import torch
 from torch import nn
 
 from ..quant import KMeansWeight, PruneSchedule, QuantSpec, SparseWeight, bsflex_init, bsflex_step, kmeans_weight
+from ..quant.kmeans import nearest
 from ..quant.pruning import magnitude_mask, pruned_count
 from .qmodules import WeightQuantizer
 
@@ -171,7 +173,7 @@ class KMeansQuantizer(MaskedWeightQuantizer):
         self.centroid_delta = nn.Parameter(torch.zeros(codebook_shape))
         self.recluster_interval, self.iters = recluster_interval, iters
         self.trains_latent = recluster_interval > 0
-        self._ready, self._reclustered_at = False, None
+        self._ready, self._reclustered_at, self._assigned = False, None, None
 
     def codebook(self) -> torch.Tensor:
         return self.centroids + self.centroid_delta
@@ -186,10 +188,26 @@ class KMeansQuantizer(MaskedWeightQuantizer):
     def follow_schedule(self, w: torch.Tensor):
         super().follow_schedule(w)
         n = self.num_updates
-        if self.trains_latent and self._ready and n > 0 and n % self.recluster_interval == 0 \
-                and n != self._reclustered_at:
+        if not (self.trains_latent and self._ready) or self._assigned == (w._version, n):
+            return
+        if n > 0 and n % self.recluster_interval == 0 and n != self._reclustered_at:
             self.initialize(w, init=self.codebook().detach())
             self._reclustered_at = n
+        else:
+            self.reassign(w)
+        self._assigned = (w._version, n)
+
+    def reassign(self, w: torch.Tensor):
+        """Re-clustering mode, every training update: each latent weight takes its nearest centroid, so
+        the forward follows the latent weight between re-clusterings. (With fixed assignments it
+        would not: the straight-through latent weight would then get the same gradient for N updates
+        without any effect on the loss, and drift until the next re-clustering; on the demo model the
+        loss went from 5.1 to 10.6 within three re-clusterings.)"""
+        k = 2**self.spec.bits
+        groups = self.shape[0] if self.centroids.dim() == 2 else 1
+        ascending, order = self.codebook().detach().reshape(groups, k).sort(-1)
+        idx = order.gather(1, nearest(w.reshape(groups, -1).float(), ascending))
+        self.indices.copy_(idx.reshape(self.shape))
 
     def prune_scores(self, w: torch.Tensor) -> torch.Tensor:
         return w if self.trains_latent else self.value(w, train=False)
