@@ -81,19 +81,19 @@ def test_warm_start_never_moves_a_code_farther_than_it_was_moved(bits, group_siz
     code = quantize(torch.randn(64, 256, generator=g) * 0.05, spec)
     w = code.dequantize() + 1e-3 * torch.randn(64, 256, generator=g)
     moved = (w - code.dequantize()).norm(dim=1)
-    warm = (quantize(w, spec, code).dequantize() - w).norm(dim=1)
+    warm = (quantize(w, spec, code.alpha).dequantize() - w).norm(dim=1)
     assert (warm <= moved * (1 + 1e-4)).all()
     if bits > 2:
         assert ((quantize(w, spec).dequantize() - w).norm(dim=1) > 2 * moved).float().mean() > 0.5
     row_bits = torch.tensor([bits, 1, 2] * 21 + [bits], dtype=torch.int8)
     code = quantize_bcq_rows(code.dequantize(), row_bits, spec)
     w = code.dequantize() + 1e-3 * torch.randn(64, 256, generator=g)
-    warm = quantize_bcq_rows(w, row_bits, spec, code).dequantize()
+    warm = quantize_bcq_rows(w, row_bits, spec, code.alpha).dequantize()
     assert ((warm - w).norm(dim=1) <= (w - code.dequantize()).norm(dim=1) * (1 + 1e-4)).all()
     with pytest.raises(QuantConfigError, match="does not fit"):
-        quantize(w[:32], spec, quantize(w, spec))
+        quantize(w[:32], spec, quantize(w, spec).alpha)
     with pytest.raises(QuantConfigError, match="only bcq"):
-        quantize(w, QuantSpec("int", 8), quantize(w, spec))
+        quantize(w, QuantSpec("int", 8), quantize(w, spec).alpha)
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4])

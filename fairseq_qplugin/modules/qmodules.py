@@ -25,7 +25,7 @@ class WeightQuantizer(nn.Module):
     ``pnr`` (set by the pNR optimizer wrapper, ``optim/pnr.py``): the training forward uses the
     latent weight as is, in full precision; ``sync_`` replaces it in place by its quantized value.
     Evaluation and ``state_dict`` still see the quantized weight. A BCQ search warm-starts from the
-    last sync's code (``quantize_bcq``'s ``init``), so a sync never moves the weight farther than the
+    last sync's code (``quantize_bcq``'s ``init_alpha``), so a sync never moves the weight farther than the
     distance to that code, and a resumed run (whose weights are codes) continues from the same ones.
 
     Subclasses with their own training parametrization (k-means codebooks, pruning masks:
@@ -41,7 +41,7 @@ class WeightQuantizer(nn.Module):
         self.pnr = False
         self._cache = None
         self._synced = None  # (data pointer, version) of the weight right after its last sync
-        self._warm = None  # pNR, bcq: the code of the last sync, the next search's starting point
+        self._warm = None  # pNR, bcq: the scales of the last sync's code, the next search's starting point
 
     def quantized(self, w: torch.Tensor) -> QuantizedWeight:
         """The quantized weight object (codes and parameters) of a 2-D tensor: what the packed export stores."""
@@ -68,7 +68,7 @@ class WeightQuantizer(nn.Module):
         if torch.is_grad_enabled() and w.requires_grad:
             self._cache = self._synced = None  # a training step follows (which may update w through w.data)
             if self.pnr and self._warm is None and self.spec.method == "bcq":
-                self._warm = self.quantized(w)  # the code of the starting weight (exactly it after a resume)
+                self._warm = self.quantized(w).alpha  # of the starting weight's code (exactly it after a resume)
             return w if self.pnr else self.fake_quantize(w)
         key = (w.data_ptr(), w._version)
         if self._cache is None or self._cache[0] != key:
@@ -84,7 +84,7 @@ class WeightQuantizer(nn.Module):
         qw = self.quantized(w)
         w.copy_(qw.dequantize().to(w.dtype))
         if self._warm is not None:
-            self._warm = qw
+            self._warm = qw.alpha
         self._synced = (w.data_ptr(), w._version)
         self._cache = (self._synced, w.detach())
 

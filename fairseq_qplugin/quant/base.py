@@ -134,17 +134,17 @@ def resolve(spec: QuantSpec) -> QuantSpec:
     return spec
 
 
-def quantize(w: torch.Tensor, spec: QuantSpec, init: Optional[QuantizedWeight] = None) -> QuantizedWeight:
+def quantize(w: torch.Tensor, spec: QuantSpec, init_alpha: Optional[torch.Tensor] = None) -> QuantizedWeight:
     """Quantize a 2-D float tensor; the result's ``dequantize()`` has ``w``'s shape and dtype.
-    ``init``: an earlier code of the same tensor to warm-start the search from (bcq only)."""
+    ``init_alpha``: the scales of an earlier code of the same tensor, to warm-start the search (bcq only)."""
     if w.dim() != 2:
         raise QuantConfigError(f"only 2-D weights are quantized, got shape {tuple(w.shape)}")
     spec = resolve(spec)
-    if init is None:
+    if init_alpha is None:
         return METHODS[spec.method].quantize(w.detach(), spec)
     if spec.method != "bcq":
         raise QuantConfigError(f"only bcq codes can be warm-started, not {spec.method!r}")
-    return METHODS[spec.method].quantize(w.detach(), spec, init)
+    return METHODS[spec.method].quantize(w.detach(), spec, init_alpha)
 
 
 def fake_quantize(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:

@@ -169,12 +169,12 @@ def row_errors(x: torch.Tensor, planes: torch.Tensor, alpha: torch.Tensor) -> to
     return (((planes.double() * 2 - 1) * alpha[..., None]).sum(0) - x).square().sum(-1)
 
 
-def quantize_bcq(w: torch.Tensor, spec: QuantSpec, init: Optional[BCQWeight] = None) -> BCQWeight:
+def quantize_bcq(w: torch.Tensor, spec: QuantSpec, init_alpha: Optional[torch.Tensor] = None) -> BCQWeight:
     """Greedy or alternating BCQ of each row (or group, or the whole tensor); from 2 bits up, a row that
     already is a q-bit code is decoded exactly instead (see ``decode_levels``).
 
-    ``init``: an earlier code of the same tensor (a pNR sync's). Alternating then also starts from its
-    scales, and each row keeps the better of the two results, so the new code is never farther from
+    ``init_alpha``: the scales of an earlier code of the same tensor (a pNR sync's). Alternating then
+    also starts from the nearest codes for them, and each row keeps the better of the two results, so the new code is never farther from
     ``w`` than the old one is. Greedy alone does not have this property near a code: the levels of an
     alternating code are not ordered as greedy assumes, and a fresh search from a slightly moved code
     typically lands on a worse one (on the demo model at 3 bits, 0.19 -> 0.25 relative error)."""
@@ -191,12 +191,12 @@ def quantize_bcq(w: torch.Tensor, spec: QuantSpec, init: Optional[BCQWeight] = N
         if spec.search == "alternating" and todo.any():
             todo = todo.nonzero().squeeze(1)
             planes[:, todo], alpha[:, todo] = alternate(x[todo], planes[:, todo], spec.rounds)
-            if init is not None:
-                if init.alpha.numel() != alpha.numel():
-                    raise QuantConfigError(f"bcq init: alpha {tuple(init.alpha.shape)} does not fit {spec.bits} bits "
+            if init_alpha is not None:
+                if init_alpha.numel() != alpha.numel():
+                    raise QuantConfigError(f"bcq init: alpha {tuple(init_alpha.shape)} does not fit {spec.bits} bits "
                                            f"over {len(x)} rows and groups")
                 part = x[todo]
-                warm = alternate(part, nearest_codes(part, init.alpha.double().reshape(spec.bits, -1)[:, todo]),
+                warm = alternate(part, nearest_codes(part, init_alpha.double().reshape(spec.bits, -1)[:, todo]),
                                  spec.rounds)
                 better = row_errors(part, *warm) < row_errors(part, planes[:, todo], alpha[:, todo])
                 planes[:, todo[better]], alpha[:, todo[better]] = warm[0][:, better], warm[1][:, better]

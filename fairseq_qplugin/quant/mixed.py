@@ -48,9 +48,9 @@ def mixed_storage_bits(row_bits: torch.Tensor, cols: int, group_size: int) -> in
 
 
 def quantize_bcq_rows(w: torch.Tensor, row_bits: torch.Tensor, spec: QuantSpec,
-                      init: Optional[MixedBCQWeight] = None) -> MixedBCQWeight:
+                      init_alpha: Optional[torch.Tensor] = None) -> MixedBCQWeight:
     """BCQ (``spec``'s search, rounds and group size) with ``row_bits[r]`` bits for row r of w [rows, cols];
-    ``init``: an earlier code of w with the same row bits, warm-starting the search (``quantize_bcq``)."""
+    ``init_alpha``: the scales of an earlier code of w with the same row bits (``quantize_bcq``)."""
     if spec.method != "bcq" or spec.granularity != "channel":
         raise QuantConfigError("per-row bits need method 'bcq' with granularity 'channel'")
     bits = row_bits.to(device=w.device, dtype=torch.long)
@@ -60,8 +60,7 @@ def quantize_bcq_rows(w: torch.Tensor, row_bits: torch.Tensor, spec: QuantSpec,
     alpha = torch.zeros(b, w.shape[0], groups, device=w.device)
     for k in bits.unique().tolist():
         rows = (bits == k).nonzero().squeeze(1)
-        warm = None if init is None else BCQWeight(planes=init.planes[:k, rows], alpha=init.alpha[:k, rows],
-                                                   group_size=spec.group_size)
+        warm = None if init_alpha is None else init_alpha[:k, rows]
         part = quantize_bcq(w[rows], replace(spec, bits=k), warm)
         planes[:k, rows], alpha[:k, rows] = part.planes, part.alpha
     return MixedBCQWeight(planes=planes, alpha=alpha, group_size=spec.group_size, row_bits=bits.to(torch.int8))
