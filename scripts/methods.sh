@@ -3,13 +3,14 @@
 # quantization-aware fine-tuning from exp/demo/fp32/checkpoint_best.pt (run scripts/demo.sh first),
 # then beam-5 translation of the test set, sacrebleu, and one table with the demo's rows.
 #
-#   bash scripts/methods.sh             # all rows (about 45 minutes on 2 CPU cores at 150 updates)
+#   bash scripts/methods.sh             # all rows (about an hour on 2 CPU cores at 150 updates)
 #   bash scripts/methods.sh bcq-w3 km-w4  # some rows
 #
 # Rows: bcq-w3 (uniform 3-bit BCQ, pNR), bcq-paper (the paper's mixed configuration, pNR),
 # bcq-w3-ste / bcq-paper-ste (the same without pNR: straight-through fake quantization at every
 # step, 2 alternating rounds), bcq-w2-alt / bcq-w2-greedy (2-bit BCQ, alternating vs greedy),
-# km-w4 (4-bit k-means), bsflex-selfattn (1-bit BS-Flex on self-attention only, two centroids per
+# km-w4 / km-w4-row (4-bit k-means, one codebook per tensor / per output row; km-w4-recluster: per
+# tensor, re-clustered every 50 updates), bsflex-selfattn (1-bit BS-Flex on self-attention only, two centroids per
 # tensor; bsflex-selfattn-row: per output row), prune50 (magnitude pruning 30% -> 50%),
 # and the controls fp32-ft100 / fp32-ft<N>: the fp32 model fine-tuned with the same schedule and no
 # quantization. The demo's fp32 model is small and not converged, so fine-tuning alone changes its
@@ -52,11 +53,13 @@ declare -A rows=(
     [bcq-w2-alt]="transformer_bcq|$n|--bcq-bits 2 $pnr"
     [bcq-w2-greedy]="transformer_bcq|$n|--bcq-bits 2 --bcq-search greedy $pnr"
     [km-w4]="transformer_kmeans|$n|--quant-method kmeans --quant-bits 4"
+    [km-w4-row]="transformer_kmeans|$n|--quant-method kmeans --quant-bits 4 --quant-granularity channel"
+    [km-w4-recluster]="transformer_kmeans|$n|--quant-method kmeans --quant-bits 4 --kmeans-recluster-interval 50"
     [bsflex-selfattn]="transformer_kmeans|$n|--quant-method bsflex --quant-include self_attn"
     [bsflex-selfattn-row]="transformer_kmeans|$n|--quant-method bsflex --quant-include self_attn --quant-granularity channel"
     [prune50]="transformer_kmeans|$n|--quant-method none --prune-schedule 0:0.3,$((n * 2 / 5)):0.5"
 )
-order=(fp32-ft100 "fp32-ft$n" bcq-w3 bcq-paper bcq-w3-ste bcq-paper-ste bcq-w2-alt bcq-w2-greedy km-w4 bsflex-selfattn bsflex-selfattn-row prune50)
+order=(fp32-ft100 "fp32-ft$n" bcq-w3 bcq-paper bcq-w3-ste bcq-paper-ste bcq-w2-alt bcq-w2-greedy km-w4 km-w4-row km-w4-recluster bsflex-selfattn bsflex-selfattn-row prune50)
 selected=("$@")
 [ ${#selected[@]} -gt 0 ] || selected=("${order[@]}")
 for name in "${selected[@]}"; do

@@ -127,3 +127,16 @@ def test_checkpoint_of_another_bit_width_is_reclustered(dict_dir):
 def test_bad_flags_name_the_flag(dict_dir, flags, match):
     with pytest.raises(QuantConfigError, match=match):
         build(dict_dir, *flags, arch=ARCH)
+
+
+def test_results_table_names_the_kmeans_configuration():
+    from argparse import Namespace
+
+    from fairseq_qplugin.results import describe
+
+    cfg = Namespace(arch="transformer_kmeans", quant_method="kmeans", quant_bits=4, quant_granularity="tensor",
+                    kmeans_recluster_interval=50)
+    assert describe(cfg) == ("k-means", "4-bit per-tensor, re-clustered every 50 updates")
+    cfg = Namespace(arch="transformer_kmeans", quant_method="bsflex", quant_granularity="channel",
+                    quant_include="self_attn")
+    assert describe(cfg) == ("BS-Flex", "1-bit, per-row centroids, only self_attn")
