@@ -11,7 +11,8 @@
 # step, 2 alternating rounds), bcq-w2-alt / bcq-w2-greedy (2-bit BCQ, alternating vs greedy),
 # km-w4 / km-w4-row (4-bit k-means, one codebook per tensor / per output row; km-w4-recluster: per
 # tensor, re-clustered every 50 updates), bsflex-selfattn (1-bit BS-Flex on self-attention only, two centroids per
-# tensor; bsflex-selfattn-row: per output row), prune50 (magnitude pruning 30% -> 50%),
+# tensor; bsflex-selfattn-row: per output row), prune50 (magnitude pruning 30% -> 50%;
+# prune50-layers: the same on the encoder and decoder layers only, embeddings dense),
 # and the controls fp32-ft100 / fp32-ft<N>: the fp32 model fine-tuned with the same schedule and no
 # quantization. The demo's fp32 model is small and not converged, so fine-tuning alone changes its
 # BLEU; the cost of a method is its BLEU against the control of the same length.
@@ -58,8 +59,9 @@ declare -A rows=(
     [bsflex-selfattn]="transformer_kmeans|$n|--quant-method bsflex --quant-include self_attn"
     [bsflex-selfattn-row]="transformer_kmeans|$n|--quant-method bsflex --quant-include self_attn --quant-granularity channel"
     [prune50]="transformer_kmeans|$n|--quant-method none --prune-schedule 0:0.3,$((n * 2 / 5)):0.5"
+    [prune50-layers]="transformer_kmeans|$n|--quant-method none --prune-schedule 0:0.3,$((n * 2 / 5)):0.5 --quant-include encoder,decoder --quant-exclude embeddings,output_projection"
 )
-order=(fp32-ft100 "fp32-ft$n" bcq-w3 bcq-paper bcq-w3-ste bcq-paper-ste bcq-w2-alt bcq-w2-greedy km-w4 km-w4-row km-w4-recluster bsflex-selfattn bsflex-selfattn-row prune50)
+order=(fp32-ft100 "fp32-ft$n" bcq-w3 bcq-paper bcq-w3-ste bcq-paper-ste bcq-w2-alt bcq-w2-greedy km-w4 km-w4-row km-w4-recluster bsflex-selfattn bsflex-selfattn-row prune50 prune50-layers)
 selected=("$@")
 [ ${#selected[@]} -gt 0 ] || selected=("${order[@]}")
 for name in "${selected[@]}"; do
