@@ -79,7 +79,8 @@ def describe(model_cfg) -> Tuple[str, str]:
         if qm == "kmeans":
             every = get("kmeans_recluster_interval")
             recluster = f", re-clustered every {every} updates" if every else ""
-            return "k-means", f"{get('quant_bits') or 4}-bit per-{get('quant_granularity', 'tensor')}{recluster}{where}{prune}"
+            conf = f"{get('quant_bits') or 4}-bit per-{get('quant_granularity', 'tensor')}"
+            return "k-means", f"{conf}{recluster}{where}{prune}"
         per = ", per-row centroids" if get("quant_granularity") == "channel" else ""
         return "BS-Flex" + (" (fixed)" if qm == "bsflex_fixed" else ""), f"1-bit{per}{where}{prune}"
     if arch.startswith("transformer_packed"):

@@ -10,9 +10,9 @@
 # bcq-w3-ste / bcq-paper-ste (the same without pNR: straight-through fake quantization at every
 # step, 2 alternating rounds), bcq-w2-alt / bcq-w2-greedy (2-bit BCQ, alternating vs greedy),
 # km-w4 / km-w4-row (4-bit k-means, one codebook per tensor / per output row; km-w4-recluster: per
-# tensor, re-clustered every 50 updates), bsflex-selfattn (1-bit BS-Flex on self-attention only, two centroids per
-# tensor; bsflex-selfattn-row: per output row), prune50 (magnitude pruning 30% -> 50%;
-# prune50-layers: the same on the encoder and decoder layers only, embeddings dense),
+# tensor, re-clustered every 50 updates), bsflex-selfattn (1-bit BS-Flex on self-attention only,
+# two centroids per tensor; bsflex-selfattn-row: per output row), prune50 (magnitude pruning
+# 30% -> 50%; prune50-layers: the same on the encoder and decoder layers only, embeddings dense),
 # and the controls fp32-ft100 / fp32-ft<N>: the fp32 model fine-tuned with the same schedule and no
 # quantization. The demo's fp32 model is small and not converged, so fine-tuning alone changes its
 # BLEU; the cost of a method is its BLEU against the control of the same length.
@@ -44,6 +44,7 @@ esac
 
 # name | arch | max updates | flags after the model flags
 pnr="--optimizer pnr_adam --pnr-period ${PNR_PERIOD:-25}"
+prune="--quant-method none --prune-schedule 0:0.3,$((n * 2 / 5)):0.5"
 declare -A rows=(
     [fp32-ft100]="transformer|100|"
     [fp32-ft$n]="transformer|$n|"
@@ -58,10 +59,11 @@ declare -A rows=(
     [km-w4-recluster]="transformer_kmeans|$n|--quant-method kmeans --quant-bits 4 --kmeans-recluster-interval 50"
     [bsflex-selfattn]="transformer_kmeans|$n|--quant-method bsflex --quant-include self_attn"
     [bsflex-selfattn-row]="transformer_kmeans|$n|--quant-method bsflex --quant-include self_attn --quant-granularity channel"
-    [prune50]="transformer_kmeans|$n|--quant-method none --prune-schedule 0:0.3,$((n * 2 / 5)):0.5"
-    [prune50-layers]="transformer_kmeans|$n|--quant-method none --prune-schedule 0:0.3,$((n * 2 / 5)):0.5 --quant-include encoder,decoder --quant-exclude embeddings,output_projection"
+    [prune50]="transformer_kmeans|$n|$prune"
+    [prune50-layers]="transformer_kmeans|$n|$prune --quant-include encoder,decoder --quant-exclude embeddings,output_projection"
 )
-order=(fp32-ft100 "fp32-ft$n" bcq-w3 bcq-paper bcq-w3-ste bcq-paper-ste bcq-w2-alt bcq-w2-greedy km-w4 km-w4-row km-w4-recluster bsflex-selfattn bsflex-selfattn-row prune50 prune50-layers)
+order=(fp32-ft100 "fp32-ft$n" bcq-w3 bcq-paper bcq-w3-ste bcq-paper-ste bcq-w2-alt bcq-w2-greedy
+       km-w4 km-w4-row km-w4-recluster bsflex-selfattn bsflex-selfattn-row prune50 prune50-layers)
 selected=("$@")
 [ ${#selected[@]} -gt 0 ] || selected=("${order[@]}")
 for name in "${selected[@]}"; do

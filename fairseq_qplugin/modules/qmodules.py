@@ -83,7 +83,7 @@ class WeightQuantizer(nn.Module):
             return
         qw = self.quantized(w)
         w.copy_(qw.dequantize().to(w.dtype))
-        if self._warm is not None:
+        if self._warm is not None:  # a bcq quantizer in pNR mode, set up by its first training forward
             self._warm = qw.alpha
         self._synced = (w.data_ptr(), w._version)
         self._cache = (self._synced, w.detach())
