@@ -7,8 +7,9 @@
 #   bash scripts/methods.sh bcq-w3 km-w4  # some rows
 #
 # Rows: bcq-w3 (uniform 3-bit BCQ, pNR), bcq-paper (the paper's mixed configuration, pNR),
-# bcq-w3-ste / bcq-paper-ste (the same without pNR: straight-through fake quantization at every
-# step, 2 alternating rounds), bcq-w2-alt / bcq-w2-greedy (2-bit BCQ, alternating vs greedy),
+# bcq-mix (2.79 average bits, mixed by word frequency and layer: $mix below, pNR), bcq-w3-ste /
+# bcq-paper-ste (the same without pNR: straight-through fake quantization at every step, 2
+# alternating rounds), bcq-w2-alt / bcq-w2-greedy (2-bit BCQ, alternating vs greedy),
 # km-w4 / km-w4-row (4-bit k-means, one codebook per tensor / per output row; km-w4-recluster: per
 # tensor, re-clustered every 50 updates), bsflex-selfattn (1-bit BS-Flex on self-attention only,
 # two centroids per tensor; bsflex-selfattn-row: per output row), prune50 (magnitude pruning
@@ -44,6 +45,8 @@ esac
 
 # name | arch | max updates | flags after the model flags
 pnr="--optimizer pnr_adam --pnr-period ${PNR_PERIOD:-25}"
+# 2.79 average bits: embedding 4/3/2/1 bits by word frequency, the top encoder FFN 2 bits, the rest 3
+mix="--bcq-embed-bits 4 --bcq-embed-freq-ratio 1 --bcq-bits 3 --bcq-layer-bits encoder.layers.2.fc1:2,encoder.layers.2.fc2:2"
 prune="--quant-method none --prune-schedule 0:0.3,$((n * 2 / 5)):0.5"
 declare -A rows=(
     [fp32-ft100]="transformer|100|"
@@ -52,6 +55,7 @@ declare -A rows=(
     [bcq-paper]="transformer_bcq_paper|$n|$pnr"
     [bcq-w3-ste]="transformer_bcq|$n|--bcq-bits 3 --bcq-rounds 2"
     [bcq-paper-ste]="transformer_bcq_paper|$n|--bcq-rounds 2"
+    [bcq-mix]="transformer_bcq|$n|$mix $pnr"
     [bcq-w2-alt]="transformer_bcq|$n|--bcq-bits 2 $pnr"
     [bcq-w2-greedy]="transformer_bcq|$n|--bcq-bits 2 --bcq-search greedy $pnr"
     [km-w4]="transformer_kmeans|$n|--quant-method kmeans --quant-bits 4"
@@ -62,7 +66,7 @@ declare -A rows=(
     [prune50]="transformer_kmeans|$n|$prune"
     [prune50-layers]="transformer_kmeans|$n|$prune --quant-include encoder,decoder --quant-exclude embeddings,output_projection"
 )
-order=(fp32-ft100 "fp32-ft$n" bcq-w3 bcq-paper bcq-w3-ste bcq-paper-ste bcq-w2-alt bcq-w2-greedy
+order=(fp32-ft100 "fp32-ft$n" bcq-w3 bcq-paper bcq-mix bcq-w3-ste bcq-paper-ste bcq-w2-alt bcq-w2-greedy
        km-w4 km-w4-row km-w4-recluster bsflex-selfattn bsflex-selfattn-row prune50 prune50-layers)
 selected=("$@")
 [ ${#selected[@]} -gt 0 ] || selected=("${order[@]}")
