@@ -8,8 +8,8 @@
 #
 # Rows: bcq-w3 (uniform 3-bit BCQ, pNR), bcq-paper (the paper's mixed configuration, pNR),
 # bcq-mix (2.79 average bits, mixed by word frequency and layer: $mix below, pNR), bcq-w3-ste /
-# bcq-paper-ste (the same without pNR: straight-through fake quantization at every step, 2
-# alternating rounds), bcq-w2-alt / bcq-w2-greedy (2-bit BCQ, alternating vs greedy),
+# bcq-paper-ste (bcq-w3 and bcq-paper without pNR: straight-through fake quantization at every
+# step, 2 alternating rounds), bcq-w2-alt / bcq-w2-greedy (2-bit BCQ, alternating vs greedy),
 # km-w4 / km-w4-row (4-bit k-means, one codebook per tensor / per output row; km-w4-recluster: per
 # tensor, re-clustered every 50 updates), bsflex-selfattn (1-bit BS-Flex on self-attention only,
 # two centroids per tensor; bsflex-selfattn-row: per output row), prune50 (magnitude pruning
@@ -46,7 +46,8 @@ esac
 # name | arch | max updates | flags after the model flags
 pnr="--optimizer pnr_adam --pnr-period ${PNR_PERIOD:-25}"
 # 2.79 average bits: embedding 4/3/2/1 bits by word frequency, the top encoder FFN 2 bits, the rest 3
-mix="--bcq-embed-bits 4 --bcq-embed-freq-ratio 1 --bcq-bits 3 --bcq-layer-bits encoder.layers.2.fc1:2,encoder.layers.2.fc2:2"
+mix="--bcq-embed-bits 4 --bcq-embed-freq-ratio 1 --bcq-bits 3"
+mix+=" --bcq-layer-bits encoder.layers.2.fc1:2,encoder.layers.2.fc2:2"
 prune="--quant-method none --prune-schedule 0:0.3,$((n * 2 / 5)):0.5"
 declare -A rows=(
     [fp32-ft100]="transformer|100|"
