@@ -25,8 +25,9 @@ class WeightQuantizer(nn.Module):
     ``pnr`` (set by the pNR optimizer wrapper, ``optim/pnr.py``): the training forward uses the
     latent weight as is, in full precision; ``sync_`` replaces it in place by its quantized value.
     Evaluation and ``state_dict`` still see the quantized weight. A BCQ search warm-starts from the
-    last sync's code (``quantize_bcq``'s ``init_alpha``), so a sync never moves the weight farther than the
-    distance to that code, and a resumed run (whose weights are codes) continues from the same ones.
+    last sync's code (its scales: ``quantize_bcq``'s ``init_alpha``), so a sync never moves the weight
+    farther than the distance to that code, and a resumed run (whose weights are codes) continues
+    from the same ones.
 
     Subclasses with their own training parametrization (k-means codebooks, pruning masks:
     modules/kmeans.py) override ``forward`` and the methods below; ``trains_latent = False`` freezes

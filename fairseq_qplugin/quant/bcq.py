@@ -175,9 +175,10 @@ def quantize_bcq(w: torch.Tensor, spec: QuantSpec, init_alpha: Optional[torch.Te
 
     ``init_alpha``: the scales of an earlier code of the same tensor (a pNR sync's). Alternating then
     also starts from the nearest codes for them, and each row keeps the better of the two results, so
-    the new code is never farther from ``w`` than the old one is. Greedy alone does not have this property near a code: the levels of an
-    alternating code are not ordered as greedy assumes, and a fresh search from a slightly moved code
-    typically lands on a worse one (on the demo model at 3 bits, 0.19 -> 0.25 relative error)."""
+    the new code is never farther from ``w`` than the old one is. Greedy alone does not have this
+    property near a code: the levels of an alternating code are not ordered as greedy assumes, and a
+    fresh search from a slightly moved code typically lands on a worse one (on the demo model at 3
+    bits, 0.19 -> 0.25 relative error)."""
     x = w.double() if spec.granularity == "channel" else w.double().reshape(1, -1)
     rows, cols = x.shape
     size = spec.group_size or cols
