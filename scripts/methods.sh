@@ -8,7 +8,7 @@
 #
 # Rows: bcq-w3 (uniform 3-bit BCQ, pNR), bcq-paper (the paper's mixed configuration, pNR),
 # bcq-mix (2.79 average bits, mixed by word frequency and layer: $mix below, pNR), bcq-w3-ste /
-# bcq-paper-ste (bcq-w3 and bcq-paper without pNR: straight-through fake quantization at every
+# bcq-paper-ste / bcq-mix-ste (bcq-w3, bcq-paper and bcq-mix without pNR: straight-through fake quantization at every
 # step, 2 alternating rounds), bcq-w2-alt / bcq-w2-greedy (2-bit BCQ, alternating vs greedy),
 # km-w4 / km-w4-row (4-bit k-means, one codebook per tensor / per output row; km-w4-recluster: per
 # tensor, re-clustered every 50 updates), bsflex-selfattn (1-bit BS-Flex on self-attention only,
@@ -57,6 +57,7 @@ declare -A rows=(
     [bcq-w3-ste]="transformer_bcq|$n|--bcq-bits 3 --bcq-rounds 2"
     [bcq-paper-ste]="transformer_bcq_paper|$n|--bcq-rounds 2"
     [bcq-mix]="transformer_bcq|$n|$mix $pnr"
+    [bcq-mix-ste]="transformer_bcq|$n|$mix --bcq-rounds 2"
     [bcq-w2-alt]="transformer_bcq|$n|--bcq-bits 2 $pnr"
     [bcq-w2-greedy]="transformer_bcq|$n|--bcq-bits 2 --bcq-search greedy $pnr"
     [km-w4]="transformer_kmeans|$n|--quant-method kmeans --quant-bits 4"
@@ -67,7 +68,7 @@ declare -A rows=(
     [prune50]="transformer_kmeans|$n|$prune"
     [prune50-layers]="transformer_kmeans|$n|$prune --quant-include encoder,decoder --quant-exclude embeddings,output_projection"
 )
-order=(fp32-ft100 "fp32-ft$n" bcq-w3 bcq-paper bcq-mix bcq-w3-ste bcq-paper-ste bcq-w2-alt bcq-w2-greedy
+order=(fp32-ft100 "fp32-ft$n" bcq-w3 bcq-paper bcq-mix bcq-w3-ste bcq-paper-ste bcq-mix-ste bcq-w2-alt bcq-w2-greedy
        km-w4 km-w4-row km-w4-recluster bsflex-selfattn bsflex-selfattn-row prune50 prune50-layers)
 selected=("$@")
 [ ${#selected[@]} -gt 0 ] || selected=("${order[@]}")

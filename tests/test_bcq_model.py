@@ -6,6 +6,7 @@ import torch
 from fairseq import optim, options, tasks
 from fairseq.data import Dictionary
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+from fairseq.models.transformer import TransformerModel
 
 import fairseq_qplugin  # noqa: F401  (registers the architectures and optimizers)
 from fairseq_qplugin.errors import QuantConfigError
@@ -235,6 +236,29 @@ def test_straight_through_training_without_pnr(dict_dir):
     assert torch.equal(y.detach(), torch.nn.functional.linear(x, fc1.wq.quantized(fc1.weight).dequantize(), fc1.bias))
     y.sum().backward()
     assert fc1.weight.grad is not None and fc1.weight.grad.abs().sum() > 0
+
+
+def test_training_forward_quantizes_a_tied_weight_once(dict_dir):
+    model, _, _ = build(dict_dir, "--share-decoder-input-output-embed", "--bcq-embed-bits", 3, "--bcq-bits", 2)
+    model.train()
+    wq, calls = model.decoder.embed_tokens.wq, []
+    quantized = wq.quantized
+    wq.quantized = lambda w: calls.append(w) or quantized(w)
+    src, lengths, prev = batch()
+
+    def loss_and_grads(forward):
+        model.zero_grad()
+        torch.manual_seed(0)  # the same dropout masks
+        loss = forward(src, lengths, prev)[0].logsumexp(-1).sum()
+        loss.backward()
+        return [loss.detach()] + [p.grad.clone() for p in model.parameters()]
+
+    once = loss_and_grads(model)
+    assert len(calls) == 1  # the lookup and the output projection share the value
+    every_use = loss_and_grads(lambda *batch: TransformerModel.forward(model, *batch))
+    assert len(calls) == 3
+    assert all(torch.equal(a, b) for a, b in zip(once, every_use))
+    assert wq._per_forward is None  # nothing is kept past the forward pass
 
 
 @pytest.mark.parametrize("flags,match", [

@@ -18,8 +18,8 @@ from fairseq.modules import MultiheadAttention
 from torch.nn import Parameter
 
 from ..errors import QuantConfigError
-from ..modules import (QuantEmbedding, QuantLinear, WeightQuantizer, quantizable_modules, swap_modules,
-                       sync_pnr_weights_)
+from ..modules import (QuantEmbedding, QuantLinear, WeightQuantizer, quantizable_modules, quantize_once_per_forward,
+                       swap_modules, sync_pnr_weights_)
 from ..quant import QuantSpec
 
 logger = logging.getLogger(__name__)
@@ -195,6 +195,12 @@ class QuantizedTransformerModel(TransformerModel):
             s["packed_bytes"] / 1e6, s["fp32_bytes"] / 1e6,
         )
         return model
+
+    def forward(self, *args, **kwargs):
+        if not self.training:
+            return super().forward(*args, **kwargs)
+        with quantize_once_per_forward(self):
+            return super().forward(*args, **kwargs)
 
     def train(self, mode: bool = True):
         """Leaving training mode (fairseq validates in eval mode) syncs the pNR-mode weights first, so

@@ -5,13 +5,15 @@ state dict loads into them and theirs loads into a plain ``transformer``. ``weig
 full-precision tensor; the forward pass uses its quantized value. ``state_dict()`` stores the
 quantized value, so a saved checkpoint *is* the quantized model.
 """
+from contextlib import contextmanager
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..quant import QuantizedWeight, QuantSpec, fake_quantize, fake_quantize_range, quantize, quantize_bcq_rows
+from ..quant import QuantizedWeight, QuantSpec, fake_quantize_range, quantize, quantize_bcq_rows
+from ..quant.base import straight_through
 from ..quant.bcq import bcq_storage_bits
 from ..quant.mixed import mixed_storage_bits
 
@@ -20,7 +22,9 @@ class WeightQuantizer(nn.Module):
     """Maps a latent weight to its fake-quantized value (straight-through gradients in training).
 
     Without gradients (validation, generation) the quantized weight is cached until the latent
-    weight changes (tracked by its in-place version counter).
+    weight changes (tracked by its in-place version counter). In training it is computed once per
+    forward pass inside ``quantize_once_per_forward`` (a model's training forward), however many
+    modules use it (tied embeddings and output projection), and at every use outside it.
 
     ``pnr`` (set by the pNR optimizer wrapper, ``optim/pnr.py``): the training forward uses the
     latent weight as is, in full precision; ``sync_`` replaces it in place by its quantized value.
@@ -43,6 +47,7 @@ class WeightQuantizer(nn.Module):
         self._cache = None
         self._synced = None  # (data pointer, version) of the weight right after its last sync
         self._warm = None  # pNR, bcq: the scales of the last sync's code, the next search's starting point
+        self._per_forward = None  # inside quantize_once_per_forward: {weight data pointer: quantized value}
 
     def quantized(self, w: torch.Tensor) -> QuantizedWeight:
         """The quantized weight object (codes and parameters) of a 2-D tensor: what the packed export stores."""
@@ -59,7 +64,17 @@ class WeightQuantizer(nn.Module):
         return self.quantized(w).storage_bits()
 
     def fake_quantize(self, w: torch.Tensor) -> torch.Tensor:
-        return fake_quantize(w, self.spec)
+        """The quantized value of ``w`` with a straight-through gradient (training without pNR)."""
+        memo = self._per_forward
+        wq = None if memo is None else memo.get(w.data_ptr())
+        if wq is None:
+            wq = self.quantized(w).dequantize().to(w.dtype)
+            if memo is not None:
+                memo[w.data_ptr()] = wq
+        return self.straight_through(w, wq)
+
+    def straight_through(self, w: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
+        return straight_through(w, wq, self.spec)
 
     def state_dict_weight(self, w: torch.Tensor) -> torch.Tensor:
         """The value saved as the module's ``weight`` in state dicts: the quantized weight."""
@@ -119,8 +134,7 @@ class RowBitsQuantizer(WeightQuantizer):
     def storage_bits(self, w: torch.Tensor) -> int:
         return mixed_storage_bits(self.row_bits, w.shape[1], self.spec.group_size)
 
-    def fake_quantize(self, w: torch.Tensor) -> torch.Tensor:
-        wq = self.quantized(w).dequantize().to(w.dtype)
+    def straight_through(self, w: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
         return wq + (w - w.detach()) if w.requires_grad else wq
 
     def extra_repr(self):
@@ -152,6 +166,21 @@ def sync_pnr_weights_(params) -> int:
             wq.sync_(p)
             synced += 1
     return synced
+
+
+@contextmanager
+def quantize_once_per_forward(module: nn.Module):
+    """For one training forward pass of ``module``: each of its weight quantizers quantizes its weight
+    once and reuses the value (a weight tied between the embeddings and the output projection is
+    otherwise quantized three times). The weights change at the next update, so only one pass."""
+    quantizers = [m for m in module.modules() if isinstance(m, WeightQuantizer)]
+    for wq in quantizers:
+        wq._per_forward = {}
+    try:
+        yield
+    finally:
+        for wq in quantizers:
+            wq._per_forward = None
 
 
 class ActQuantizer(nn.Module):

@@ -147,17 +147,20 @@ def quantize(w: torch.Tensor, spec: QuantSpec, init_alpha: Optional[torch.Tensor
     return METHODS[spec.method].quantize(w.detach(), spec, init_alpha)
 
 
-def fake_quantize(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """``quantize(w).dequantize()`` in the forward pass with a straight-through gradient to ``w``.
+def straight_through(w: torch.Tensor, wq: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """``wq`` (w's quantized value) in the forward pass with a straight-through gradient to ``w``.
 
-    The forward value is exactly the dequantized weight (``wq + (w - w)`` adds an exact zero); the
-    gradient is the identity (seed 001 Eq. 6), or 1 where |w| <= 1 and 0 elsewhere for
-    binarization (Eq. 7).
+    The forward value is exactly ``wq`` (``wq + (w - w)`` adds an exact zero); the gradient is the
+    identity (seed 001 Eq. 6), or 1 where |w| <= 1 and 0 elsewhere for binarization (Eq. 7).
     """
-    wq = quantize(w, spec).dequantize().to(w.dtype)
     if not w.requires_grad:
         return wq
     delta = w - w.detach()
     if spec.bits == 1:
         delta = delta * (w.detach().abs() <= 1).to(w.dtype)
     return wq + delta
+
+
+def fake_quantize(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """``quantize(w).dequantize()`` in the forward pass with a straight-through gradient to ``w``."""
+    return straight_through(w, quantize(w, spec).dequantize().to(w.dtype), spec)

@@ -1,0 +1,118 @@
+"""Training-step cost of quantization-aware fine-tuning: ms per forward + backward of one batch,
+for the fp32 transformer, BCQ under pNR (full-precision forward) and BCQ trained straight-through
+(every step quantizes every weight); prints one markdown table.
+
+    python benchmarks/bench_train.py --data exp/demo/data/bin            # the demo's model, 1 thread
+    python benchmarks/bench_train.py --data exp/demo/data/bin --threads 2 --cpu-time
+
+The model is the demo's (scripts/demo_model.sh: 3+3 layers, d=256, shared embeddings) built on the
+dictionary of ``--data``; the batch is ``--sentences`` random sentences of ``--length`` tokens (the
+demo trains on batches of 4096 tokens). Rows take turns within every round and each cell is the best
+of ``--rounds``, so load changes hit all rows alike. "quantize" is the time of quantizing every
+weight once (what straight-through training adds per step); the "every use" row is the same
+straight-through model with the tied embedding quantized at each of its three uses (encoder and
+decoder lookup, output projection) instead of once per forward (``quantize_once_per_forward``).
+"""
+import argparse
+import logging
+import time
+import warnings
+
+import torch
+from fairseq import options, tasks
+from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+from fairseq.models.transformer import TransformerModel
+
+import fairseq_qplugin
+from fairseq_qplugin.modules import WeightQuantizer
+
+MODEL = ("--encoder-layers 3 --decoder-layers 3 --encoder-embed-dim 256 --decoder-embed-dim 256 "
+         "--encoder-ffn-embed-dim 1024 --decoder-ffn-embed-dim 1024 --encoder-attention-heads 4 "
+         "--decoder-attention-heads 4 --encoder-normalize-before --decoder-normalize-before --dropout 0.1 "
+         "--share-all-embeddings").split()
+MIX = ("--bcq-embed-bits 4 --bcq-embed-freq-ratio 1 --bcq-bits 3 "
+       "--bcq-layer-bits encoder.layers.2.fc1:2,encoder.layers.2.fc2:2").split()
+ROWS = [  # name, arch, flags, straight-through (else pNR: full-precision forward)
+    ("fp32 transformer", "transformer", [], False),
+    ("bcq 3-bit, pNR", "transformer_bcq", ["--bcq-bits", "3"], False),
+    ("bcq 3-bit, straight-through", "transformer_bcq", ["--bcq-bits", "3", "--bcq-rounds", "2"], True),
+    ("bcq-mix 2.79 bits, straight-through", "transformer_bcq", MIX + ["--bcq-rounds", "2"], True),
+]
+
+
+def build(data, arch, flags, ste):
+    argv = [data, "--user-dir", fairseq_qplugin.__path__[0], "--task", "translation", "--arch", arch, *MODEL, *flags]
+    cfg = convert_namespace_to_omegaconf(options.parse_args_and_arch(options.get_training_parser(), argv))
+    task = tasks.setup_task(cfg.task)
+    model = task.build_model(cfg.model)
+    for m in model.modules():
+        if isinstance(m, WeightQuantizer):
+            m.pnr = not ste  # as the pNR optimizer sets it
+    return model.train(), len(task.source_dictionary)
+
+
+def step_fn(model, forward, batch):
+    def step():
+        model.zero_grad(set_to_none=True)
+        out = forward(*batch)[0]
+        out.float().logsumexp(-1).mean().backward()
+    return step
+
+
+def quantize_all_fn(model):
+    quantizers = {id(m.wq): (m.wq, m.weight) for m in model.modules() if isinstance(getattr(m, "wq", None),
+                                                                                WeightQuantizer)}
+    return lambda: [wq.quantized(w) for wq, w in quantizers.values()]
+
+
+def race(fns, rounds, clock):
+    best = [float("inf")] * len(fns)
+    for f in fns:
+        f()  # warm up
+    for _ in range(rounds):
+        for k, f in enumerate(fns):
+            t0 = clock()
+            f()
+            best[k] = min(best[k], (clock() - t0) * 1e3)
+    return best
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", required=True, help="a fairseq-preprocess'ed directory (its dict.*.txt are used)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--sentences", type=int, default=128)
+    p.add_argument("--length", type=int, default=30)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--cpu-time", action="store_true", help="time with process CPU time (on a loaded machine)")
+    args = p.parse_args()
+    logging.getLogger().setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    names, steps, quantize = [], [], []
+    for name, arch, flags, ste in ROWS:
+        model, vocab = build(args.data, arch, flags, ste)
+        tokens = torch.randint(4, vocab, (args.sentences, args.length))
+        batch = (tokens, torch.full((args.sentences,), args.length), tokens)
+        names.append(name)
+        steps.append(step_fn(model, model, batch))
+        quantize.append(quantize_all_fn(model) if ste else None)
+        if ste and name.startswith("bcq 3-bit"):
+            names.append(name + ", every use")
+            steps.append(step_fn(model, lambda *b, m=model: TransformerModel.forward(m, *b), batch))
+            quantize.append(None)
+    clock = time.process_time if args.cpu_time else time.perf_counter
+    step_ms = race(steps, args.rounds, clock)
+    q_ms = race([q for q in quantize if q], args.rounds, clock)
+    q_iter = iter(q_ms)
+    print(f"training step (forward + backward), {args.sentences} x {args.length} tokens, {args.threads} thread(s), "
+          f"best of {args.rounds}, {'CPU' if args.cpu_time else 'wall'} time\n")
+    print("| model | ms per step | x fp32 | quantize all weights (ms) |")
+    print("|---|---:|---:|---:|")
+    for name, ms, q in zip(names, step_ms, quantize):
+        print(f"| {name} | {ms:.0f} | {ms / step_ms[0]:.2f} | {f'{next(q_iter):.0f}' if q else ''} |")
+
+
+if __name__ == "__main__":
+    main()
