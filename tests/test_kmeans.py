@@ -53,12 +53,17 @@ def test_kmeans_error_falls_with_bits_and_beats_uniform():
 
 
 def test_kmeans_2048x512_at_4_bits_under_a_second():
+    """CPU time of one thread (the issue's bound is for one core), so other load cannot fail it."""
     w = torch.randn(2048, 512) * 0.05
-    best = float("inf")
-    for _ in range(2):
-        start = time.perf_counter()
-        kmeans_weight(w, 4)
-        best = min(best, time.perf_counter() - start)
+    threads, best = torch.get_num_threads(), float("inf")
+    torch.set_num_threads(1)
+    try:
+        for _ in range(2):
+            start = time.thread_time()
+            kmeans_weight(w, 4)
+            best = min(best, time.thread_time() - start)
+    finally:
+        torch.set_num_threads(threads)
     assert best < 1.0
 
 
