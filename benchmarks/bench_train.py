@@ -23,6 +23,7 @@ from fairseq import options, tasks
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 from fairseq.models.transformer import TransformerModel
 
+import bench_layers
 import fairseq_qplugin
 from fairseq_qplugin.modules import WeightQuantizer
 
@@ -60,21 +61,10 @@ def step_fn(model, forward, batch):
 
 
 def quantize_all_fn(model):
-    quantizers = {id(m.wq): (m.wq, m.weight) for m in model.modules() if isinstance(getattr(m, "wq", None),
-                                                                                WeightQuantizer)}
+    """Quantize every weight once (a tied weight once)."""
+    quantized = [m for m in model.modules() if isinstance(getattr(m, "wq", None), WeightQuantizer)]
+    quantizers = {id(m.wq): (m.wq, m.weight) for m in quantized}
     return lambda: [wq.quantized(w) for wq, w in quantizers.values()]
-
-
-def race(fns, rounds, clock):
-    best = [float("inf")] * len(fns)
-    for f in fns:
-        f()  # warm up
-    for _ in range(rounds):
-        for k, f in enumerate(fns):
-            t0 = clock()
-            f()
-            best[k] = min(best[k], (clock() - t0) * 1e3)
-    return best
 
 
 def main():
@@ -102,9 +92,10 @@ def main():
             names.append(name + ", every use")
             steps.append(step_fn(model, lambda *b, m=model: TransformerModel.forward(m, *b), batch))
             quantize.append(None)
-    clock = time.process_time if args.cpu_time else time.perf_counter
-    step_ms = race(steps, args.rounds, clock)
-    q_ms = race([q for q in quantize if q], args.rounds, clock)
+    if args.cpu_time:
+        bench_layers.CLOCK = time.process_time  # the clock of bench_layers.race
+    step_ms = bench_layers.race(steps, args.rounds)
+    q_ms = bench_layers.race([q for q in quantize if q], args.rounds)
     q_iter = iter(q_ms)
     print(f"training step (forward + backward), {args.sentences} x {args.length} tokens, {args.threads} thread(s), "
           f"best of {args.rounds}, {'CPU' if args.cpu_time else 'wall'} time\n")

@@ -8,8 +8,9 @@
 #
 # Rows: bcq-w3 (uniform 3-bit BCQ, pNR), bcq-paper (the paper's mixed configuration, pNR),
 # bcq-mix (2.79 average bits, mixed by word frequency and layer: $mix below, pNR), bcq-w3-ste /
-# bcq-paper-ste / bcq-mix-ste (bcq-w3, bcq-paper and bcq-mix without pNR: straight-through fake quantization at every
-# step, 2 alternating rounds), bcq-w2-alt / bcq-w2-greedy (2-bit BCQ, alternating vs greedy),
+# bcq-paper-ste / bcq-mix-ste (bcq-w3, bcq-paper and bcq-mix without pNR: straight-through fake
+# quantization at every step, 2 alternating rounds), bcq-w2-alt / bcq-w2-greedy (2-bit BCQ,
+# alternating vs greedy),
 # km-w4 / km-w4-row (4-bit k-means, one codebook per tensor / per output row; km-w4-recluster: per
 # tensor, re-clustered every 50 updates), bsflex-selfattn (1-bit BS-Flex on self-attention only,
 # two centroids per tensor; bsflex-selfattn-row: per output row), prune50 (magnitude pruning
