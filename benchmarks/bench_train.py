@@ -15,8 +15,10 @@ decoder lookup, output projection) instead of once per forward (``quantize_once_
 """
 import argparse
 import logging
+import subprocess
 import time
 import warnings
+from pathlib import Path
 
 import torch
 from fairseq import options, tasks
@@ -27,12 +29,18 @@ import bench_layers
 import fairseq_qplugin
 from fairseq_qplugin.modules import WeightQuantizer
 
-MODEL = ("--encoder-layers 3 --decoder-layers 3 --encoder-embed-dim 256 --decoder-embed-dim 256 "
-         "--encoder-ffn-embed-dim 1024 --decoder-ffn-embed-dim 1024 --encoder-attention-heads 4 "
-         "--decoder-attention-heads 4 --encoder-normalize-before --decoder-normalize-before --dropout 0.1 "
-         "--share-all-embeddings").split()
-MIX = ("--bcq-embed-bits 4 --bcq-embed-freq-ratio 1 --bcq-bits 3 "
-       "--bcq-layer-bits encoder.layers.2.fc1:2,encoder.layers.2.fc2:2").split()
+DEMO_MODEL_SH = Path(__file__).resolve().parent.parent / "scripts" / "demo_model.sh"
+
+
+def demo_flags(array):
+    """A bash array of scripts/demo_model.sh, word for word as the shell scripts pass it."""
+    script = f'source "$0" && printf "%s\\0" "${{{array}[@]}}"'
+    out = subprocess.run(["bash", "-c", script, str(DEMO_MODEL_SH)], check=True, capture_output=True, text=True)
+    return out.stdout.split("\0")[:-1]
+
+
+MODEL = demo_flags("model") + ["--share-all-embeddings"]  # recipes/train.sh adds --share-all-embeddings
+MIX = demo_flags("bcq_mix")
 ROWS = [  # name, arch, flags, straight-through (else pNR: full-precision forward)
     ("fp32 transformer", "transformer", [], False),
     ("bcq 3-bit, pNR", "transformer_bcq", ["--bcq-bits", "3"], False),

@@ -7,10 +7,10 @@
 #   bash scripts/methods.sh bcq-w3 km-w4  # some rows
 #
 # Rows: bcq-w3 (uniform 3-bit BCQ, pNR), bcq-paper (the paper's mixed configuration, pNR),
-# bcq-mix (2.79 average bits, mixed by word frequency and layer: $mix below, pNR), bcq-w3-ste /
-# bcq-paper-ste / bcq-mix-ste (bcq-w3, bcq-paper and bcq-mix without pNR: straight-through fake
-# quantization at every step, 2 alternating rounds), bcq-w2-alt / bcq-w2-greedy (2-bit BCQ,
-# alternating vs greedy),
+# bcq-mix (2.79 average bits, mixed by word frequency and layer: bcq_mix in scripts/demo_model.sh;
+# pNR), bcq-w3-ste / bcq-paper-ste / bcq-mix-ste (bcq-w3, bcq-paper and bcq-mix without pNR:
+# straight-through fake quantization at every step, 2 alternating rounds; bcq-w4-ste: the same at
+# 4 bits), bcq-w2-alt / bcq-w2-greedy (2-bit BCQ, alternating vs greedy),
 # km-w4 / km-w4-row (4-bit k-means, one codebook per tensor / per output row; km-w4-recluster: per
 # tensor, re-clustered every 50 updates), bsflex-selfattn (1-bit BS-Flex on self-attention only,
 # two centroids per tensor; bsflex-selfattn-row: per output row), prune50 (magnitude pruning
@@ -24,7 +24,9 @@
 # METHODS_LR and METHODS_WARMUP the peak learning rate and warmup updates (default: the demo's
 # qat_schedule in scripts/demo_model.sh), METHODS_SCHEDULE (default inverse_sqrt, the demo's) the lr
 # schedule: `cosine` anneals it to 0 at the last update, so the final pNR sync and the control both
-# end where the learning rate is ~0.
+# end where the learning rate is ~0. METHODS_FLAGS: fairseq-train flags added to every row, the
+# control included (e.g. METHODS_FLAGS='--dropout 0.0'; give it its own DEMO_DIR: the row names do
+# not change).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
@@ -46,9 +48,7 @@ esac
 
 # name | arch | max updates | flags after the model flags
 pnr="--optimizer pnr_adam --pnr-period ${PNR_PERIOD:-25}"
-# 2.79 average bits: embedding 4/3/2/1 bits by word frequency, the top encoder FFN 2 bits, the rest 3
-mix="--bcq-embed-bits 4 --bcq-embed-freq-ratio 1 --bcq-bits 3"
-mix+=" --bcq-layer-bits encoder.layers.2.fc1:2,encoder.layers.2.fc2:2"
+mix="${bcq_mix[*]}"  # 2.79 average bits (scripts/demo_model.sh)
 prune="--quant-method none --prune-schedule 0:0.3,$((n * 2 / 5)):0.5"
 declare -A rows=(
     [fp32-ft100]="transformer|100|"
@@ -56,6 +56,7 @@ declare -A rows=(
     [bcq-w3]="transformer_bcq|$n|--bcq-bits 3 $pnr"
     [bcq-paper]="transformer_bcq_paper|$n|$pnr"
     [bcq-w3-ste]="transformer_bcq|$n|--bcq-bits 3 --bcq-rounds 2"
+    [bcq-w4-ste]="transformer_bcq|$n|--bcq-bits 4 --bcq-rounds 2"
     [bcq-paper-ste]="transformer_bcq_paper|$n|--bcq-rounds 2"
     [bcq-mix]="transformer_bcq|$n|$mix $pnr"
     [bcq-mix-ste]="transformer_bcq|$n|$mix --bcq-rounds 2"
@@ -69,7 +70,7 @@ declare -A rows=(
     [prune50]="transformer_kmeans|$n|$prune"
     [prune50-layers]="transformer_kmeans|$n|$prune --quant-include encoder,decoder --quant-exclude embeddings,output_projection"
 )
-order=(fp32-ft100 "fp32-ft$n" bcq-w3 bcq-paper bcq-mix bcq-w3-ste bcq-paper-ste bcq-mix-ste bcq-w2-alt bcq-w2-greedy
+order=(fp32-ft100 "fp32-ft$n" bcq-w3 bcq-paper bcq-mix bcq-w3-ste bcq-w4-ste bcq-paper-ste bcq-mix-ste bcq-w2-alt bcq-w2-greedy
        km-w4 km-w4-row km-w4-recluster bsflex-selfattn bsflex-selfattn-row prune50 prune50-layers)
 selected=("$@")
 [ ${#selected[@]} -gt 0 ] || selected=("${order[@]}")
@@ -86,7 +87,7 @@ for name in "${selected[@]}"; do
     # shellcheck disable=SC2086  # flags are words
     recipes/train.sh --data "$exp/data/bin" --save-dir "$exp/$name" --arch "$arch" --finetune-from "$fp32" \
         "${qat_schedule[@]}" ${schedule[@]+"${schedule[@]}"} --max-update "$updates" -- "${model[@]}" \
-        ${sched_flags[@]+"${sched_flags[@]}"} $flags
+        ${sched_flags[@]+"${sched_flags[@]}"} $flags ${METHODS_FLAGS:-}
     recipes/generate.sh --data "$exp/data/bin" --checkpoint "$exp/$name/checkpoint_best.pt" \
         --raw-ref "$exp/data/raw/test.de" --out "$exp/gen/$name" --beam 5
     table+=("$name=$exp/$name/checkpoint_best.pt:$exp/gen/$name")
