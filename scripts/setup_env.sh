@@ -29,7 +29,12 @@ log "installing the plugin from the working tree"
 "${pip[@]}" install -q --no-deps --no-build-isolation --force-reinstall . 2>&1 | grep -v "^$" >&2 || true
 # The same C++ kernels inside the working tree too: the tests, the demo and `--user-dir fairseq_qplugin`
 # from the repository root import the package from here, not from site-packages (reuses build/).
-"$venv/bin/python" setup.py -q build_ext --inplace 2>&1 | grep -iE "error|warning: fairseq-qplugin" >&2 || true
+# Only when the sources are newer than the built library: copying it again would rewrite a file that
+# running trainings (e.g. scripts/methods.sh rows started side by side) have loaded.
+so=$(ls fairseq_qplugin/pack/_qkernels*.so 2>/dev/null | head -n 1)
+if [ -z "$so" ] || [ -n "$(find setup.py fairseq_qplugin/pack/csrc -newer "$so" 2>/dev/null)" ]; then
+    "$venv/bin/python" setup.py -q build_ext --inplace 2>&1 | grep -iE "error|warning: fairseq-qplugin" >&2 || true
+fi
 "$venv/bin/python" -c "import fairseq_qplugin" 2>/dev/null || { log "ERROR: fairseq_qplugin does not import"; exit 1; }
 log "packed-weight kernels: $("$venv/bin/python" -c 'from fairseq_qplugin.pack import kernels as k
 print("C++ (" + ", ".join(k.extension_isas()) + ")" if k.extension_isas() else "pure torch (the C++ extension was not built)")' 2>/dev/null)"
