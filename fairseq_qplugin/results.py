@@ -73,9 +73,10 @@ def describe(model_cfg) -> Tuple[str, str]:
         return "BCQ", conf
     if arch.startswith("transformer_kmeans"):
         qm = get("quant_method", "kmeans")
-        prune = f", pruning {get('prune_schedule')}" if get("prune_schedule") else ""
+        ranking = ", one threshold over all weights" if get("prune_ranking") == "global" else ""
+        prune = f", pruning {get('prune_schedule')}{ranking}" if get("prune_schedule") else ""
         if qm == "none":
-            return "pruning", f"magnitude {get('prune_schedule')}{where}"
+            return "pruning", f"magnitude {get('prune_schedule')}{ranking}{where}"
         if qm == "kmeans":
             every = get("kmeans_recluster_interval")
             recluster = f", re-clustered every {every} updates" if every else ""

@@ -14,7 +14,9 @@
 # km-w4 / km-w4-row (4-bit k-means, one codebook per tensor / per output row; km-w4-recluster: per
 # tensor, re-clustered every 50 updates), bsflex-selfattn (1-bit BS-Flex on self-attention only,
 # two centroids per tensor; bsflex-selfattn-row: per output row), prune50 (magnitude pruning
-# 30% -> 50%; prune50-layers: the same on the encoder and decoder layers only, embeddings dense),
+# 30% -> 50%, each tensor by its own magnitudes; prune50-layers: the same on the encoder and decoder
+# layers only, embeddings dense; prune50-global: one magnitude threshold over all weights;
+# prune50-global-gradual: the same, 10% more every tenth of the run up to 50% at 40%),
 # and the controls fp32-ft100 / fp32-ft<N>: the fp32 model fine-tuned with the same schedule and no
 # quantization. The demo's fp32 model is small and not converged, so fine-tuning alone changes its
 # BLEU; the cost of a method is its BLEU against the control of the same length.
@@ -50,6 +52,7 @@ esac
 pnr="--optimizer pnr_adam --pnr-period ${PNR_PERIOD:-25}"
 mix="${bcq_mix[*]}"  # 2.79 average bits (scripts/demo_model.sh)
 prune="--quant-method none --prune-schedule 0:0.3,$((n * 2 / 5)):0.5"
+gradual="0:0.1,$((n / 10)):0.2,$((n * 2 / 10)):0.3,$((n * 3 / 10)):0.4,$((n * 4 / 10)):0.5"  # +10% every n/10
 declare -A rows=(
     [fp32-ft100]="transformer|100|"
     [fp32-ft$n]="transformer|$n|"
@@ -69,9 +72,12 @@ declare -A rows=(
     [bsflex-selfattn-row]="transformer_kmeans|$n|--quant-method bsflex --quant-include self_attn --quant-granularity channel"
     [prune50]="transformer_kmeans|$n|$prune"
     [prune50-layers]="transformer_kmeans|$n|$prune --quant-include encoder,decoder --quant-exclude embeddings,output_projection"
+    [prune50-global]="transformer_kmeans|$n|$prune --prune-ranking global"
+    [prune50-global-gradual]="transformer_kmeans|$n|--quant-method none --prune-ranking global --prune-schedule $gradual"
 )
 order=(fp32-ft100 "fp32-ft$n" bcq-w3 bcq-paper bcq-mix bcq-w3-ste bcq-w4-ste bcq-paper-ste bcq-mix-ste bcq-w2-alt bcq-w2-greedy
-       km-w4 km-w4-row km-w4-recluster bsflex-selfattn bsflex-selfattn-row prune50 prune50-layers)
+       km-w4 km-w4-row km-w4-recluster bsflex-selfattn bsflex-selfattn-row prune50 prune50-layers prune50-global
+       prune50-global-gradual)
 selected=("$@")
 [ ${#selected[@]} -gt 0 ] || selected=("${order[@]}")
 for name in "${selected[@]}"; do

@@ -7,7 +7,8 @@ import torch
 from fairseq_qplugin.errors import QuantConfigError
 from fairseq_qplugin.modules import BSFlexQuantizer, KMeansQuantizer, PruneQuantizer
 from fairseq_qplugin.quant import (
-    KMeansWeight, PruneSchedule, QuantSpec, bsflex_step, kmeans_1d, kmeans_weight, magnitude_mask, quantize,
+    KMeansWeight, PruneSchedule, QuantSpec, bsflex_step, kmeans_1d, kmeans_weight, magnitude_mask, magnitude_masks,
+    quantize,
 )
 
 from .test_quant import gaussian, snr_db
@@ -190,6 +191,24 @@ def test_magnitude_mask_is_exact_and_only_grows():
     assert magnitude_mask(w, 0.0).all()
     with pytest.raises(QuantConfigError, match=r"\[0, 1\)"):
         magnitude_mask(w, 1.0)
+
+
+def test_magnitude_masks_prune_with_one_threshold_over_all_tensors():
+    big, small = gaussian(40, 30), 0.2 * gaussian(20, 30, seed=1)
+    small[0, :7] = 0.0  # ties at the threshold's end of the ranking
+    masks = magnitude_masks([big, small], 0.5)
+    total = big.numel() + small.numel()
+    assert sum(int((~m).sum()) for m in masks) == round(0.5 * total)
+    pruned = torch.cat([w.abs()[~m] for w, m in zip((big, small), masks)])
+    kept = torch.cat([w.abs()[m] for w, m in zip((big, small), masks)])
+    assert pruned.max() <= kept.min()
+    assert (~masks[1]).float().mean() > 0.9 and (~masks[0]).float().mean() < 0.4  # small weights go first
+    # masks only grow, across tensors too: a weight pruned before stays pruned however large it gets
+    moved = [big + 0.5 * torch.randn_like(big), small * 10]
+    again = magnitude_masks(moved, 0.6, keeps=masks)
+    assert sum(int((~m).sum()) for m in again) == round(0.6 * total)
+    assert not any((a & ~m).any() for a, m in zip(again, masks))
+    assert torch.equal(magnitude_masks([big], 0.3)[0], magnitude_mask(big, 0.3))
 
 
 def test_prune_schedule():

@@ -50,20 +50,29 @@ def test_bsflex_self_attention_only(tiny_data, bsflex_checkpoint):
     assert len(hyps) == 40
 
 
-def test_pruning_schedule_resume_and_generate(tiny_data, fp32_checkpoint):
-    save = tiny_data / "prune"
+@pytest.mark.parametrize("ranking", ["tensor", "global"])
+def test_pruning_schedule_resume_and_generate(tiny_data, fp32_checkpoint, ranking):
+    save = tiny_data / f"prune-{ranking}"
     args = train_args(tiny_data / "bin", save, ARCH, 12, "--quant-method", "none", "--prune-schedule", "0:0.3,10:0.5",
-                      "--quant-include", "encoder,decoder", "--finetune-from-model", fp32_checkpoint)
+                      "--prune-ranking", ranking, "--quant-include", "encoder,decoder",
+                      "--finetune-from-model", fp32_checkpoint)
     proc = run(args)
     assert "update 10: pruning to 50% sparsity" in proc.stdout
+    assert ("with one magnitude threshold: embeddings" in proc.stdout) == (ranking == "global")
     first = torch.load(save / "checkpoint_last.pt")["model"]
     run(args[: args.index("--finetune-from-model")] + ["--max-update", 16])  # resumes from checkpoint_last.pt
     state = torch.load(save / "checkpoint_last.pt")["model"]
-    for name, w in state.items():
-        if name.endswith(".weight") and ".layers." in name and "layer_norm" not in name:
-            mask = state[name[: -len("weight")] + "wq.mask"]
-            assert (~mask).sum() == round(0.5 * w.numel()) and (w[~mask] == 0).all(), name
-            assert torch.equal(mask, first[name[: -len("weight")] + "wq.mask"])
+    tied = ("decoder.embed_tokens.", "decoder.output_projection.")  # --share-all-embeddings: encoder.embed_tokens
+    masks = {name[: -len("wq.mask")]: mask for name, mask in state.items()
+             if name.endswith(".wq.mask") and not name.startswith(tied)}
+    assert len(masks) == 1 + 2 * 6 + 4  # the embedding; q, k, v, out, fc1, fc2 per layer; cross-attention
+    for name, mask in masks.items():
+        assert (state[name + "weight"][~mask] == 0).all() and torch.equal(mask, first[name + "wq.mask"]), name
+        if ranking == "tensor":
+            assert (~mask).sum() == round(0.5 * mask.numel()), name
+    total = sum(m.numel() for m in masks.values())
+    assert sum(int((~m).sum()) for m in masks.values()) == round(0.5 * total)
+    assert (len({int((~m).sum()) * 1000 // m.numel() for m in masks.values()}) > 2) == (ranking == "global")
     hyps, _ = generate(tiny_data / "bin", save / "checkpoint_last.pt")
     assert len(hyps) == 40
 

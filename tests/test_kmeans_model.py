@@ -105,6 +105,35 @@ def test_pruned_model_then_kmeans_keeps_the_mask(dict_dir):
     plain_kmeans.load_state_dict(pruned.state_dict())
 
 
+@pytest.mark.parametrize("method", [("--quant-method", "none"), ("--quant-bits", "3")])
+def test_global_ranking_prunes_every_weight_against_one_threshold(dict_dir, method):
+    model = build(dict_dir, "--share-all-embeddings", *method, "--prune-schedule", "0:0.3,2:0.5",
+                  "--prune-ranking", "global", arch=ARCH)
+    weights = list(model.pruned_weights())
+    assert len(weights) == len({id(w) for _, w, _ in weights}) == len(quantized_modules(model)) - 1  # tied: once
+    total = sum(w.numel() for _, w, _ in weights)
+    for update, sparsity in [(0, 0.3), (1, 0.3), (2, 0.5)]:
+        model.train()
+        model.set_num_updates(update)
+        before = [(wq.pruning_scores(w.detach()).abs(), wq.mask.clone()) for _, w, wq in weights]
+        model(*batch())  # a training forward prunes, before anything moves
+        assert sum(wq.pruned for _, _, wq in weights) == round(sparsity * total)
+        assert all(not (wq.mask & ~old).any() for (_, old), (_, _, wq) in zip(before, weights))
+        new = torch.cat([s[old & ~wq.mask] for (s, old), (_, _, wq) in zip(before, weights)])
+        kept = torch.cat([s[wq.mask] for (s, _), (_, _, wq) in zip(before, weights)])
+        assert (new.numel() > 0) == (update != 1) and (new.numel() == 0 or new.max() <= kept.min())
+        train_steps(model, 1, start=update)
+    assert len({round(wq.sparsity, 3) for _, _, wq in weights}) > 3  # one threshold, unequal tensor sparsities
+    restored = build(dict_dir, "--share-all-embeddings", *method, "--prune-schedule", "0:0.3,2:0.5",
+                     "--prune-ranking", "global", arch=ARCH)
+    restored.load_state_dict(model.state_dict())
+    restored.train()
+    restored.set_num_updates(3)
+    restored(*batch())  # the loaded masks already hold the scheduled sparsity: nothing more is pruned
+    for (name, _, wq), (_, _, again) in zip(weights, restored.pruned_weights()):
+        assert torch.equal(wq.mask, again.mask), name
+
+
 def test_checkpoint_of_another_bit_width_is_reclustered(dict_dir):
     four = build(dict_dir, "--quant-bits", "4", arch=ARCH)
     train_steps(four, 1)
@@ -123,6 +152,7 @@ def test_checkpoint_of_another_bit_width_is_reclustered(dict_dir):
     (("--quant-include", "self_attention"), "--quant-include 'self_attention' matches no quantizable module"),
     (("--quant-method", "none"), "--prune-schedule"),
     (("--quant-method", "bsflex", "--kmeans-recluster-interval", "5"), "--kmeans-recluster-interval"),
+    (("--prune-ranking", "global"), "--prune-ranking global applies to pruning: give a --prune-schedule"),
 ])
 def test_bad_flags_name_the_flag(dict_dir, flags, match):
     with pytest.raises(QuantConfigError, match=match):
@@ -140,3 +170,6 @@ def test_results_table_names_the_kmeans_configuration():
     cfg = Namespace(arch="transformer_kmeans", quant_method="bsflex", quant_granularity="channel",
                     quant_include="self_attn")
     assert describe(cfg) == ("BS-Flex", "1-bit, per-row centroids, only self_attn")
+    cfg = Namespace(arch="transformer_kmeans", quant_method="none", prune_schedule="0:0.3,240:0.5",
+                    prune_ranking="global")
+    assert describe(cfg) == ("pruning", "magnitude 0:0.3,240:0.5, one threshold over all weights")

@@ -10,12 +10,14 @@ import logging
 from dataclasses import dataclass, field
 from typing import Optional
 
+import torch
 from fairseq.dataclass import ChoiceEnum
 from fairseq.models import register_model
 
 from ..errors import QuantConfigError
-from ..modules import BSFlexQuantizer, KMeansQuantizer, PruneQuantizer, pattern_selector
-from ..quant import PruneSchedule, QuantSpec
+from ..modules import BSFlexQuantizer, KMeansQuantizer, MaskedWeightQuantizer, PruneQuantizer, pattern_selector
+from ..quant import PruneSchedule, QuantSpec, magnitude_masks
+from ..quant.pruning import pruned_count
 from .base import QuantizedTransformerModel, QuantPartsConfig, register_size_presets
 
 logger = logging.getLogger(__name__)
@@ -47,6 +49,12 @@ class KMeansConfig(QuantPartsConfig):
                           "train (straight-through) and take their nearest centroid at every update. 0: cluster "
                           "once, train only the centroids"},
     )
+    prune_ranking: ChoiceEnum(["tensor", "global"]) = field(
+        default="tensor",
+        metadata={"help": "tensor: every pruned tensor loses its own smallest weights, the same fraction of each "
+                          "(class-uniform); global: one magnitude threshold over all pruned weights, so layers of "
+                          "small weights lose more (class-blind, See et al. 2016)"},
+    )
     prune_schedule: str = field(
         default="",
         metadata={"help": "iterative magnitude pruning of the selected weights: a sparsity ('0.5') or "
@@ -76,6 +84,8 @@ def validate(args):
         raise QuantConfigError(
             "--quant-method none shares no weights: give a --prune-schedule (e.g. 0.5) or pick a method"
         )
+    if args.prune_ranking != "tensor" and schedule is None:
+        raise QuantConfigError(f"--prune-ranking {args.prune_ranking} applies to pruning: give a --prune-schedule")
     if args.kmeans_iters < 1:
         raise QuantConfigError(f"--kmeans-iters must be >= 1, got {args.kmeans_iters}")
     if args.kmeans_recluster_interval < 0:
@@ -114,14 +124,52 @@ class TransformerKMeansModel(QuantizedTransformerModel):
     def build_model(cls, args, task):
         model = super().build_model(args, task)
         model.prune_schedule = PruneSchedule.parse(args.prune_schedule)
+        model.prune_global = args.prune_ranking == "global"
+        for _, _, wq in model.pruned_weights():
+            wq.global_ranking = model.prune_global
         return model
+
+    def pruned_weights(self):
+        """(module name, latent weight, quantizer) of every pruned weight; a tied weight once."""
+        seen = set()
+        for name, module in self.named_modules():
+            wq = getattr(module, "wq", None)
+            if isinstance(wq, MaskedWeightQuantizer) and wq.mask is not None and id(module.weight) not in seen:
+                seen.add(id(module.weight))
+                yield name, module.weight, wq
 
     def set_num_updates(self, num_updates):
         """Passed on to the quantizers, which prune (and re-cluster) in the next training forward."""
         schedule = getattr(self, "prune_schedule", None)
         if schedule and self.training and schedule.sparsity_at(num_updates) != schedule.sparsity_at(num_updates - 1):
             logger.info("update %d: pruning to %.0f%% sparsity", num_updates, 100 * schedule.sparsity_at(num_updates))
+        self._num_updates = num_updates
         super().set_num_updates(num_updates)
+
+    def forward(self, *args, **kwargs):
+        if self.training and torch.is_grad_enabled() and getattr(self, "prune_global", False):
+            self.prune_globally()
+        return super().forward(*args, **kwargs)
+
+    @torch.no_grad()
+    def prune_globally(self):
+        """--prune-ranking global: prune all selected weights to the scheduled sparsity with one
+        magnitude threshold (masks only grow), and log how much of each block that removed."""
+        pruned = list(self.pruned_weights())
+        target = self.prune_schedule.sparsity_at(getattr(self, "_num_updates", 0))
+        total = sum(w.numel() for _, w, _ in pruned)
+        if pruned_count(total, target) <= sum(wq.pruned for _, _, wq in pruned):
+            return
+        masks = magnitude_masks([wq.pruning_scores(w.detach()) for _, w, wq in pruned], target,
+                                [wq.mask for _, _, wq in pruned])
+        blocks = {}
+        for (name, w, wq), mask in zip(pruned, masks):
+            wq.set_mask(mask)
+            block = blocks.setdefault(name.split(".")[0] if ".layers." in name else "embeddings", [0, 0])
+            block[0] += wq.pruned
+            block[1] += w.numel()
+        logger.info("pruned %.1f%% of %d weights with one magnitude threshold: %s", 100 * target, total,
+                    ", ".join(f"{k} {100 * p / n:.1f}%" for k, (p, n) in blocks.items()))
 
 
 

@@ -20,9 +20,11 @@ it (a plain one, or another method's) is accepted and the state is rebuilt from 
 - ``PruneQuantizer``: pruning alone, ``w_hat = w * mask``.
 
 All three prune by magnitude following a ``PruneSchedule`` (the mask is a buffer; pruned weights are
-exactly 0 in every forward, get no gradient, and are saved as 0). Work that changes the state
-(pruning, clustering, re-clustering) happens in a training forward, after fairseq has announced
-the update through ``set_num_updates``; clustering also happens on first use if nothing was loaded.
+exactly 0 in every forward, get no gradient, and are saved as 0), each tensor by its own ranking or,
+with ``global_ranking``, by the model's one threshold over all pruned weights (``set_mask``). Work
+that changes the state (pruning, clustering, re-clustering) happens in a training forward, after
+fairseq has announced the update through ``set_num_updates``; clustering also happens on first use
+if nothing was loaded.
 """
 from typing import Optional, Sequence, Tuple
 
@@ -50,6 +52,7 @@ class MaskedWeightQuantizer(WeightQuantizer):
         self.shape, self.schedule = tuple(shape), schedule
         self.register_buffer("mask", torch.ones(self.shape, dtype=torch.bool) if schedule else None)
         self.num_updates = 0
+        self.global_ranking = False  # the model prunes all its weights together (prune_globally)
         self._pruned: Optional[int] = 0
         self._ready = True
         self._step = None  # a subclass's per-update cache
@@ -105,15 +108,21 @@ class MaskedWeightQuantizer(WeightQuantizer):
     def sparsity(self) -> float:
         return self.pruned / (self.shape[0] * self.shape[1])
 
+    def pruning_scores(self, w: torch.Tensor) -> torch.Tensor:
+        """What magnitude pruning ranks: ``prune_scores`` once the state is built, the latent weight before."""
+        return self.prune_scores(w) if self._ready else w
+
     def follow_schedule(self, w: torch.Tensor):
         """Prune to the scheduled sparsity of the current update (masks only grow)."""
-        if self.mask is None:
+        if self.mask is None or self.global_ranking:
             return
         target = self.schedule.sparsity_at(self.num_updates)
         if pruned_count(self.mask.numel(), target) > self.pruned:
-            scores = self.prune_scores(w) if self._ready else w
-            self.mask.copy_(magnitude_mask(scores, target, keep=self.mask))
-            self._pruned = None
+            self.set_mask(magnitude_mask(self.pruning_scores(w), target, keep=self.mask))
+
+    def set_mask(self, mask: torch.Tensor):
+        self.mask.copy_(mask)
+        self._pruned = None
 
     # -- what the rest of the plugin reads ------------------------------------------------------
     def state_dict_weight(self, w: torch.Tensor) -> torch.Tensor:

@@ -2,11 +2,12 @@
 weights, retrain, raise X (30% -> 50%, 50% -> 80%). Pruned weights stay exactly zero.
 
 ``magnitude_mask`` prunes exactly ``round(sparsity * numel)`` weights of a tensor (ties broken by
-position), always including those pruned before, so masks only grow. ``PruneSchedule`` says which
+position), always including those pruned before, so masks only grow; ``magnitude_masks`` does the
+same over several tensors with one threshold (class-blind). ``PruneSchedule`` says which
 sparsity holds at which update. A pruned fp32 weight is a ``SparseWeight`` (method "sparse").
 """
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -23,16 +24,31 @@ def magnitude_mask(w: torch.Tensor, sparsity: float, keep: Optional[torch.Tensor
 
     Weights already pruned (``keep`` False) are pruned first, so the result never revives one.
     """
+    return magnitude_masks([w], sparsity, [keep])[0]
+
+
+def magnitude_masks(ws: Sequence[torch.Tensor], sparsity: float,
+                    keeps: Optional[Sequence[Optional[torch.Tensor]]] = None) -> List[torch.Tensor]:
+    """One magnitude threshold over all of ``ws`` (class-blind pruning, See et al. 2016): masks with
+    ``round(sparsity * total)`` False over all tensors together, at the smallest |w| of any tensor, so
+    a tensor of small weights loses more than one of large weights. Ties go by position; weights
+    already pruned (``keeps`` False) are pruned first, so masks only grow.
+    """
     if not 0 <= sparsity < 1:
         raise QuantConfigError(f"sparsity must be in [0, 1), got {sparsity}")
-    score = w.detach().abs().float().flatten()
-    if keep is not None:
-        score = score.masked_fill(~keep.flatten(), -1.0)
-    mask = torch.ones(score.numel(), dtype=torch.bool, device=w.device)
+    scores = []
+    for w, keep in zip(ws, keeps or [None] * len(ws)):
+        score = w.detach().abs().float().flatten()
+        scores.append(score if keep is None else score.masked_fill(~keep.flatten(), -1.0))
+    score = torch.cat(scores)
+    prune = score < 0  # pruned before: stays pruned, even beyond k
     k = pruned_count(score.numel(), sparsity)
     if k:
-        mask[torch.topk(score, k, largest=False, sorted=False).indices] = False
-    return mask.reshape(w.shape)
+        threshold = score.kthvalue(k).values
+        prune |= score < threshold
+        ties = (score == threshold).nonzero().flatten()
+        prune[ties[: max(k - int(prune.sum()), 0)]] = True
+    return [m.reshape(w.shape) for m, w in zip((~prune).split([w.numel() for w in ws]), ws)]
 
 
 @dataclass(frozen=True)
