@@ -172,10 +172,10 @@ def table(rows: List[Row], ctrl: Optional[Row] = None) -> str:
 
 def plot(rows: List[Row], path: Path, title: str = "BLEU vs model size"):
     """Scatter of BLEU against packed size (MB, log scale), one labelled point per row."""
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # before the import, which logs at DEBUG
     import matplotlib
 
     matplotlib.use("Agg")
-    logging.getLogger("matplotlib").setLevel(logging.WARNING)
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FormatStrFormatter
 
