@@ -31,7 +31,7 @@ log "installing the plugin from the working tree"
 # from the repository root import the package from here, not from site-packages (reuses build/).
 # Only when the sources are newer than the built library: copying it again would rewrite a file that
 # running trainings (e.g. scripts/methods.sh rows started side by side) have loaded.
-so=$(ls fairseq_qplugin/pack/_qkernels*.so 2>/dev/null | head -n 1)
+so=$(ls fairseq_qplugin/pack/_qkernels*.so 2>/dev/null | head -n 1 || true)  # none yet in a fresh clone
 if [ -z "$so" ] || [ -n "$(find setup.py fairseq_qplugin/pack/csrc -newer "$so" 2>/dev/null)" ]; then
     "$venv/bin/python" setup.py -q build_ext --inplace 2>&1 | grep -iE "error|warning: fairseq-qplugin" >&2 || true
 fi
