@@ -195,7 +195,7 @@ def test_magnitude_mask_is_exact_and_only_grows():
 
 def test_magnitude_masks_prune_with_one_threshold_over_all_tensors():
     big, small = gaussian(40, 30), 0.2 * gaussian(20, 30, seed=1)
-    small[0, :7] = 0.0  # ties at the threshold's end of the ranking
+    small[0, :7] = 0.0  # tied smallest values
     masks = magnitude_masks([big, small], 0.5)
     total = big.numel() + small.numel()
     assert sum(int((~m).sum()) for m in masks) == round(0.5 * total)
@@ -208,7 +208,9 @@ def test_magnitude_masks_prune_with_one_threshold_over_all_tensors():
     again = magnitude_masks(moved, 0.6, keeps=masks)
     assert sum(int((~m).sum()) for m in again) == round(0.6 * total)
     assert not any((a & ~m).any() for a, m in zip(again, masks))
-    assert torch.equal(magnitude_masks([big], 0.3)[0], magnitude_mask(big, 0.3))
+    # ties at the threshold go by position over the tensors in order: prune 1 and the first two 2s
+    a, b = magnitude_masks([torch.tensor([[1.0, 2.0, 2.0, 2.0]]), torch.tensor([[-2.0, 3.0]])], 0.5)
+    assert a.tolist() == [[False, False, False, True]] and b.tolist() == [[True, True]]
 
 
 def test_prune_schedule():
