@@ -127,9 +127,9 @@ def strip_optimizer(src: Path, dst: Path):
     """The fp32 checkpoint without optimizer state (the file a user would ship)."""
     import torch
 
-    import fairseq_qplugin  # noqa: F401  (allow-lists fairseq's classes for torch.load)
+    from fairseq_qplugin.checkpoint import load_state
 
-    state = torch.load(src, map_location="cpu", weights_only=False)
+    state = load_state(src)  # weights_only=True: a crafted file is refused, never run
     state["last_optimizer_state"] = None
     for h in state.get("optimizer_history", []):
         h.pop("optimizer", None)

@@ -16,7 +16,7 @@ from typing import Dict, List, Tuple
 
 import torch
 
-from .checkpoint import allow_fairseq_checkpoints
+from .checkpoint import load_state
 
 logger = logging.getLogger("fairseq_qplugin.analysis")
 
@@ -25,8 +25,7 @@ SELF_ATTN = "*.self_attn.*_proj.weight"
 
 def attention_weights(path: str, pattern: str = SELF_ATTN) -> Tuple[torch.Tensor, int]:
     """All values of the matching tensors of a checkpoint (fp32, flat) and the most distinct values in one."""
-    allow_fairseq_checkpoints()
-    state = torch.load(path, map_location="cpu")
+    state = load_state(path)
     state = state.get("model", state)
     tensors = [v.float() for k, v in state.items() if fnmatch.fnmatchcase(k, pattern)]
     if not tensors:

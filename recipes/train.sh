@@ -71,7 +71,7 @@ check_int --warmup "$WARMUP" 1
 check_int --max-tokens "$MAX_TOKENS" 1
 check_int --seed "$SEED"
 check_int --save-interval "$SAVE_INTERVAL"
-require_cmd fairseq-train
+require_cmd fairseq-train python
 require_plugin
 
 DATA=$(abspath "$DATA")
@@ -119,8 +119,23 @@ ARGS=("$DATA" --user-dir "$QPLUGIN_USER_DIR" --task translation --arch "$ARCH"
 [[ -z $FINETUNE_FROM ]] || ARGS+=(--finetune-from-model "$FINETUNE_FROM")
 ARGS+=("${EXTRA[@]+"${EXTRA[@]}"}")
 
-if [[ -f $SAVE_DIR/checkpoint_last.pt ]]; then
-    log "resuming from $SAVE_DIR/checkpoint_last.pt"
+# fairseq writes checkpoint_last.pt by a copy that is not atomic: a kill right after it reports a
+# save can leave the file empty or cut. Resume then from the newest intact checkpoint instead.
+LAST=$SAVE_DIR/checkpoint_last.pt
+intact() { python -c 'import sys, zipfile; sys.exit(zipfile.ZipFile(sys.argv[1]).testzip() is not None)' "$1" 2>/dev/null; }
+if [[ -f $LAST ]] && ! intact "$LAST"; then
+    GOOD=""
+    for f in "$SAVE_DIR"/checkpoint*.pt; do
+        if [[ $f != "$LAST" ]] && intact "$f" && [[ -z $GOOD || $f -nt $GOOD ]]; then GOOD=$f; fi
+    done
+    [[ -n $GOOD ]] ||
+        die "$LAST is empty or damaged and $SAVE_DIR holds no other intact checkpoint: delete $SAVE_DIR to train from scratch"
+    mv -f -- "$LAST" "$LAST.damaged"
+    cp -- "$GOOD" "$LAST.tmp" && mv -f -- "$LAST.tmp" "$LAST"
+    warn "$LAST was empty or damaged (kept as $LAST.damaged): resuming from the newest intact checkpoint, ${GOOD##*/}"
+fi
+if [[ -f $LAST ]]; then
+    log "resuming from $LAST"
 fi
 log "fairseq-train $(quote_args "${ARGS[@]}")"
 START=$(now_s)

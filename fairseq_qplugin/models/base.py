@@ -6,6 +6,7 @@ plain ``transformer`` of the same size: ``--finetune-from-model fp32.pt`` starts
 training from a trained fp32 model.
 """
 import logging
+import math
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Callable, Dict, List, Optional
 
@@ -82,14 +83,18 @@ def register_size_presets(model_name: str, config_cls, validate: Callable, prefi
         register_preset(model_name, model_name + prefix + suffix, config_cls, validate, size_fn, **defaults)
 
 
+def check_temperature(tau: float):
+    if not (math.isfinite(tau) and tau > 0):
+        raise QuantConfigError(f"--attn-temperature must be a finite number > 0 (1 = plain attention), got {tau}")
+
+
 def set_attention_temperature(model, tau: float):
     """softmax(QK^T / (tau * sqrt(d_k))) (seed 001 Eq. 8) in every attention module.
 
     Also turns off fairseq's fused attention path, which reads the projection weights directly
     (bypassing the quantized modules) and recomputes the scaling itself.
     """
-    if tau <= 0:
-        raise QuantConfigError(f"--attn-temperature must be > 0, got {tau}")
+    check_temperature(tau)
     for module in model.modules():
         if isinstance(module, MultiheadAttention):
             module.skip_embed_dim_check = True
@@ -142,6 +147,13 @@ def check_compatible(model, state_dict, optional_suffixes=ACT_RANGE_STATE):
         for k, v in own.items()
         if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape) and k not in optional
     ]
+    foreign = [k for k in unexpected if ".wq." in k]
+    if foreign:
+        raise QuantConfigError(
+            f"the checkpoint holds another quantization method's model (its quantizer state, e.g. {foreign[0]}, "
+            f"is not part of this --arch): fine-tune from the fp32 checkpoint it was trained from, or keep the "
+            "--arch it was trained with"
+        )
     problems = shapes + [f"missing in checkpoint: {k}" for k in missing] + [
         f"not in model: {k}" for k in unexpected
     ]

@@ -75,9 +75,12 @@ def check_bits(what: str, bits) -> int:
 def parse_layer_bits(text: str) -> List[Tuple[str, int]]:
     """'decoder_ffn:1,encoder.layers.0.*:4' -> [('decoder_ffn', 1), ('encoder.layers.0.*', 4)]."""
     entries = []
-    for entry in (e.strip() for e in (text or "").split(",")):
+    if not (text or "").strip():
+        return entries
+    for entry in (e.strip() for e in text.split(",")):
         if not entry:
-            continue
+            raise QuantConfigError(f"--bcq-layer-bits {text!r}: empty entry; write PART:BITS pairs separated by "
+                                   "single commas, e.g. 'decoder_ffn:1,encoder_ffn:4'")
         part, sep, bits = entry.rpartition(":")
         if not sep or not part or not bits.strip().isdigit():
             raise QuantConfigError(f"--bcq-layer-bits {entry!r}: write PART:BITS, e.g. 'decoder_ffn:1'")

@@ -13,7 +13,7 @@ from fairseq.models import register_model
 from ..errors import QuantConfigError
 from ..modules import pattern_selector
 from ..quant import QuantSpec
-from .base import QuantizedTransformerModel, QuantPartsConfig, register_size_presets
+from .base import QuantizedTransformerModel, QuantPartsConfig, check_temperature, register_size_presets
 
 
 @dataclass
@@ -48,8 +48,7 @@ def validate(args):
     weight_spec(args)
     if args.quant_act != "none" and not 2 <= args.quant_act_bits <= 8:
         raise QuantConfigError(f"--quant-act-bits must be 2-8 for --quant-act {args.quant_act}, got {args.quant_act_bits}")
-    if args.attn_temperature <= 0:
-        raise QuantConfigError(f"--attn-temperature must be > 0, got {args.attn_temperature}")
+    check_temperature(args.attn_temperature)
 
 
 @register_model("transformer_int8")

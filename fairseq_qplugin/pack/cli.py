@@ -19,6 +19,8 @@ import json
 import logging
 import os
 import sys
+import tempfile
+from pathlib import Path
 from typing import Dict
 
 import torch
@@ -26,8 +28,8 @@ from omegaconf import OmegaConf
 
 from ..errors import QuantConfigError
 from ..modules import QuantEmbedding, QuantLinear, pattern_selector, quantizable_modules, swap_modules
-from ..quant import QuantSpec
-from .fileformat import FORMAT, VERSION, dictionary_checksum, tensors_sha256
+from ..quant import QuantSpec, check_weight
+from .fileformat import FORMAT, VERSION, dictionary_checksum, header_sha256, tensors_sha256
 from .formats import FLOAT_DTYPES, pack_weight
 from .int8 import KERNELS as INT8_KERNELS
 
@@ -69,6 +71,9 @@ def post_training_quantize(model, args):
                      granularity=args.granularity or PTQ_GRANULARITY[args.method])
     names = [n for ns in quantizable_modules(model).values() for n in ns]
     chosen = pattern_selector(names, args.include, args.exclude, ("--include", "--exclude"))
+    for n in names:
+        if chosen([n]):
+            check_weight(model.get_submodule(n).weight, f"{n}.weight")
     swap_modules(model, lambda ns: spec if chosen(ns) else None)
 
 
@@ -97,6 +102,7 @@ def pack_model(model, param_dtype: str = "auto", other_dtype: str = "auto"):
     for name, module in quantized:
         key = id(module.weight)
         if key not in done:
+            check_weight(module.weight, f"{name}.weight")
             qw = module.wq.quantized(module.weight.detach())
             try:
                 pw = narrow_params(pack_weight(qw, torch.float32), param_dtype)
@@ -169,9 +175,43 @@ def format_report(r: dict) -> str:
     return "\n".join(lines)
 
 
+def check_paths(args):
+    """Fail before any work if the input is missing, the output cannot be written or would replace the input."""
+    if not os.path.isfile(args.checkpoint):
+        raise QuantConfigError(f"{args.checkpoint}: no such checkpoint file")
+    for flag, path in (("output", args.output), ("--report", args.report)):
+        if path is None:
+            continue
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise QuantConfigError(f"{flag} {path}: the directory {folder} does not exist; create it first")
+        if os.path.isdir(path):
+            raise QuantConfigError(f"{flag} {path} is a directory; give a file name")
+        if os.path.exists(path) and os.path.samefile(path, args.checkpoint):
+            raise QuantConfigError(f"{flag} {path} is the input checkpoint {args.checkpoint}: writing it would "
+                                   "replace the checkpoint; give another output file")
+
+
+def atomic_write(path: str, write):
+    """``write(tmp)`` to a temporary file next to ``path``, then rename it to ``path``: an interrupted
+    write leaves ``path`` as it was (never a partial file)."""
+    folder, base = os.path.split(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
 def export(args) -> dict:
     from fairseq import checkpoint_utils
 
+    check_paths(args)
     overrides = {"data": args.data} if args.data else None
     models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([args.checkpoint], arg_overrides=overrides)
     model = models[0].eval()
@@ -189,12 +229,14 @@ def export(args) -> dict:
                        "qpack_dictionary": dictionary_checksum(task.source_dictionary, task.target_dictionary),
                        "int8_kernel": args.int8_kernel})
     header = {"format": FORMAT, "version": VERSION, "layout": layout, "sha256": tensors_sha256(state),
-              "source": {"checkpoint": os.path.basename(args.checkpoint), "arch": source_arch,
+              "config": cfg_plain, "source": {"checkpoint": os.path.basename(args.checkpoint), "arch": source_arch,
                          "ptq": plain(vars(args)) if args.method else None,
                          "param_dtype": args.param_dtype, "other_dtype": args.other_dtype}}
-    torch.save({"cfg": cfg_plain, "model": state, "qpack": header, "extra_state": {},
-                "optimizer_history": [{"criterion_name": "CrossEntropyCriterion", "optimizer_name": "none",
-                                       "lr_scheduler_state": {}, "num_updates": 0}]}, args.output)
+    header["header_sha256"] = header_sha256(header)
+    packed = {"cfg": cfg_plain, "model": state, "qpack": header, "extra_state": {},
+              "optimizer_history": [{"criterion_name": "CrossEntropyCriterion", "optimizer_name": "none",
+                                     "lr_scheduler_state": {}, "num_updates": 0}]}
+    atomic_write(args.output, lambda tmp: torch.save(packed, tmp))
     report = size_report(state, layout, fp32_params, os.path.getsize(args.output))
     logger.info("packed %d weights (%d modules) into %s", len(stats), len(layout), args.output)
     return report
@@ -225,7 +267,8 @@ def get_parser():
     return p
 
 
-def main(argv=None):
+def main(argv=None) -> int:
+    """The console script: exit status 0 on success; a bad flag or file exits 1 with one ``error:`` line."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)s | %(name)s | %(message)s",
                         stream=sys.stderr)
     import fairseq_qplugin  # noqa: F401  (architectures, checkpoint allow-list, error hook)
@@ -235,10 +278,9 @@ def main(argv=None):
     text = format_report(report)
     print(text)
     if args.report:
-        with open(args.report, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
-    return report
+        atomic_write(args.report, lambda tmp: Path(tmp).write_text(text + "\n", encoding="utf-8"))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

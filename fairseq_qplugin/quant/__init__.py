@@ -1,5 +1,5 @@
 """Quantization math shared by every method; no fairseq imports (see base.py for the interface)."""
-from .base import METHODS, QuantizedWeight, QuantSpec, fake_quantize, quantize, resolve
+from .base import METHODS, QuantizedWeight, QuantSpec, check_weight, fake_quantize, quantize, resolve
 from .bcq import BCQWeight
 from .kmeans import KMeansWeight, bsflex_init, bsflex_step, kmeans_1d, kmeans_weight
 from .linear import IntWeight, fake_quantize_range
@@ -7,7 +7,7 @@ from .pruning import PruneSchedule, SparseWeight, magnitude_mask, magnitude_mask
 from .mixed import MixedBCQWeight, frequency_row_bits, group_sizes, quantize_bcq_rows
 
 __all__ = [
-    "METHODS", "QuantizedWeight", "QuantSpec", "fake_quantize", "quantize", "resolve",
+    "METHODS", "QuantizedWeight", "QuantSpec", "check_weight", "fake_quantize", "quantize", "resolve",
     "BCQWeight", "IntWeight", "fake_quantize_range",
     "KMeansWeight", "bsflex_init", "bsflex_step", "kmeans_1d", "kmeans_weight",
     "PruneSchedule", "SparseWeight", "magnitude_mask", "magnitude_masks",

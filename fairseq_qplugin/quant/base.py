@@ -74,6 +74,7 @@ class QuantizedWeight:
     """
 
     method: ClassVar[str]
+    dtype: ClassVar[torch.dtype] = torch.float32  # of ``dequantize()``; ``quantize`` sets the input's
 
     @property
     def shape(self) -> Tuple[int, int]:
@@ -134,17 +135,34 @@ def resolve(spec: QuantSpec) -> QuantSpec:
     return spec
 
 
-def quantize(w: torch.Tensor, spec: QuantSpec, init_alpha: Optional[torch.Tensor] = None) -> QuantizedWeight:
-    """Quantize a 2-D float tensor; the result's ``dequantize()`` has ``w``'s shape and dtype.
-    ``init_alpha``: the scales of an earlier code of the same tensor, to warm-start the search (bcq only)."""
+def check_weight(w: torch.Tensor, name: str = "weight"):
+    """Raise a QuantConfigError naming ``name`` unless ``w`` is a non-empty 2-D tensor of finite values."""
     if w.dim() != 2:
-        raise QuantConfigError(f"only 2-D weights are quantized, got shape {tuple(w.shape)}")
+        raise QuantConfigError(f"{name}: only 2-D weights are quantized, got shape {tuple(w.shape)}")
+    if w.numel() == 0:
+        raise QuantConfigError(f"{name}: cannot quantize an empty weight of shape {tuple(w.shape)}")
+    finite = torch.isfinite(w.detach()).all(dim=1)
+    if not finite.all():
+        row = int((~finite).nonzero()[0])
+        bad = w.detach()[row][~torch.isfinite(w.detach()[row])][0].item()
+        raise QuantConfigError(f"{name}: row {row} of {tuple(w.shape)} holds {bad} ({int((~finite).sum())} such "
+                               "row(s)); quantize only finite weights (the training diverged?)")
+
+
+def quantize(w: torch.Tensor, spec: QuantSpec, init_alpha: Optional[torch.Tensor] = None,
+             name: str = "weight") -> QuantizedWeight:
+    """Quantize a non-empty 2-D float tensor of finite values; the result's ``dequantize()`` has ``w``'s
+    shape and dtype. ``init_alpha``: the scales of an earlier code of the same tensor, to warm-start the
+    search (bcq only); ``name`` names the tensor in errors."""
+    check_weight(w, name)
     spec = resolve(spec)
-    if init_alpha is None:
-        return METHODS[spec.method].quantize(w.detach(), spec)
-    if spec.method != "bcq":
+    if init_alpha is not None and spec.method != "bcq":
         raise QuantConfigError(f"only bcq codes can be warm-started, not {spec.method!r}")
-    return METHODS[spec.method].quantize(w.detach(), spec, init_alpha)
+    extra = () if init_alpha is None else (init_alpha,)
+    qw = METHODS[spec.method].quantize(w.detach(), spec, *extra)
+    if w.dtype != torch.float32 and w.is_floating_point():
+        qw.dtype = w.dtype
+    return qw
 
 
 def straight_through(w: torch.Tensor, wq: torch.Tensor, spec: QuantSpec) -> torch.Tensor:

@@ -51,7 +51,7 @@ class BCQWeight(QuantizedWeight):
 
     def dequantize(self) -> torch.Tensor:
         signs = self.planes.float() * 2 - 1
-        return (signs * self.scales()).sum(0)
+        return (signs * self.scales()).sum(0).to(self.dtype)
 
     def storage_bits(self) -> int:
         return self.planes.numel() + self.alpha.numel() * 16

@@ -40,7 +40,7 @@ class KMeansWeight(QuantizedWeight):
     def dequantize(self) -> torch.Tensor:
         idx = self.indices.long()
         w = self.codebook[idx] if self.codebook.dim() == 1 else self.codebook.gather(1, idx)
-        return w if self.mask is None else w * self.mask
+        return (w if self.mask is None else w * self.mask).to(self.dtype)
 
     def storage_bits(self) -> int:
         """b bits per kept weight, fp16 centroids, and a 1-bit-per-weight bitmap when pruned."""

@@ -46,7 +46,7 @@ class IntWeight(QuantizedWeight):
         return tuple(self.codes.shape)
 
     def dequantize(self) -> torch.Tensor:
-        return (self.codes.float() - self.zero_point.float()) * self.scale
+        return ((self.codes.float() - self.zero_point.float()) * self.scale).to(self.dtype)
 
     def storage_bits(self) -> int:
         return self.codes.numel() * self.bits + self.scale.numel() * (16 + self.bits)

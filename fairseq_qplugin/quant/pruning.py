@@ -61,9 +61,12 @@ class PruneSchedule:
     @classmethod
     def parse(cls, text: str, flag: str = "--prune-schedule") -> Optional["PruneSchedule"]:
         """``"0.5"`` (from the start) or ``"0:0.3,4000:0.5"`` (update:sparsity pairs); "" is no pruning."""
-        items = [t.strip() for t in (text or "").split(",") if t.strip()]
-        if not items:
+        if not (text or "").strip():
             return None
+        items = [t.strip() for t in text.split(",")]
+        if not all(items):
+            raise QuantConfigError(f"{flag} {text!r}: empty entry; write a sparsity such as '0.5' or "
+                                   "update:sparsity pairs separated by single commas, such as '0:0.3,4000:0.5'")
         steps = []
         for item in items:
             update, _, sparsity = item.rpartition(":")
@@ -110,7 +113,7 @@ class SparseWeight(QuantizedWeight):
         return tuple(self.values.shape)
 
     def dequantize(self) -> torch.Tensor:
-        return self.values * self.mask
+        return (self.values * self.mask).to(self.dtype)
 
     def storage_bits(self) -> int:
         """The kept values at 32 bits plus a 1-bit-per-weight bitmap."""
