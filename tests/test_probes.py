@@ -130,7 +130,7 @@ def packed(tiny_data, fp32_checkpoint, tmp_path_factory):
     from fairseq_qplugin.pack.cli import main
 
     path = tmp_path_factory.mktemp("probes") / "packed.pt"
-    assert main([str(fp32_checkpoint), str(path), "--method", "int", "--bits", "4"]) == 0
+    main([str(fp32_checkpoint), str(path), "--method", "int", "--bits", "4"])
     task = TranslationTask.setup_task(TranslationConfig(data=str(tiny_data / "bin"), source_lang="en", target_lang="de"))
     g = torch.Generator().manual_seed(0)
     batch = (torch.randint(4, len(task.source_dictionary), (3, 9), generator=g), torch.full((3,), 9),

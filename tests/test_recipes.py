@@ -277,6 +277,29 @@ def test_output_dir_of_another_configuration(pipeline):
     assert mtimes(exp) == before
 
 
+def test_train_resumes_from_the_newest_intact_checkpoint(tiny_data, tmp_path):
+    """A kill during fairseq's (non-atomic) copy can leave checkpoint_last.pt empty: train.sh resumes
+    from the newest intact checkpoint instead, or says what to do when there is none."""
+    save = tmp_path / "run"
+    args = [RECIPES / "train.sh", "--data", tiny_data / "bin", "--save-dir", save, "--arch", "transformer",
+            "--max-update", 4, "--warmup", 2, "--max-tokens", 2000, "--", *TINY]
+    sh(*args)
+    (save / ".done").unlink()
+    (save / "checkpoint_last.pt").write_bytes(b"")
+    proc, _ = sh(*args)
+    assert (f"{save}/checkpoint_last.pt was empty or damaged (kept as {save}/checkpoint_last.pt.damaged): resuming "
+            "from the newest intact checkpoint, checkpoint_best.pt") in proc.stdout, proc.stdout
+    assert re.search(r"Loaded checkpoint .*checkpoint_last\.pt \(epoch \d+ @ 4 updates\)", proc.stdout), proc.stdout
+    assert (save / ".done").exists() and (save / "checkpoint_last.pt.damaged").stat().st_size == 0
+    (save / ".done").unlink()
+    for f in ("checkpoint_last.pt", "checkpoint_best.pt"):
+        (save / f).write_bytes((save / f).read_bytes()[:1000])
+    proc, _ = sh(*args, check=False)
+    assert proc.returncode == 1
+    assert (f"{save}/checkpoint_last.pt is empty or damaged and {save} holds no other intact checkpoint: delete "
+            f"{save} to train from scratch") in proc.stdout, proc.stdout
+
+
 # ---- the WMT14 example: data preparation from local archives ----------------------------------
 
 def _tgz(path: Path, files: dict):
