@@ -342,6 +342,9 @@ def test_console_scripts_exit_codes(tiny_data, fp32_checkpoint, tmp_path):
     ok = run(["fairseq-qpack", fp32_checkpoint, tmp_path / "p.pt", "--method", "int", "--bits", 4], check=False)
     assert ok.returncode == 0 and "compression vs fp32 weights" in ok.stdout, ok.stdout[-3000:]
     assert "{'components'" not in ok.stdout
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "p.pt").stat().st_mode & 0o777 == 0o666 & ~umask  # like any new file, not private
     missing = tmp_path / "missing.pt"
     assert_one_error_line(run(["fairseq-qpack", missing, tmp_path / "q.pt"], check=False), 1,
                           f"{missing}: no such checkpoint file")

@@ -199,6 +199,9 @@ def atomic_write(path: str, write):
     fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=folder)
     os.close(fd)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # as a plain open() would create it (mkstemp makes it private)
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
