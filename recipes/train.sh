@@ -36,7 +36,8 @@
 #
 # Output: DIR/checkpoint_best.pt (lowest validation loss), DIR/checkpoint_last.pt, DIR/train.log,
 # and the stamp DIR/.done. Re-running with the same configuration skips at once; a DIR made with
-# another configuration is an error; an interrupted run resumes from DIR/checkpoint_last.pt.
+# another configuration is an error; an interrupted run resumes from DIR/checkpoint_last.pt (or, if a
+# kill left that file empty or cut, from the newest intact checkpoint in DIR).
 # The plugin directory is ../fairseq_qplugin next to this script (override with QPLUGIN_USER_DIR).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
