@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import fairseq_qplugin  # noqa: F401  (architectures, load hook, allow-list)
-from fairseq_qplugin.errors import QuantConfigError, _find_config_error
+from fairseq_qplugin.errors import _find_config_error
 from fairseq_qplugin.models.transformer_bcq import parse_layer_bits
 from fairseq_qplugin.quant import PruneSchedule, QuantSpec, quantize
 

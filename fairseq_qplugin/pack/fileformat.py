@@ -28,11 +28,12 @@ still load, with a warning.
 import hashlib
 import json
 import logging
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 from omegaconf import OmegaConf
 
+from ..checkpoint import load_state
 from ..errors import QuantConfigError
 
 logger = logging.getLogger(__name__)
@@ -124,8 +125,6 @@ def validate_packed(state, path, overridden=()) -> None:
 
 def load_packed(path) -> dict:
     """Load and validate a packed checkpoint with ``weights_only=True``; errors name the file."""
-    from ..checkpoint import load_state
-
     state = load_state(path)
     if not is_packed(state):
         raise QuantConfigError(f"{path}: not a packed checkpoint (no 'qpack' header); create one with fairseq-qpack")
