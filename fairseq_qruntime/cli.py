@@ -9,6 +9,7 @@ line is ``N tokens/s``: output tokens plus EOS over the translation wall time (m
 tokenization excluded). Errors are one line on stderr, with nothing written to stdout.
 """
 import argparse
+import json
 import logging
 import sys
 import time
@@ -29,6 +30,9 @@ def get_parser():
     p.add_argument("--max-len-b", type=int, default=200)
     p.add_argument("--min-len", type=int, default=1)
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--input", help="read this file instead of stdin")
+    p.add_argument("--output", help="write this file instead of stdout (only once everything is translated)")
+    p.add_argument("--stats", help="also write {\"tokens\", \"seconds\", \"lines\"} of the timed part as JSON here")
     return p
 
 
@@ -73,7 +77,16 @@ def main(argv=None):
     except (ModelError, OSError, RuntimeError, ValueError) as e:
         print(f"fairseq-qtranslate: error: {e}", file=sys.stderr)
         return 2
-    source = [words.encode(line) for line in sys.stdin]
+    try:
+        if args.input:
+            with open(args.input, encoding="utf-8") as f:
+                raw = f.read().splitlines()
+        else:
+            raw = sys.stdin.read().splitlines()
+    except OSError as e:
+        print(f"fairseq-qtranslate: error: {e}", file=sys.stderr)
+        return 2
+    source = [words.encode(line) for line in raw]
     out, seconds, done = [], 0.0, 0
     buffer = max(4 * args.batch_size, 256)
     for k in range(0, len(source), buffer):
@@ -89,8 +102,16 @@ def main(argv=None):
         done += len(chunk)
         if not args.quiet:
             print(f"translated {done}/{len(source)} lines", file=sys.stderr, flush=True)
-    sys.stdout.write("".join(line + "\n" for line in out))
-    sys.stdout.flush()
+    text = "".join(line + "\n" for line in out)
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as f:
+            f.write(text)
+    else:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    if args.stats:
+        with open(args.stats, "w", encoding="utf-8") as f:
+            json.dump({"tokens": translator.output_tokens, "seconds": seconds, "lines": len(out)}, f)
     print(f"{translator.output_tokens / max(seconds, 1e-9):.1f} tokens/s", file=sys.stderr)
     return 0
 

@@ -15,7 +15,7 @@ from typing import Dict, List
 
 import numpy as np
 
-from .build import HERE, LIBNAME, build
+from .build import HERE, LIBNAME, build, sources
 
 logger = logging.getLogger("fairseq_qruntime")
 
@@ -49,7 +49,7 @@ def load_library(build_if_missing: bool = True):
     if _lib is not None:
         return _lib
     path = library_path()
-    if not os.path.isfile(path):
+    if not os.path.isfile(path) or (not os.environ.get("QRUNTIME_LIB") and _stale(path)):
         if not build_if_missing:
             raise NativeUnavailable(f"{path}: the runtime engine is not built; run python -m fairseq_qruntime.build")
         try:
@@ -75,6 +75,12 @@ def load_library(build_if_missing: bool = True):
     lib.qr_result_free.argtypes = [p]
     _lib = lib
     return lib
+
+
+def _stale(path: str) -> bool:
+    """Whether an engine source (when present, as in a checkout) is newer than the built library."""
+    built = os.path.getmtime(path)
+    return any(os.path.isfile(src) and os.path.getmtime(src) > built for src in sources())
 
 
 def _call(fn, *args):

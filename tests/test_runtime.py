@@ -63,6 +63,7 @@ QAT = {
     "kmeans-pruned": ("transformer_kmeans", "--quant-bits", 2, "--kmeans-iters", 5, "--prune-schedule", 0.5),
 }
 FORMATS = list(PTQ) + list(QAT)
+ACT_QUANT = {"bin1-act"}
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +118,7 @@ def test_runtime_matches_fairseq(rt, exported, tiny_data, name):
     model, task = fairseq_model(packed, tiny_data / "bin")
     engine = rt.Model(str(model_dir))
     pad, tgt = task.target_dictionary.pad(), task.target_dictionary
-    worst = 0.0
+    worst, positions, off = 0.0, 0, 0
     with torch.no_grad():
         for sample in batches(task, 8):
             ni = sample["net_input"]
@@ -126,8 +127,14 @@ def test_runtime_matches_fairseq(rt, exported, tiny_data, name):
             for i, prev in enumerate(ni["prev_output_tokens"]):
                 n = int(prev.ne(pad).sum())
                 got = engine.score([src[i]], prev[:n].numpy()[None])[0]
-                worst = max(worst, float(np.abs(got - logits[i, :n]).max()))
-    assert worst <= 1e-4, f"{name}: teacher-forced logits differ by {worst}"
+                diff = np.abs(got - logits[i, :n]).max(axis=1)
+                worst, positions, off = max(worst, float(diff.max())), positions + n, off + int((diff > 1e-4).sum())
+    if name in ACT_QUANT:
+        # Quantized activations: a value within float rounding of a rounding boundary may land one step
+        # away in either engine (other summation order); measured 14 of 2,028 positions.
+        assert off <= 0.02 * positions, f"{name}: {off} of {positions} teacher-forced positions differ (worst {worst})"
+    else:
+        assert worst <= 1e-4, f"{name}: teacher-forced logits differ by {worst}"
     for beam in (1, 5):
         gen = SequenceGenerator([model], tgt, beam_size=beam)
         total = same = 0
@@ -159,6 +166,7 @@ def test_translator_threads_and_order(rt, exported, tiny_data):
     batched = t.translate(lines, beam=4, max_batch_tokens=200)
     alone = [t.translate([line], beam=4)[0] for line in lines]
     assert batched == alone
+    assert rt.Translator(str(model_dir), threads=2).translate(lines, beam=4, max_batch_tokens=200) == batched
     results = {}
     threads = [threading.Thread(target=lambda k=k: results.__setitem__(k, t.translate(lines, beam=4))) for k in range(2)]
     for th in threads:
