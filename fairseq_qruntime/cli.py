@@ -19,7 +19,8 @@ def get_parser():
     p = argparse.ArgumentParser(prog="fairseq-qtranslate", description=__doc__.split("\n\n")[0])
     p.add_argument("model_dir", help="directory written by fairseq-qpack --export")
     p.add_argument("--spm", help="sentencepiece model that splits the source (and joins the output)")
-    p.add_argument("--bpe", help="subword-nmt BPE codes applied to the (space-tokenized) source; output '@@ ' is removed")
+    p.add_argument("--bpe", help="subword-nmt BPE codes applied to the (space-tokenized) source; "
+                                 "output '@@ ' is removed")
     p.add_argument("--beam", type=int, default=5)
     p.add_argument("--nbest", type=int, default=1, help="hypotheses per line (tab-separated)")
     p.add_argument("--batch-size", type=int, default=32, help="sentences per batch at most")
@@ -67,7 +68,8 @@ class Subwords:
 
 def main(argv=None):
     args = get_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="fairseq-qtranslate: %(levelname)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(level=logging.WARNING, format="fairseq-qtranslate: %(levelname)s: %(message)s",
+                        stream=sys.stderr)
     from .model import ModelError
     from .translator import Translator
 

@@ -15,7 +15,6 @@ from typing import Dict, List
 
 import numpy as np
 
-from .build import HERE, LIBNAME, build, sources
 
 logger = logging.getLogger("fairseq_qruntime")
 
@@ -40,6 +39,8 @@ _lib = None
 
 
 def library_path() -> str:
+    from .build import HERE, LIBNAME  # not at import: python -m fairseq_qruntime.build must run it first
+
     return os.environ.get("QRUNTIME_LIB") or os.path.join(HERE, LIBNAME)
 
 
@@ -53,6 +54,8 @@ def load_library(build_if_missing: bool = True):
         if not build_if_missing:
             raise NativeUnavailable(f"{path}: the runtime engine is not built; run python -m fairseq_qruntime.build")
         try:
+            from .build import build
+
             logger.info("building the runtime engine (%s)", path)
             build(path)
         except (RuntimeError, OSError) as e:
@@ -69,7 +72,7 @@ def load_library(build_if_missing: bool = True):
     lib.qr_model_isa.argtypes = [p]
     lib.qr_model_isa.restype = c
     lib.qr_score.argtypes = [p, p, p, i, p, i, i, p, c, i]
-    lib.qr_translate.argtypes = [p, p, p, i, i, i, f, f, i, i, f, i, ctypes.POINTER(p), c, i]
+    lib.qr_translate.argtypes = [p, p, p, i, i, i, f, ctypes.c_double, i, i, f, i, ctypes.POINTER(p), c, i]
     lib.qr_result_counts.argtypes = [p, i, p]
     lib.qr_result_copy.argtypes = [p, i, p, p]
     lib.qr_result_free.argtypes = [p]
@@ -79,6 +82,8 @@ def load_library(build_if_missing: bool = True):
 
 def _stale(path: str) -> bool:
     """Whether an engine source (when present, as in a checkout) is newer than the built library."""
+    from .build import sources
+
     built = os.path.getmtime(path)
     return any(os.path.isfile(src) and os.path.getmtime(src) > built for src in sources())
 
@@ -130,6 +135,7 @@ def dictionary_checksum(*dictionaries: Dictionary) -> str:
 
 
 def tensors_sha256(tensors: Dict[str, np.ndarray]) -> str:
+    """sha256 over names, dtypes, shapes and bytes, in name order (fairseq-qpack --export writes it)."""
     h = hashlib.sha256()
     for name in sorted(tensors):
         a = np.ascontiguousarray(tensors[name])
@@ -177,7 +183,8 @@ class Model:
 
     def _read_config(self) -> dict:
         if not os.path.isdir(self.dir):
-            raise ModelError(f"{self.dir}: no such model directory (create one with fairseq-qpack --export DIR PACKED.pt)")
+            raise ModelError(f"{self.dir}: no such model directory (create one with "
+                             "fairseq-qpack --export DIR PACKED.pt)")
         path = self._file("config.json")
         try:
             with open(path, encoding="utf-8") as f:
@@ -186,8 +193,8 @@ class Model:
             raise ModelError(f"{path}: not valid JSON ({e}); re-export the model") from None
         if not isinstance(cfg, dict) or cfg.get("format") != FORMAT or cfg.get("version") != VERSION:
             raise ModelError(f"{path}: not a {FORMAT} v{VERSION} config; re-export the model with this version")
-        missing = [k for k in ("encoder", "decoder", "modules", "tensors", "sha256", "dictionaries", "symbols", "weights")
-                   if k not in cfg]
+        keys = ("encoder", "decoder", "modules", "tensors", "sha256", "dictionaries", "symbols", "weights")
+        missing = [k for k in keys if k not in cfg]
         if missing:
             raise ModelError(f"{path}: config lacks {missing}; re-export the model")
         if cfg.get("activation", "relu") not in ACTIVATIONS:
@@ -198,12 +205,13 @@ class Model:
         cfg = self.config
         found = dictionary_checksum(self.src_dict, self.tgt_dict)
         if found != cfg["dictionaries"]["checksum"]:
-            raise ModelError(f"{os.path.join(self.dir, cfg['dictionaries']['source'])}: the dictionaries (checksum {found}, "
-                             f"{len(self.src_dict)}/{len(self.tgt_dict)} symbols) are not the model's "
+            raise ModelError(f"{os.path.join(self.dir, cfg['dictionaries']['source'])}: the dictionaries "
+                             f"(checksum {found}, {len(self.src_dict)}/{len(self.tgt_dict)} symbols) are not the model's "
                              f"({cfg['dictionaries']['checksum']}); use the dictionaries exported with the model")
         for d, side in ((self.src_dict, "encoder"), (self.tgt_dict, "decoder")):
             if len(d) != cfg[side]["vocab"]:
-                raise ModelError(f"{self.dir}: the {side} dictionary has {len(d)} symbols, the model {cfg[side]['vocab']}")
+                raise ModelError(f"{self.dir}: the {side} dictionary has {len(d)} symbols, "
+                                 f"the model {cfg[side]['vocab']}")
 
     def _read_tensors(self) -> Dict[str, np.ndarray]:
         from safetensors import SafetensorError
@@ -214,11 +222,13 @@ class Model:
         try:
             raw = load_file(path)
         except (SafetensorError, OSError, ValueError) as e:
-            raise ModelError(f"{path}: cannot be read ({e}); the file is truncated or corrupted: re-export the model") from None
+            raise ModelError(f"{path}: cannot be read ({e}); the file is truncated or corrupted: "
+                             "re-export the model") from None
         want = cfg["tensors"]
         missing, extra = sorted(set(want) - set(raw)), sorted(set(raw) - set(want))
         if missing or extra:
-            raise ModelError(f"{path}: tensors do not match config.json (missing {missing[:3]}, unexpected {extra[:3]})")
+            raise ModelError(f"{path}: tensors do not match config.json "
+                             f"(missing {missing[:3]}, unexpected {extra[:3]})")
         for name, spec in want.items():
             a = raw[name]
             if a.dtype.name != spec["dtype"] or list(a.shape) != list(spec["shape"]):
@@ -233,9 +243,11 @@ class Model:
                     raise ModelError(f"{self.dir}/config.json: module {name} names tensor {t}, which is not stored")
             if e["format"] in ("fp16", "fp32"):
                 spec = want[e["tensors"]["weight"]]
-                if list(spec["shape"]) != list(e["shape"]) or spec["dtype"] != {"fp16": "float16", "fp32": "float32"}[e["format"]]:
-                    raise ModelError(f"{path}: tensor {e['tensors']['weight']} is {spec['dtype']} {spec['shape']}, but module "
-                                     f"{name} is {e['format']} {e['shape']} in config.json; re-export the model")
+                dtype = {"fp16": "float16", "fp32": "float32"}[e["format"]]
+                if list(spec["shape"]) != list(e["shape"]) or spec["dtype"] != dtype:
+                    raise ModelError(f"{path}: tensor {e['tensors']['weight']} is {spec['dtype']} {spec['shape']}, "
+                                     f"but module {name} is {e['format']} {e['shape']} in config.json; "
+                                     "re-export the model")
         out = {}
         for name, a in raw.items():
             if a.dtype == np.float16 or a.dtype == np.float32:

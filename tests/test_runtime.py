@@ -81,7 +81,8 @@ def exported(tiny_data, fp32_checkpoint):
                 arch, *flags = QAT[name]
                 src, flags = qat_checkpoint(tiny_data, fp32_checkpoint, f"rt_qat_{name}", arch, *flags), []
             packed = d / "packed.pt"
-            run(["python", "-m", "fairseq_qplugin.pack.cli", src, packed, "--data", tiny_data / "bin", *flags], cwd=ROOT)
+            run(["python", "-m", "fairseq_qplugin.pack.cli", src, packed, "--data", tiny_data / "bin", *flags],
+                cwd=ROOT)
             run(["python", "-m", "fairseq_qplugin.pack.cli", "--export", d / "model", packed,
                  "--data", tiny_data / "bin"], cwd=ROOT)
             cache[name] = (packed, d / "model")
@@ -94,7 +95,8 @@ def fairseq_model(packed, data_bin):
     import fairseq_qplugin  # noqa: F401
     from fairseq import checkpoint_utils
 
-    models, _, task = checkpoint_utils.load_model_ensemble_and_task([str(packed)], arg_overrides={"data": str(data_bin)})
+    models, _, task = checkpoint_utils.load_model_ensemble_and_task([str(packed)],
+                                                                    arg_overrides={"data": str(data_bin)})
     task.load_dataset("test")
     return models[0].eval(), task
 
@@ -152,10 +154,20 @@ def test_runtime_matches_fairseq(rt, exported, tiny_data, name):
 
 
 def test_import_does_not_load_torch():
-    code = "import sys, fairseq_qruntime; print(sorted(m for m in ('torch', 'fairseq', 'fairseq_qplugin') if m in sys.modules))"
+    code = ("import sys, fairseq_qruntime; "
+            "print(sorted(m for m in ('torch', 'fairseq', 'fairseq_qplugin') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
                          capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_failed_build_raises_and_leaves_nothing(tmp_path, monkeypatch):
+    from fairseq_qruntime import build
+
+    monkeypatch.setenv("CXX", "false")  # a "compiler" that always fails
+    with pytest.raises(RuntimeError, match=r"building the runtime engine failed \(false\)"):
+        build.build(str(tmp_path / "engine.so"))
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_translator_threads_and_order(rt, exported, tiny_data):
@@ -168,7 +180,8 @@ def test_translator_threads_and_order(rt, exported, tiny_data):
     assert batched == alone
     assert rt.Translator(str(model_dir), threads=2).translate(lines, beam=4, max_batch_tokens=200) == batched
     results = {}
-    threads = [threading.Thread(target=lambda k=k: results.__setitem__(k, t.translate(lines, beam=4))) for k in range(2)]
+    threads = [threading.Thread(target=lambda k=k: results.__setitem__(k, t.translate(lines, beam=4)))
+               for k in range(2)]
     for th in threads:
         th.start()
     for th in threads:
@@ -177,8 +190,8 @@ def test_translator_threads_and_order(rt, exported, tiny_data):
 
 
 def qtranslate(model_dir, spm, stdin, *extra):
-    return subprocess.run([sys.executable, "-m", "fairseq_qruntime.cli", str(model_dir), "--spm", str(spm), *map(str, extra)],
-                          cwd=ROOT, input=stdin, capture_output=True, text=True,
+    cmd = [sys.executable, "-m", "fairseq_qruntime.cli", str(model_dir), "--spm", str(spm), *map(str, extra)]
+    return subprocess.run(cmd, cwd=ROOT, input=stdin, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
@@ -193,7 +206,8 @@ def test_cli_translates_and_reports_speed(rt, exported, tiny_data):
     assert len(lines) == 6
     t = rt.Translator(str(model_dir))
     sp = spm.SentencePieceProcessor(model_file=str(tiny_data / "spm.model"))
-    expect = [sp.decode(h.split()) for h in t.translate([" ".join(sp.encode(x, out_type=str)) for x in raw.splitlines()], beam=3)]
+    pieces = [" ".join(sp.encode(x, out_type=str)) for x in raw.splitlines()]
+    expect = [sp.decode(h.split()) for h in t.translate(pieces, beam=3)]
     assert lines == expect
     last = out.stderr.strip().splitlines()[-1]
     assert last.endswith(" tokens/s") and float(last.split()[0]) > 0

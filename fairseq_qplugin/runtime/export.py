@@ -16,39 +16,26 @@ Module formats: ``dense`` (a float matrix ``<owner>.weight``) or a packed one of
 (``int``, ``bcq``, ``bcq_mixed``, ``kmeans``) whose fields are ``<owner>.wq.<field>``, laid out
 as documented there. See docs/runtime.md.
 """
-import hashlib
 import json
 import math
 import os
-from typing import Dict
 
-import numpy as np
 import torch
+from fairseq_qruntime.model import ACTIVATIONS, FORMAT, VERSION, tensors_sha256  # torch-free: the reader's rules
 
 from ..errors import QuantConfigError
 from ..pack.fileformat import dictionary_checksum, layout_of, load_packed
 from ..quant.linear import asym_params
 
-FORMAT, VERSION = "fairseq-qruntime", 1
-ACTIVATIONS = {"relu": 0, "gelu": 1, "gelu_accurate": 2, "gelu_fast": 2, "tanh": 3, "linear": 4}
 SKIPPED_SUFFIXES = (".version", "_float_tensor", ".running_min", ".running_max", ".initialized")
-
-
-def tensors_sha256(tensors: Dict[str, np.ndarray]) -> str:
-    """sha256 over names, dtypes, shapes and bytes, in key order (the runtime recomputes it)."""
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        a = np.ascontiguousarray(tensors[name])
-        h.update(f"{name}|{a.dtype.name}|{list(a.shape)}|".encode())
-        h.update(a.tobytes())
-    return h.hexdigest()
 
 
 def module_names(enc_layers: int, dec_layers: int):
     """(name, kind) of every linear / embedding module of fairseq's transformer."""
     out = [("encoder.embed_tokens", "embedding"), ("decoder.embed_tokens", "embedding"),
            ("decoder.output_projection", "linear")]
-    for side, n, attns in (("encoder", enc_layers, ("self_attn",)), ("decoder", dec_layers, ("self_attn", "encoder_attn"))):
+    sides = (("encoder", enc_layers, ("self_attn",)), ("decoder", dec_layers, ("self_attn", "encoder_attn")))
+    for side, n, attns in sides:
         for i in range(n):
             for a in attns:
                 out += [(f"{side}.layers.{i}.{a}.{p}", "linear") for p in ("q_proj", "k_proj", "v_proj", "out_proj")]
@@ -72,12 +59,13 @@ def _side(a: dict, side: str, state: dict) -> dict:
 
 
 def check_supported(a: dict):
+    dim = int(a["decoder_embed_dim"])
     unsupported = {
         "adaptive_softmax_cutoff": bool(a.get("adaptive_softmax_cutoff")),
         "cross_self_attention": bool(a.get("cross_self_attention")),
         "no_cross_attention": bool(a.get("no_cross_attention")),
-        "decoder_output_dim != decoder_embed_dim": int(a.get("decoder_output_dim") or a["decoder_embed_dim"]) != int(a["decoder_embed_dim"]),
-        "decoder_input_dim != decoder_embed_dim": int(a.get("decoder_input_dim") or a["decoder_embed_dim"]) != int(a["decoder_embed_dim"]),
+        "decoder_output_dim != decoder_embed_dim": int(a.get("decoder_output_dim") or dim) != dim,
+        "decoder_input_dim != decoder_embed_dim": int(a.get("decoder_input_dim") or dim) != dim,
         "encoder_embed_dim != decoder_embed_dim": int(a["encoder_embed_dim"]) != int(a["decoder_embed_dim"]),
     }
     bad = [k for k, v in unsupported.items() if v]
@@ -134,7 +122,8 @@ def export_dir(packed_path: str, out_dir: str, data=None) -> dict:
         if name.endswith(SKIPPED_SUFFIXES) or t.dim() == 0:
             continue
         if t.dtype not in (torch.float16, torch.float32, torch.uint8):
-            raise QuantConfigError(f"{packed_path}: tensor {name} has dtype {t.dtype}; the runtime reads fp16/fp32/uint8")
+            raise QuantConfigError(f"{packed_path}: tensor {name} has dtype {t.dtype}; "
+                                   "the runtime reads fp16/fp32/uint8")
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
         if key in by_storage:
             continue
@@ -161,7 +150,8 @@ def export_dir(packed_path: str, out_dir: str, data=None) -> dict:
                 raise QuantConfigError(f"{packed_path}: module {name} has neither packed nor float weights")
             w = model[f"{name}.weight"]
             owner = owner_of(f"{name}.weight")[: -len(".weight")]
-            entry = {"kind": kind, "format": "fp16" if w.dtype == torch.float16 else "fp32", "bits": 16 if w.dtype == torch.float16 else 32,
+            half = w.dtype == torch.float16
+            entry = {"kind": kind, "format": "fp16" if half else "fp32", "bits": 16 if half else 32,
                      "shape": list(w.shape), "weight": owner, "tensors": {"weight": f"{owner}.weight"}}
         modules[name] = entry
 

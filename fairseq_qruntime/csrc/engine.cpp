@@ -782,7 +782,8 @@ static void log_softmax_rows(float* x, int n, int V) {
 
 struct Params {
   int beam = 5, nbest = 1, min_len = 1;
-  float lenpen = 1.f, max_len_a = 0.f, unk_penalty = 0.f;
+  float lenpen = 1.f, unk_penalty = 0.f;
+  double max_len_a = 0.0;  // Python float, as fairseq's int(a * src_len + b)
   int max_len_b = 200;
 };
 
@@ -1165,7 +1166,7 @@ int qr_score(Model* m, const int32_t* src, const int32_t* src_lens, int bsz, con
 
 // Beam search over bsz sentences given one after another in src (lengths src_lens, each ending with EOS).
 int qr_translate(Model* m, const int32_t* src, const int32_t* src_lens, int bsz, int beam, int nbest, float lenpen,
-                 float max_len_a, int max_len_b, int min_len, float unk_penalty, int threads, qr_result** out, char* err,
+                 double max_len_a, int max_len_b, int min_len, float unk_penalty, int threads, qr_result** out, char* err,
                  int errlen) {
   return guarded(err, errlen, [&] {
     if (!m->ready) fail("model is not finalized");
