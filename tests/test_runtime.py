@@ -62,7 +62,12 @@ QAT = {
     # k-means with magnitude pruning masks
     "kmeans-pruned": ("transformer_kmeans", "--quant-bits", 2, "--kmeans-iters", 5, "--prune-schedule", 0.5),
 }
-FORMATS = list(PTQ) + list(QAT)
+# the other transformer variants: pre-norm, learned positions, gelu, no embedding scale, layernorm_embedding,
+# separate source / target embeddings with the output projection tied to the target one; packed BCQ 3-bit
+VARIANT = ["--encoder-normalize-before", "--decoder-normalize-before", "--encoder-learned-pos",
+           "--decoder-learned-pos", "--activation-fn", "gelu", "--no-scale-embedding", "--layernorm-embedding",
+           "--share-decoder-input-output-embed"]
+FORMATS = list(PTQ) + list(QAT) + ["variant-bcq3"]
 ACT_QUANT = {"bin1-act"}
 
 
@@ -77,6 +82,11 @@ def exported(tiny_data, fp32_checkpoint):
             d.mkdir(exist_ok=True)
             if name in PTQ:
                 src, flags = fp32_checkpoint, PTQ[name]
+            elif name == "variant-bcq3":
+                args = [a for a in train_args(tiny_data / "bin", tiny_data / "rt_variant_fp32", "transformer", 60)
+                        if a != "--share-all-embeddings"]
+                run(args + VARIANT)
+                src, flags = tiny_data / "rt_variant_fp32" / "checkpoint_last.pt", ["--method", "bcq", "--bits", 3]
             else:
                 arch, *flags = QAT[name]
                 src, flags = qat_checkpoint(tiny_data, fp32_checkpoint, f"rt_qat_{name}", arch, *flags), []
