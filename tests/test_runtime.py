@@ -324,3 +324,20 @@ def test_cli_error_is_one_line_and_no_output(rt, broken, tiny_data):
     assert out.stderr.strip().splitlines() == [f"fairseq-qtranslate: error: {broken}/model.safetensors: missing; "
                                                "the model directory is incomplete (re-export it with "
                                                "fairseq-qpack --export DIR PACKED.pt)"]
+
+
+def test_cli_bpe_round_trip(tmp_path):
+    """--bpe splits with subword-nmt codes and the output side joins '@@ ' pieces back."""
+    from subword_nmt.learn_bpe import learn_bpe
+
+    from fairseq_qruntime.cli import Subwords
+
+    text = "the translation of the packed transformer model\nlower lowest newer newest widest\n" * 5
+    (tmp_path / "train.txt").write_text(text, encoding="utf-8")
+    with open(tmp_path / "train.txt", encoding="utf-8") as f, open(tmp_path / "codes", "w", encoding="utf-8") as out:
+        learn_bpe(f, out, 20)
+    words = Subwords(bpe_codes=str(tmp_path / "codes"))
+    line = "the untranslatable newest transformers"
+    pieces = words.encode(line)
+    assert "@@ " in pieces and pieces.replace("@@ ", "") == line
+    assert words.decode(pieces) == line
