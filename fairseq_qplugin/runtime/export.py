@@ -202,7 +202,7 @@ def main(argv):
     """``fairseq-qpack --export DIR PACKED.pt [--data DATA_BIN]``."""
     import argparse
 
-    p = argparse.ArgumentParser(prog="fairseq-qpack --export",
+    p = argparse.ArgumentParser(prog="fairseq-qpack",
                                 description="write a packed checkpoint as a torch-free runtime directory")
     p.add_argument("--export", metavar="DIR", required=True, help="directory to write (created)")
     p.add_argument("packed", help="packed checkpoint written by fairseq-qpack")
