@@ -55,6 +55,38 @@ def kernel_extension():
 
 ext_modules, cmdclass = kernel_extension()
 
+
+# ---- The torch-free runtime's engine (fairseq_qruntime/_engine.so) --------------------------------
+def runtime_engine(cmdclass):
+    """Build the runtime engine, a plain shared library (no Python or torch headers; fairseq_qruntime/
+    build.py compiles csrc/engine.cpp with the kernels above), after build_py. Optional like the
+    kernels: a failed build warns, unless QPLUGIN_REQUIRE_NATIVE=1 (CI), where it fails the install.
+    Without it the runtime builds the library on first use (and the tests do)."""
+    import importlib.util
+    import os
+
+    from setuptools.command.build_py import build_py
+
+    spec = importlib.util.spec_from_file_location("qruntime_build", os.path.join("fairseq_qruntime", "build.py"))
+    builder = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(builder)
+
+    class BuildPyWithEngine(build_py):
+        def run(self):
+            super().run()
+            root = "." if getattr(self, "editable_mode", False) else self.build_lib
+            try:
+                builder.build(os.path.join(root, "fairseq_qruntime", builder.LIBNAME))
+            except Exception as e:  # noqa: BLE001
+                if os.environ.get("QPLUGIN_REQUIRE_NATIVE") == "1":
+                    raise
+                print(f"WARNING: fairseq-qruntime engine not built ({e}); it is built on first use", file=sys.stderr)
+
+    return {**cmdclass, "build_py": BuildPyWithEngine}
+
+
+cmdclass = runtime_engine(cmdclass)
+
 setup(
     name="fairseq-qplugin",
     version="0.1.0",
@@ -63,7 +95,8 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.8",
-    packages=find_packages(include=["fairseq_qplugin", "fairseq_qplugin.*"]),
+    packages=find_packages(include=["fairseq_qplugin", "fairseq_qplugin.*", "fairseq_qruntime"]),
+    package_data={"fairseq_qruntime": ["csrc/*.cpp"]},
     install_requires=[
         "torch>=2.0",
         # The official fairseq 0.12.2 does not import on Python >= 3.11; fairseq-fixed is a
@@ -75,10 +108,12 @@ setup(
         "sacremoses",  # Moses tokenization (WMT recipes) and tokenized BLEU with compound splitting
         "subword-nmt",
         "numpy",
+        "safetensors",  # the runtime's model files (fairseq-qpack --export, fairseq_qruntime)
         "matplotlib",  # python -m fairseq_qplugin.analysis (weight histograms)
     ],
     extras_require={"test": ["pytest"], "bench": ["ctranslate2>=4.0"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
-    entry_points={"console_scripts": ["fairseq-qpack = fairseq_qplugin.pack.cli:main"]},
+    entry_points={"console_scripts": ["fairseq-qpack = fairseq_qplugin.pack.cli:main",
+                                      "fairseq-qtranslate = fairseq_qruntime.cli:cli"]},
 )

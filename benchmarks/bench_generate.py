@@ -14,6 +14,9 @@ test split:
   model loading excluded: fairseq-generate's own "Translated N sentences (M tokens) in Xs" line; for
   CTranslate2 the wall time of ``translate_batch`` in the same way.
 - peak RSS: the child process's own high-water mark (VmHWM), imports and model loading included.
+- "NAME (fairseq-qtranslate)" rows: the torch-free runtime (fairseq_qruntime) on the packed model
+  exported with ``fairseq-qpack --export`` (file: model.safetensors), on the raw source (it runs
+  sentencepiece itself; tokenization is outside its timed part, as for the other rows).
 - file: bytes of the model file (fp32: the checkpoint without optimizer state; CTranslate2: model.bin).
 - BLEU: sacrebleu (13a, mixed case) on the sentencepiece-detokenized output against the raw
   reference, as recipes/generate.sh scores.
@@ -50,6 +53,7 @@ SETTINGS = [(1, 1), (1, 5), (32, 5)]  # (batch size, beam)
 DEFAULT_QAT = {"int8": "int8-w8", "int4": "int8-w4", "bcq3": "bcq-w3", "bcq-paper": "bcq-paper", "km4": "km-w4"}
 TRANSLATED = re.compile(r"Translated ([\d,]+) sentences \(([\d,]+) tokens\) in ([\d.]+)s")
 MAX_LEN = 200  # fairseq-generate's default --max-len-b (with --max-len-a 0)
+RUNTIME_SUFFIX = " (fairseq-qtranslate)"
 
 
 def checkpoint_in(directory: Path) -> Path:
@@ -155,6 +159,13 @@ def prepare_models(args, out: Path):
             run_checked([sys.executable, "-m", "fairseq_qplugin.pack.cli", ckpt, packed, "--data", args.data_bin,
                          "--report", models / f"{name}.report.md", *ptq], f"fairseq-qpack {ckpt}")
         rows.append((name, packed, [], packed.stat().st_size))
+        if args.runtime:
+            rt = models / f"{name}.runtime"
+            if args.redo or not (rt / "config.json").exists():
+                log(f"{name}: fairseq-qpack --export {rt} {packed}")
+                run_checked([sys.executable, "-m", "fairseq_qplugin.pack.cli", "--export", rt, packed,
+                             "--data", args.data_bin], f"fairseq-qpack --export {packed}")
+            rows.append((name + RUNTIME_SUFFIX, rt, "runtime", (rt / "model.safetensors").stat().st_size))
         if name == "int8" and args.int8_dequant:
             rows.append(("int8 (dequant kernel)", packed, ["--model-overrides", "{'int8_kernel': 'dequant'}"],
                          packed.stat().st_size))
@@ -236,6 +247,24 @@ def ct2_run(args, data: Path, model: Path, batch, beam, log_path: Path):
     return r["hyps"], r["tokens"], r["seconds"], rss
 
 
+def runtime_run(args, data: Path, model_dir: Path, batch, beam, log_path: Path):
+    """fairseq-qtranslate (the torch-free runtime) on the raw source; its --stats JSON has tokens and seconds
+    counted as fairseq's (output tokens + EOS, translation time only)."""
+    stats = log_path.with_suffix(".json")
+    out = log_path.with_suffix(".out")
+    cmd = [sys.executable, "-m", "fairseq_qruntime.cli", model_dir, "--spm", args.spm, "--beam", beam,
+           "--batch-size", batch, "--threads", args.threads, "--quiet", "--stats", stats,
+           "--input", data / f"raw.{args.src}", "--output", out]
+    if args.fixed_len:
+        cmd += ["--min-len", args.fixed_len, "--max-len-b", args.fixed_len]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(args.threads)}
+    status, rss, text = run_measured(cmd, env, log_path)
+    if status != 0:
+        raise SystemExit(f"error: fairseq-qtranslate {model_dir} failed (log {log_path}):\n{text[-3000:]}")
+    r = json.loads(stats.read_text(encoding="utf-8"))
+    return out.read_text(encoding="utf-8").splitlines(), r["tokens"], r["seconds"], rss
+
+
 def table(results, args) -> str:
     lines = [f"{args.sentences} test sentences, {args.threads} thread(s); tokens/s = generated target tokens "
              "(EOS included) / generation seconds (model load excluded); peak RSS of the process"
@@ -273,6 +302,8 @@ def get_parser():
                    help="comma-separated BATCHxBEAM settings")
     p.add_argument("--quick", action="store_true", help="40 sentences (a smoke run of the whole table)")
     p.add_argument("--no-ct2", dest="ct2", action="store_false", help="leave out CTranslate2")
+    p.add_argument("--no-runtime", dest="runtime", action="store_false",
+                   help="leave out the torch-free runtime rows (fairseq-qtranslate on each packed model)")
     p.add_argument("--no-int8-dequant", dest="int8_dequant", action="store_false",
                    help="leave out the int8 row with the exact dequantize kernel")
     p.add_argument("--redo", action="store_true", help="rebuild the subset, packed files and CTranslate2 model")
@@ -324,18 +355,28 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     data = prepare_subset(args, out)
     refs = (data / f"raw.{args.tgt}").read_text(encoding="utf-8").splitlines()
-    results = []
+    results, fairseq_hyps = [], {}
     for label, path, extra, size in prepare_models(args, out):
         for batch, beam in args.settings:
             slug = re.sub(r"[^A-Za-z0-9]+", "-", label).strip("-")
             log_path = out / "logs" / f"{slug}.b{batch}.k{beam}.n{args.sentences}.t{args.threads}.log"
             log_path.parent.mkdir(exist_ok=True)
+            same = None
             if extra is None:
                 hyps, tokens, seconds, rss = ct2_run(args, data, path, batch, beam, log_path)
+            elif extra == "runtime":
+                hyps, tokens, seconds, rss = runtime_run(args, data, path, batch, beam, log_path)
+                ref = fairseq_hyps.get((label.replace(RUNTIME_SUFFIX, ""), batch, beam))
+                if ref is not None:  # the runtime computes what fairseq-generate computes on the same packed file
+                    same = sum(a == b for a, b in zip(hyps, ref)) / len(ref)
+                    log(f"{label} batch {batch} beam {beam}: {100 * same:.1f}% of the translations equal "
+                        "fairseq-generate's on the same packed file")
             else:
                 hyps, tokens, seconds, rss = fairseq_run(args, data, path, extra, batch, beam, log_path)
+                fairseq_hyps[(label, batch, beam)] = hyps
             r = {"model": label, "file_bytes": size, "batch": batch, "beam": beam, "tokens": tokens,
-                 "seconds": seconds, "tokens_per_s": tokens / seconds, "peak_rss_mb": rss, "bleu": bleu(hyps, refs)}
+                 "seconds": seconds, "tokens_per_s": tokens / seconds, "peak_rss_mb": rss, "bleu": bleu(hyps, refs),
+                 "same_as_fairseq": same}
             log(f"{label} batch {batch} beam {beam}: {r['tokens_per_s']:.1f} tokens/s, {rss:.0f} MB, "
                 f"BLEU {r['bleu']:.2f}")
             results.append(r)

@@ -276,6 +276,10 @@ def main(argv=None) -> int:
                         stream=sys.stderr)
     import fairseq_qplugin  # noqa: F401  (architectures, checkpoint allow-list, error hook)
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--export" in argv:  # fairseq-qpack --export DIR PACKED.pt: the torch-free runtime's directory
+        from ..runtime.export import main as export_main
+        return export_main(argv)
     args = get_parser().parse_args(argv)
     report = export(args)
     text = format_report(report)

@@ -1,0 +1,55 @@
+"""Build the engine as a plain shared library (no Python or torch headers): ``_engine.so``.
+
+    python -m fairseq_qruntime.build [OUTPUT]
+
+Sources: csrc/engine.cpp and the project's packed-weight kernels (fairseq_qplugin/pack/csrc:
+scalar.cpp, avx2.cpp, avx512.cpp; the last two only on x86-64, where they are chosen at run time).
+Compiler: $CXX or g++, flags -O3 -fopenmp (OpenMP is optional: without it the engine runs on one
+thread). setup.py calls ``build`` at install; the loader (engine.py) calls it on first use when no
+library is found and the sources are there. This module imports nothing outside the standard library
+so that setup.py can load it by path.
+"""
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+LIBNAME = "_engine.so"
+
+
+def kernel_dir() -> str:
+    return os.path.join(os.path.dirname(HERE), "fairseq_qplugin", "pack", "csrc")
+
+
+def sources():
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    kernels = ["scalar.cpp"] + (["avx2.cpp", "avx512.cpp"] if x86 else [])
+    return [os.path.join(HERE, "csrc", "engine.cpp")] + [os.path.join(kernel_dir(), k) for k in kernels]
+
+
+def build(output: str = os.path.join(HERE, LIBNAME), verbose: bool = False) -> str:
+    """Compile the library to ``output`` (written atomically); raises RuntimeError with the compiler's
+    message if it fails."""
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or "c++"
+    missing = [s for s in sources() if not os.path.isfile(s)]
+    if missing:
+        raise RuntimeError(f"engine sources missing: {missing}")
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(os.path.abspath(output)))
+    os.close(fd)
+    base = [cxx, "-O3", "-std=c++17", "-fPIC", "-shared", f"-I{kernel_dir()}", *sources(), "-o", tmp]
+    for flags in (["-fopenmp"], []):  # a compiler without OpenMP still builds a one-thread engine
+        proc = subprocess.run(base[:1] + flags + base[1:], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        if proc.returncode == 0:
+            os.replace(tmp, output)
+            if verbose:
+                print(f"built {output} with {cxx} {' '.join(flags)}", file=sys.stderr)
+            return output
+    os.unlink(tmp)
+    raise RuntimeError(f"building the runtime engine failed ({cxx}):\n{proc.stdout[-3000:]}")
+
+
+if __name__ == "__main__":
+    build(*(sys.argv[1:2]), verbose=True)

@@ -1,0 +1,1221 @@
+// fairseq-qruntime: a torch-free translation engine for exported packed fairseq transformers.
+//
+// Plain C++ (no Python or torch headers), built as a shared library and called through the C ABI at
+// the end of this file (fairseq_qruntime/engine.py binds it with ctypes, which releases the GIL).
+// The packed-weight kernels are the project's own (fairseq_qplugin/pack/csrc: scalar.cpp, avx2.cpp,
+// avx512.cpp, linked into this library); the set is chosen at run time from the CPU. fp32 dense
+// products are plain loops compiled for AVX-512 / AVX2 / baseline and chosen at run time (GCC
+// target_clones); no BLAS.
+//
+// Semantics are fairseq's transformer (TransformerEncoder/Decoder, MultiheadAttention) and its
+// SequenceGenerator + BeamSearch, step by step (see docs/runtime.md):
+//   - embeddings: embed_scale * E[token] + positions[padding_idx + 1 + j] (sinusoidal or learned),
+//     optional layernorm_embedding; post-norm (default) or pre-norm layers, final layer norm with
+//     pre-norm; q = (x Wq^T + bq) * head_dim^-0.5 / temperature; fp32 softmax;
+//   - decoding: incremental, self-attention keys/values in a cache that grows by 16-step chunks and is
+//     never copied: beam reordering only rewrites each hypothesis' ancestry (a row index per step);
+//     cross-attention keys/values computed once per sentence (not per beam);
+//   - search: fairseq's candidate selection (2 * beam candidates, EOS candidates among the first
+//     beam finalize, cands_to_ignore), length penalty, min length, max length a * src_len + b capped
+//     at max_target_positions - 1, nbest, sentence pruning. Beam 1 is greedy decoding.
+// All state of one call lives in its own workspace: one model may serve several threads at once.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "qkernels.h"
+
+#if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__) && !defined(__clang__)
+#define QR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define QR_CLONES
+#endif
+
+namespace qr {
+
+using qk::BCQ;
+using qk::Kernels;
+using qk::KMeans;
+
+struct Error : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+template <typename... A>
+[[noreturn]] void fail(A... parts) {
+  std::ostringstream s;
+  (s << ... << parts);
+  throw Error(s.str());
+}
+
+static inline int64_t round16(int64_t c) { return (c + 15) / 16 * 16; }
+
+// ---------------------------------------------------------------------------------------------
+// Kernel choice (the same rule as the torch binding pack/csrc/ops.cpp): best ISA the CPU runs,
+// or $QRUNTIME_ISA (avx512 / avx2 / scalar).
+static const Kernels* pick_kernels() {
+  std::vector<const Kernels*> ok;
+#if defined(__x86_64__) || defined(_M_X64)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("bmi2"))
+    ok.push_back(&qk::avx512_kernels);
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) ok.push_back(&qk::avx2_kernels);
+#endif
+  ok.push_back(&qk::scalar_kernels);
+  const char* want = std::getenv("QRUNTIME_ISA");
+  if (want && *want) {
+    for (const Kernels* k : ok)
+      if (std::string(want) == k->name) return k;
+    fail("QRUNTIME_ISA=", want, " is not available on this CPU (best: ", ok.front()->name, ")");
+  }
+  return ok.front();
+}
+
+static const Kernels* generic_of(const Kernels* k) {
+#if defined(__x86_64__) || defined(_M_X64)
+  if (k == &qk::avx512_kernels) return &qk::avx2_kernels;
+#endif
+  return k;
+}
+
+// Activation rows up to which the direct kernels beat dequantize-tile + GEMM (ops.cpp's values).
+constexpr int kBcqSmallMaxDirect = 24, kBcqSmallMaxLut = 2, kKmSmallMaxAvx512 = 24, kKmSmallMaxGeneric = 1;
+constexpr int kLutChunks = 256;
+
+// ---------------------------------------------------------------------------------------------
+// Dense fp32 loops (compiled per ISA, chosen at run time).
+// y[i][r] (+)= sum_c x[i][c] w[r][c] for r in [r0, r1), i < n.
+QR_CLONES static void gemm_nt(const float* x, int n, int xs, const float* w, int ws, int cols, float* y, int ys,
+                              int r0, int r1, bool acc) {
+  int r = r0;
+  for (; r + 4 <= r1; r += 4) {
+    const float *w0 = w + (int64_t)r * ws, *w1 = w0 + ws, *w2 = w1 + ws, *w3 = w2 + ws;
+    for (int i = 0; i < n; ++i) {
+      const float* xi = x + (int64_t)i * xs;
+      float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+      for (int c = 0; c < cols; ++c) {
+        s0 += xi[c] * w0[c];
+        s1 += xi[c] * w1[c];
+        s2 += xi[c] * w2[c];
+        s3 += xi[c] * w3[c];
+      }
+      float* yi = y + (int64_t)i * ys + r;
+      if (acc) {
+        yi[0] += s0; yi[1] += s1; yi[2] += s2; yi[3] += s3;
+      } else {
+        yi[0] = s0; yi[1] = s1; yi[2] = s2; yi[3] = s3;
+      }
+    }
+  }
+  for (; r < r1; ++r) {
+    const float* wr = w + (int64_t)r * ws;
+    for (int i = 0; i < n; ++i) {
+      const float* xi = x + (int64_t)i * xs;
+      float s = 0.f;
+#pragma omp simd reduction(+ : s)
+      for (int c = 0; c < cols; ++c) s += xi[c] * wr[c];
+      float* yi = y + (int64_t)i * ys + r;
+      *yi = acc ? *yi + s : s;
+    }
+  }
+}
+
+QR_CLONES static float dot(const float* a, const float* b, int n) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int c = 0; c < n; ++c) s += a[c] * b[c];
+  return s;
+}
+
+QR_CLONES static void axpy(float a, const float* x, float* y, int n) {
+#pragma omp simd
+  for (int c = 0; c < n; ++c) y[c] += a * x[c];
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tensors handed over by the caller (kept alive by it), and weights.
+
+struct Tensor {
+  int dtype = 0;  // 0 fp32, 1 uint8
+  std::vector<int64_t> shape;
+  const void* data = nullptr;
+  int64_t numel() const {
+    int64_t n = 1;
+    for (auto s : shape) n *= s;
+    return n;
+  }
+  const float* f() const { return static_cast<const float*>(data); }
+  const uint8_t* u() const { return static_cast<const uint8_t*>(data); }
+};
+
+struct AlignedU32 {  // 64-byte aligned uint32 buffer (the AVX-512 BCQ layout is read with aligned loads)
+  uint32_t* p = nullptr;
+  AlignedU32() = default;
+  explicit AlignedU32(size_t n) {
+    size_t bytes = (n * 4 + 63) / 64 * 64;
+    p = static_cast<uint32_t*>(std::aligned_alloc(64, bytes ? bytes : 64));
+    std::memset(p, 0, bytes);
+  }
+  AlignedU32(const AlignedU32&) = delete;
+  AlignedU32& operator=(const AlignedU32&) = delete;
+  ~AlignedU32() { std::free(p); }
+};
+
+// The planes as the AVX-512 direct kernel reads them (qkernels.h): lut uint32 [q, ceil(rows/16), chunks, 16].
+static std::shared_ptr<AlignedU32> bcq_layout(const uint8_t* p, int q, int rows, int nbytes) {
+  const int64_t nrb = (rows + 15) / 16, chunks = (nbytes + 3) / 4;
+  auto out = std::make_shared<AlignedU32>((size_t)(q * nrb * chunks * 16));
+  uint8_t* o = reinterpret_cast<uint8_t*>(out->p);
+  for (int64_t kr = 0; kr < (int64_t)q * rows; ++kr) {
+    const int64_t k = kr / rows, r = kr % rows;
+    const uint8_t* src = p + kr * nbytes;
+    for (int64_t c = 0; c < chunks; ++c)
+      std::memcpy(o + ((((k * nrb + r / 16) * chunks + c) * 16) + r % 16) * 4, src + 4 * c,
+                  std::min<int64_t>(4, nbytes - 4 * c));
+  }
+  return out;
+}
+
+enum Method { DENSE = 0, BCQW = 1, BCQMIX = 2, KMW = 3 };
+
+struct BcqPart {  // one BCQ matrix (a whole weight, or one bit group of a mixed one)
+  BCQ w{};
+  std::shared_ptr<AlignedU32> lut;
+  std::vector<int> rows;  // mixed: the weight rows this group holds
+};
+
+struct Act {  // fake-quantized activations on a fixed range: q = clamp(round(x / s) + z, 0, 2^b - 1)
+  bool on = false;
+  float scale = 1.f, zp = 0.f, levels = 255.f;
+};
+
+struct Weight {  // one [rows, cols] matrix in any format; shared by tied modules
+  int method = DENSE, rows = 0, cols = 0;
+  const float* dense = nullptr;
+  std::vector<BcqPart> bcq;       // BCQW: one part; BCQMIX: one per bit count present
+  std::vector<int> mix_group, mix_pos;  // BCQMIX: each row's part and index inside it
+  KMeans km{};
+  std::vector<float> int_codebook;  // int weights run as k-means with table (code - zp) * scale
+};
+
+struct Linear {
+  std::shared_ptr<Weight> w;
+  const float* bias = nullptr;
+  Act act_in, act_out;
+  int rows() const { return w->rows; }
+  int cols() const { return w->cols; }
+};
+
+struct Norm {
+  const float* g = nullptr;
+  const float* b = nullptr;
+  bool on() const { return g != nullptr; }
+};
+
+struct Attn {
+  Linear q, k, v, o;
+};
+
+struct Layer {
+  Attn self, cross;
+  Norm self_ln, cross_ln, ffn_ln;
+  Linear fc1, fc2;
+};
+
+struct Side {  // encoder or decoder
+  int layers = 0, dim = 0, ffn = 0, heads = 0, max_pos = 0, vocab = 0;
+  bool prenorm = false, learned_pos = false, positions = true;
+  float embed_scale = 1.f, scaling = 1.f;
+  std::shared_ptr<Weight> embed;
+  const float* pos_table = nullptr;  // learned: [max_pos + pad + 1, dim]
+  std::vector<float> sin_table;      // sinusoidal, fairseq's get_embedding
+  Norm emb_ln, final_ln;
+  std::vector<Layer> L;
+  const float* pos(int idx) const {
+    return learned_pos ? pos_table + (int64_t)idx * dim : sin_table.data() + (int64_t)idx * dim;
+  }
+};
+
+enum ActFn { RELU = 0, GELU = 1, GELU_ACCURATE = 2, TANH = 3, LINEAR = 4 };
+
+struct Model {
+  std::map<std::string, Tensor> tensors;
+  std::map<std::string, std::shared_ptr<Weight>> weights;  // by module name
+  std::map<std::string, Act> acts_in, acts_out;
+  std::map<std::string, double> spec;
+  Side enc, dec;
+  Linear out_proj;
+  int pad = 1, eos = 2, unk = 3, bos = 0, activation = RELU, threads = 1;
+  const Kernels* K = nullptr;
+  bool ready = false;
+
+  double get(const std::string& k) const {
+    auto it = spec.find(k);
+    if (it == spec.end()) fail("model spec has no '", k, "'");
+    return it->second;
+  }
+  const Tensor& tensor(const std::string& name, int dtype, std::vector<int64_t> shape) const {
+    auto it = tensors.find(name);
+    if (it == tensors.end()) fail("tensor ", name, " is missing");
+    const Tensor& t = it->second;
+    if (t.dtype != dtype) fail("tensor ", name, " has dtype ", t.dtype ? "uint8" : "fp32", ", expected ", dtype ? "uint8" : "fp32");
+    if (!shape.empty() && t.shape != shape) {
+      std::ostringstream a, b;
+      for (auto s : t.shape) a << s << ",";
+      for (auto s : shape) b << s << ",";
+      fail("tensor ", name, " has shape [", a.str(), "], expected [", b.str(), "]");
+    }
+    return t;
+  }
+  const float* opt_f32(const std::string& name, int64_t n) const {
+    auto it = tensors.find(name);
+    if (it == tensors.end()) return nullptr;
+    if (it->second.dtype != 0 || it->second.numel() != n) fail("tensor ", name, " is not fp32 of ", n, " values");
+    return it->second.f();
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Building weights from tensors.
+
+static void fill_bcq(BcqPart& part, const uint8_t* planes, const float* alpha, int q, int rows, int cols, int arows,
+                     int groups) {
+  const int nbytes = (cols + 7) / 8;
+  part.w = BCQ{planes, alpha, q, rows, cols, nbytes, groups, arows == 1 && rows != 1, nullptr, (cols + 31) / 32};
+  part.lut = bcq_layout(planes, q, rows, nbytes);
+  part.w.lut = part.lut->p;
+}
+
+static std::shared_ptr<Weight> build_weight(const Model& m, const std::string& owner, const std::string& method, int bits,
+                                            int rows, int cols) {
+  auto w = std::make_shared<Weight>();
+  w->rows = rows;
+  w->cols = cols;
+  const std::string p = owner + ".wq.";
+  if (method == "dense") {
+    w->method = DENSE;
+    w->dense = m.tensor(owner + ".weight", 0, {rows, cols}).f();
+  } else if (method == "bcq") {
+    w->method = BCQW;
+    const Tensor& pl = m.tensor(p + "planes", 1, {});
+    if (pl.shape.size() != 3 || pl.shape[1] != rows || pl.shape[2] != (cols + 7) / 8)
+      fail("tensor ", p, "planes does not hold a [q, ", rows, ", ", (cols + 7) / 8, "] BCQ weight");
+    const int q = (int)pl.shape[0];
+    const Tensor& al = m.tensor(p + "alpha", 0, {});
+    if (al.shape.size() != 3 || al.shape[0] != q || (al.shape[1] != rows && al.shape[1] != 1) || cols % al.shape[2])
+      fail("tensor ", p, "alpha does not fit the planes of ", owner);
+    w->bcq.resize(1);
+    fill_bcq(w->bcq[0], pl.u(), al.f(), q, rows, cols, (int)al.shape[1], (int)al.shape[2]);
+  } else if (method == "bcq_mixed") {
+    w->method = BCQMIX;
+    const Tensor& rb = m.tensor(p + "row_bits", 1, {rows});
+    int64_t used = 0;
+    for (int r = 0; r < rows; ++r) {
+      if (rb.u()[r] < 1 || rb.u()[r] > 8) fail("tensor ", p, "row_bits has a value outside 1..8");
+      used += rb.u()[r];
+    }
+    const int nbytes = (cols + 7) / 8;
+    const Tensor& pl = m.tensor(p + "planes", 1, {used, nbytes});
+    const Tensor& al = m.tensor(p + "alpha", 0, {});
+    if (al.shape.size() != 2 || al.shape[0] != used || cols % al.shape[1]) fail("tensor ", p, "alpha does not fit ", owner);
+    const int groups = (int)al.shape[1];
+    w->mix_group.assign(rows, -1);
+    w->mix_pos.assign(rows, -1);
+    int64_t start = 0;
+    for (int k = 1; k <= 8; ++k) {
+      std::vector<int> sel;
+      for (int r = 0; r < rows; ++r)
+        if (rb.u()[r] == k) sel.push_back(r);
+      if (sel.empty()) continue;
+      BcqPart part;
+      fill_bcq(part, pl.u() + start * nbytes, al.f() + start * groups, k, (int)sel.size(), cols, (int)sel.size(), groups);
+      for (size_t i = 0; i < sel.size(); ++i) {
+        w->mix_group[sel[i]] = (int)w->bcq.size();
+        w->mix_pos[sel[i]] = (int)i;
+      }
+      part.rows = std::move(sel);
+      start += (int64_t)k * part.rows.size();
+      w->bcq.push_back(std::move(part));
+    }
+  } else if (method == "kmeans" || method == "int") {
+    w->method = KMW;
+    if (bits < 1 || bits > 8) fail(owner, ": ", bits, " bits is outside 1..8");
+    const int rowbytes = (cols * bits + 7) / 8;
+    const uint8_t* codes;
+    const float* cb;
+    bool per_row;
+    const uint8_t* mask = nullptr;
+    if (method == "int") {
+      codes = m.tensor(p + "codes", 1, {rows, rowbytes}).u();
+      const Tensor& sc = m.tensor(p + "scale", 0, {});
+      const Tensor& zp = m.tensor(p + "zero_point", 1, sc.shape);
+      if (sc.shape.size() != 2 || sc.shape[1] != 1 || (sc.shape[0] != rows && sc.shape[0] != 1))
+        fail("tensor ", p, "scale must be [", rows, " or 1, 1]");
+      const int tr = (int)sc.shape[0], k = 1 << bits;
+      w->int_codebook.resize((size_t)tr * k);
+      for (int r = 0; r < tr; ++r)  // (code - zero_point) * scale in fp32, as IntWeight.dequantize()
+        for (int c = 0; c < k; ++c) w->int_codebook[(size_t)r * k + c] = ((float)c - (float)zp.u()[r]) * sc.f()[r];
+      cb = w->int_codebook.data();
+      per_row = tr != 1;
+    } else {
+      codes = m.tensor(p + "indices", 1, {rows, rowbytes}).u();
+      const Tensor& c = m.tensor(p + "codebook", 0, {});
+      const int64_t k = int64_t(1) << bits;
+      if (!(c.shape == std::vector<int64_t>{k} || c.shape == std::vector<int64_t>{rows, k}))
+        fail("tensor ", p, "codebook does not fit ", bits, " bits and ", rows, " rows");
+      cb = c.f();
+      per_row = c.shape.size() == 2;
+      if (m.tensors.count(p + "mask")) mask = m.tensor(p + "mask", 1, {rows, (cols + 7) / 8}).u();
+    }
+    w->km = KMeans{codes, cb, mask, bits, rows, cols, rowbytes, (cols + 7) / 8, per_row};
+  } else {
+    fail(owner, ": unknown weight format '", method, "'");
+  }
+  return w;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Products.
+
+static inline void quantize_act(const Act& a, float* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    float c = std::nearbyint(x[i] / a.scale) + a.zp;  // torch.round: half to even
+    c = std::min(std::max(c, 0.f), a.levels);
+    x[i] = (c - a.zp) * a.scale;
+  }
+}
+
+struct Exec {  // threads of one call
+  int threads;
+  template <typename F>
+  void par(int64_t n, F f) const {  // f(lo, hi) over [0, n) split evenly
+    if (threads <= 1 || n <= 1) {
+      f((int64_t)0, n);
+      return;
+    }
+    const int nt = (int)std::min<int64_t>(threads, n);
+#pragma omp parallel num_threads(nt)
+    {
+#ifdef _OPENMP
+      const int t = omp_get_thread_num();
+#else
+      const int t = 0;
+#endif
+      const int64_t lo = n * t / nt, hi = n * (t + 1) / nt;
+      if (lo < hi) f(lo, hi);
+    }
+  }
+};
+
+// y [n, rows] = x [n, xs] W^T by dequantizing tiles of rows (the many-rows path).
+template <typename Deq>
+static void tiled(const Exec& ex, const float* x, int n, int xs, int rows, float* y, int ys, Deq deq) {
+  constexpr int TR = 64;
+  const int tc = std::min(xs, 512);
+  const int nblocks = (rows + TR - 1) / TR;
+  ex.par(nblocks, [&](int64_t b0, int64_t b1) {
+    std::vector<float> buf((size_t)TR * tc);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int r0 = (int)b * TR, r1 = std::min(rows, r0 + TR);
+      for (int c0 = 0; c0 < xs; c0 += tc) {
+        const int cb = std::min(tc, xs - c0);
+        deq(r0, r1, c0, c0 + cb, buf.data(), tc);
+        gemm_nt(x + c0, n, xs, buf.data() - (int64_t)r0 * tc, tc, cb, y, ys, r0, r1, c0 > 0);
+      }
+    }
+  });
+}
+
+static void bcq_product(const Model& m, const Exec& ex, const BcqPart& part, const float* x, int n, int xs, float* y,
+                        int ys) {
+  const BCQ& w = part.w;
+  const Kernels* K = m.K;
+  const bool aligned = w.groups == 1 || (w.cols / w.groups) % K->bcq_group_align == 0;
+  if (!aligned) K = generic_of(K);
+  const bool lut_ok = w.groups == 1 || (w.cols / w.groups) % K->bcq_group_align == 0;
+  const int small_max = K->bcq_gemv ? kBcqSmallMaxDirect : kBcqSmallMaxLut;
+  if (n > small_max || !lut_ok) {
+    tiled(ex, x, n, xs, w.rows, y, ys, [&](int r0, int r1, int c0, int c1, float* o, int ws) { K->bcq_deq(w, r0, r1, c0, c1, o, ws); });
+    return;
+  }
+  for (int i = 0; i < n; ++i) std::memset(y + (int64_t)i * ys, 0, sizeof(float) * w.rows);
+  if (K->bcq_gemv) {
+    const int nrb = (w.rows + 15) / 16;
+    ex.par(nrb, [&](int64_t a, int64_t b) { K->bcq_gemv(w, x, n, xs, y, ys, (int)a, (int)b); });
+    return;
+  }
+  const int nchunks = w.nbytes;
+  std::vector<float> lut((size_t)n * std::min(nchunks, kLutChunks) * 256);
+  for (int c0 = 0; c0 < nchunks; c0 += kLutChunks) {
+    const int c1 = std::min(nchunks, c0 + kLutChunks);
+    K->lut_build(x, n, xs, c0, c1, lut.data());
+    ex.par(w.rows, [&](int64_t a, int64_t b) { K->bcq_lut(w, lut.data(), n, c0, c1, y, ys, (int)a, (int)b); });
+  }
+}
+
+static void km_product(const Model& m, const Exec& ex, const KMeans& w, const float* x, int n, int xs, float* y, int ys) {
+  const Kernels* K = m.K;
+  if (w.bits > K->km_max_bits) K = &qk::scalar_kernels;
+  const int small_max = K == &qk::scalar_kernels || K->km_max_bits == 8 ? kKmSmallMaxGeneric : kKmSmallMaxAvx512;
+  if (n > small_max) {
+    tiled(ex, x, n, xs, w.rows, y, ys, [&](int r0, int r1, int c0, int c1, float* o, int ws) { K->km_deq(w, r0, r1, c0, c1, o, ws); });
+    return;
+  }
+  ex.par(w.rows, [&](int64_t a, int64_t b) { K->km_gemv(w, x, n, xs, y, ys, (int)a, (int)b); });
+}
+
+// y [n, rows] = act_out(act_in(x) [n, cols] W^T + bias); x and y contiguous.
+static void linear(const Model& m, const Exec& ex, const Linear& L, const float* x, int n, float* y) {
+  const Weight& w = *L.w;
+  const int cols = w.cols, rows = w.rows;
+  if (n == 0) return;
+  std::vector<float> xp;
+  const float* xin = x;
+  int xs = cols;
+  if (w.method != DENSE && cols % 16 != 0) xs = (int)round16(cols);
+  if (xs != cols || L.act_in.on) {
+    xp.assign((size_t)n * xs, 0.f);
+    for (int i = 0; i < n; ++i) std::memcpy(xp.data() + (int64_t)i * xs, x + (int64_t)i * cols, sizeof(float) * cols);
+    if (L.act_in.on)
+      for (int i = 0; i < n; ++i) quantize_act(L.act_in, xp.data() + (int64_t)i * xs, cols);
+    xin = xp.data();
+  }
+  switch (w.method) {
+    case DENSE:
+      ex.par((rows + 3) / 4, [&](int64_t a, int64_t b) {
+        gemm_nt(xin, n, xs, w.dense, cols, cols, y, rows, (int)a * 4, (int)std::min<int64_t>(rows, b * 4), false);
+      });
+      break;
+    case BCQW:
+      bcq_product(m, ex, w.bcq[0], xin, n, xs, y, rows);
+      break;
+    case BCQMIX: {
+      for (const BcqPart& part : w.bcq) {
+        const int nk = (int)part.rows.size();
+        std::vector<float> t((size_t)n * nk);
+        bcq_product(m, ex, part, xin, n, xs, t.data(), nk);
+        for (int i = 0; i < n; ++i)
+          for (int j = 0; j < nk; ++j) y[(int64_t)i * rows + part.rows[j]] = t[(int64_t)i * nk + j];
+      }
+      break;
+    }
+    case KMW:
+      km_product(m, ex, w.km, xin, n, xs, y, rows);
+      break;
+  }
+  if (L.bias)
+    for (int i = 0; i < n; ++i) {
+      float* yi = y + (int64_t)i * rows;
+      for (int r = 0; r < rows; ++r) yi[r] += L.bias[r];
+    }
+  if (L.act_out.on) quantize_act(L.act_out, y, (int64_t)n * rows);
+}
+
+// Row r of a weight (an embedding lookup): out [cols].
+static void weight_row(const Model& m, const Weight& w, int r, float* out) {
+  const int cols = w.cols, c1 = (int)round16(cols);
+  if (w.method == DENSE) {
+    std::memcpy(out, w.dense + (int64_t)r * cols, sizeof(float) * cols);
+    return;
+  }
+  std::vector<float> buf(c1);
+  if (w.method == KMW) {
+    const Kernels* K = w.km.bits > m.K->km_max_bits ? &qk::scalar_kernels : m.K;
+    K->km_deq(w.km, r, r + 1, 0, c1, buf.data(), c1);
+  } else {
+    const BcqPart& part = w.method == BCQW ? w.bcq[0] : w.bcq[w.mix_group[r]];
+    const int rr = w.method == BCQW ? r : w.mix_pos[r];
+    qk::scalar_kernels.bcq_deq(part.w, rr, rr + 1, 0, c1, buf.data(), c1);
+  }
+  std::memcpy(out, buf.data(), sizeof(float) * cols);
+}
+
+static void layer_norm(const Norm& n, float* x, int rows, int dim) {
+  for (int i = 0; i < rows; ++i) {
+    float* xi = x + (int64_t)i * dim;
+    double mean = 0, var = 0;
+    for (int c = 0; c < dim; ++c) mean += xi[c];
+    mean /= dim;
+    for (int c = 0; c < dim; ++c) var += (xi[c] - mean) * (xi[c] - mean);
+    var /= dim;
+    const float rstd = (float)(1.0 / std::sqrt(var + 1e-5)), mu = (float)mean;
+    for (int c = 0; c < dim; ++c) xi[c] = (xi[c] - mu) * rstd * n.g[c] + n.b[c];
+  }
+}
+
+static void activate(int fn, float* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = x[i];
+    switch (fn) {
+      case RELU: x[i] = v > 0.f ? v : 0.f; break;
+      case GELU: x[i] = (float)(0.5 * v * (1.0 + std::erf(v / std::sqrt(2.0)))); break;
+      case GELU_ACCURATE:
+        x[i] = (float)(0.5 * v * (1.0 + std::tanh(std::sqrt(2.0 / M_PI) * (v + 0.044715 * (double)v * v * v))));
+        break;
+      case TANH: x[i] = std::tanh(v); break;
+      default: break;
+    }
+  }
+}
+
+static void softmax_inplace(float* s, int n) {
+  float mx = -INFINITY;
+  for (int j = 0; j < n; ++j) mx = std::max(mx, s[j]);
+  float sum = 0.f;
+  for (int j = 0; j < n; ++j) {
+    s[j] = std::exp(s[j] - mx);
+    sum += s[j];
+  }
+  const float inv = 1.f / sum;
+  for (int j = 0; j < n; ++j) s[j] *= inv;
+}
+
+// Embeddings of n tokens at positions pos_idx (absolute indices into the position table).
+static void embed(const Model& m, const Side& s, const int32_t* tok, const int32_t* pos_idx, int n, float* x) {
+  for (int i = 0; i < n; ++i) {
+    float* xi = x + (int64_t)i * s.dim;
+    weight_row(m, *s.embed, tok[i], xi);
+    for (int c = 0; c < s.dim; ++c) xi[c] *= s.embed_scale;
+    if (s.positions) {
+      const float* p = s.pos(pos_idx[i]);
+      for (int c = 0; c < s.dim; ++c) xi[c] += p[c];
+    }
+  }
+  if (s.emb_ln.on()) layer_norm(s.emb_ln, x, n, s.dim);
+}
+
+// Feed-forward block with its residual and norm, in place on x [n, dim].
+static void ffn_block(const Model& m, const Exec& ex, const Side& s, const Layer& l, float* x, int n) {
+  const int d = s.dim;
+  std::vector<float> h(x, x + (int64_t)n * d), f((size_t)n * s.ffn), o((size_t)n * d);
+  if (s.prenorm) layer_norm(l.ffn_ln, h.data(), n, d);
+  linear(m, ex, l.fc1, h.data(), n, f.data());
+  activate(m.activation, f.data(), (int64_t)n * s.ffn);
+  linear(m, ex, l.fc2, f.data(), n, o.data());
+  for (int64_t i = 0; i < (int64_t)n * d; ++i) x[i] = x[i] + o[i];
+  if (!s.prenorm) layer_norm(l.ffn_ln, x, n, d);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Encoder: sentences without padding, one after another (rows = sum of lengths).
+
+struct Encoded {
+  int bsz = 0;
+  std::vector<int> off, len;               // rows of sentence b: [off[b], off[b] + len[b])
+  std::vector<std::vector<float>> ck, cv;  // per decoder layer: cross-attention keys / values [rows, dim]
+};
+
+static void encode(const Model& m, const Exec& ex, const int32_t* tokens, const int32_t* lens, int bsz, Encoded& e) {
+  const Side& s = m.enc;
+  const int d = s.dim, H = s.heads, hd = d / H;
+  e.bsz = bsz;
+  e.off.resize(bsz);
+  e.len.assign(lens, lens + bsz);
+  int T = 0;
+  for (int b = 0; b < bsz; ++b) {
+    e.off[b] = T;
+    T += lens[b];
+  }
+  std::vector<int32_t> pos(T);
+  for (int b = 0; b < bsz; ++b)
+    for (int j = 0; j < lens[b]; ++j) pos[e.off[b] + j] = m.pad + 1 + j;
+  std::vector<float> x((size_t)T * d), h, q((size_t)T * d), k((size_t)T * d), v((size_t)T * d), a((size_t)T * d),
+      o((size_t)T * d);
+  embed(m, s, tokens, pos.data(), T, x.data());
+  for (const Layer& l : s.L) {
+    h = x;
+    if (s.prenorm) layer_norm(l.self_ln, h.data(), T, d);
+    linear(m, ex, l.self.q, h.data(), T, q.data());
+    linear(m, ex, l.self.k, h.data(), T, k.data());
+    linear(m, ex, l.self.v, h.data(), T, v.data());
+    for (auto& t : q) t *= s.scaling;
+    ex.par((int64_t)T * H, [&](int64_t lo, int64_t hi) {
+      std::vector<float> sc;
+      for (int64_t th = lo; th < hi; ++th) {
+        const int t = (int)(th / H), hh = (int)(th % H);
+        int b = (int)(std::upper_bound(e.off.begin(), e.off.end(), t) - e.off.begin()) - 1;
+        const int o0 = e.off[b], n = e.len[b];
+        sc.resize(n);
+        const float* qt = q.data() + (int64_t)t * d + hh * hd;
+        for (int j = 0; j < n; ++j) sc[j] = dot(qt, k.data() + (int64_t)(o0 + j) * d + hh * hd, hd);
+        softmax_inplace(sc.data(), n);
+        float* at = a.data() + (int64_t)t * d + hh * hd;
+        std::fill(at, at + hd, 0.f);
+        for (int j = 0; j < n; ++j) axpy(sc[j], v.data() + (int64_t)(o0 + j) * d + hh * hd, at, hd);
+      }
+    });
+    linear(m, ex, l.self.o, a.data(), T, o.data());
+    for (int64_t i = 0; i < (int64_t)T * d; ++i) x[i] = x[i] + o[i];
+    if (!s.prenorm) layer_norm(l.self_ln, x.data(), T, d);
+    ffn_block(m, ex, s, l, x.data(), T);
+  }
+  if (s.final_ln.on()) layer_norm(s.final_ln, x.data(), T, d);
+  const int dd = m.dec.dim;
+  e.ck.resize(m.dec.layers);
+  e.cv.resize(m.dec.layers);
+  for (int li = 0; li < m.dec.layers; ++li) {
+    e.ck[li].resize((size_t)T * dd);
+    e.cv[li].resize((size_t)T * dd);
+    linear(m, ex, m.dec.L[li].cross.k, x.data(), T, e.ck[li].data());
+    linear(m, ex, m.dec.L[li].cross.v, x.data(), T, e.cv[li].data());
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Incremental decoder. Hypothesis rows write their step-t keys/values at physical row prow[i] of
+// step t's block; anc[i][s] is the physical row holding step s of row i's history.
+
+struct DecState {
+  int nphys = 0, dim = 0, layers = 0;
+  static constexpr int CHUNK = 16;  // steps per allocation
+  std::vector<std::vector<std::unique_ptr<float[]>>> K, V;  // [layer][chunk] -> [CHUNK][nphys][dim]
+  void init(int layers_, int nphys_, int dim_) {
+    layers = layers_, nphys = nphys_, dim = dim_;
+    K.clear();
+    V.clear();
+    K.resize(layers);
+    V.resize(layers);
+  }
+  float* slot(std::vector<std::unique_ptr<float[]>>& c, int step, int row) {
+    while ((int)c.size() <= step / CHUNK) c.emplace_back(new float[(size_t)CHUNK * nphys * dim]);
+    return c[step / CHUNK].get() + ((int64_t)(step % CHUNK) * nphys + row) * dim;
+  }
+};
+
+// One step for n rows: tokens tok [n] at step t; row i belongs to sentence sent[i]. Writes logits [n, V].
+static void decode_step(const Model& m, const Exec& ex, const Encoded& e, DecState& st, int t, int n, const int32_t* tok,
+                        const int* sent, const int* prow, const std::vector<std::vector<int>>& anc, float* logits) {
+  const Side& s = m.dec;
+  const int d = s.dim, H = s.heads, hd = d / H;
+  std::vector<int32_t> pos(n, m.pad + 1 + t);
+  std::vector<float> x((size_t)n * d), h, q((size_t)n * d), k((size_t)n * d), v((size_t)n * d), a((size_t)n * d),
+      o((size_t)n * d);
+  embed(m, s, tok, pos.data(), n, x.data());
+  for (int li = 0; li < s.layers; ++li) {
+    const Layer& l = s.L[li];
+    h = x;
+    if (s.prenorm) layer_norm(l.self_ln, h.data(), n, d);
+    linear(m, ex, l.self.q, h.data(), n, q.data());
+    linear(m, ex, l.self.k, h.data(), n, k.data());
+    linear(m, ex, l.self.v, h.data(), n, v.data());
+    for (auto& z : q) z *= s.scaling;
+    for (int i = 0; i < n; ++i) {
+      std::memcpy(st.slot(st.K[li], t, prow[i]), k.data() + (int64_t)i * d, sizeof(float) * d);
+      std::memcpy(st.slot(st.V[li], t, prow[i]), v.data() + (int64_t)i * d, sizeof(float) * d);
+    }
+    ex.par((int64_t)n * H, [&](int64_t lo, int64_t hi) {
+      std::vector<float> sc(t + 1);
+      for (int64_t ih = lo; ih < hi; ++ih) {
+        const int i = (int)(ih / H), hh = (int)(ih % H);
+        const float* qi = q.data() + (int64_t)i * d + hh * hd;
+        for (int j = 0; j <= t; ++j) sc[j] = dot(qi, st.K[li][j / DecState::CHUNK].get() +
+                                                        ((int64_t)(j % DecState::CHUNK) * st.nphys + anc[i][j]) * d + hh * hd, hd);
+        softmax_inplace(sc.data(), t + 1);
+        float* ai = a.data() + (int64_t)i * d + hh * hd;
+        std::fill(ai, ai + hd, 0.f);
+        for (int j = 0; j <= t; ++j)
+          axpy(sc[j], st.V[li][j / DecState::CHUNK].get() + ((int64_t)(j % DecState::CHUNK) * st.nphys + anc[i][j]) * d + hh * hd,
+               ai, hd);
+      }
+    });
+    linear(m, ex, l.self.o, a.data(), n, o.data());
+    for (int64_t z = 0; z < (int64_t)n * d; ++z) x[z] = x[z] + o[z];
+    if (!s.prenorm) layer_norm(l.self_ln, x.data(), n, d);
+    // cross-attention over the sentence's encoder states
+    h = x;
+    if (s.prenorm) layer_norm(l.cross_ln, h.data(), n, d);
+    linear(m, ex, l.cross.q, h.data(), n, q.data());
+    for (auto& z : q) z *= s.scaling;
+    const float *CK = e.ck[li].data(), *CV = e.cv[li].data();
+    ex.par((int64_t)n * H, [&](int64_t lo, int64_t hi) {
+      std::vector<float> sc;
+      for (int64_t ih = lo; ih < hi; ++ih) {
+        const int i = (int)(ih / H), hh = (int)(ih % H);
+        const int o0 = e.off[sent[i]], len = e.len[sent[i]];
+        sc.resize(len);
+        const float* qi = q.data() + (int64_t)i * d + hh * hd;
+        for (int j = 0; j < len; ++j) sc[j] = dot(qi, CK + (int64_t)(o0 + j) * d + hh * hd, hd);
+        softmax_inplace(sc.data(), len);
+        float* ai = a.data() + (int64_t)i * d + hh * hd;
+        std::fill(ai, ai + hd, 0.f);
+        for (int j = 0; j < len; ++j) axpy(sc[j], CV + (int64_t)(o0 + j) * d + hh * hd, ai, hd);
+      }
+    });
+    linear(m, ex, l.cross.o, a.data(), n, o.data());
+    for (int64_t z = 0; z < (int64_t)n * d; ++z) x[z] = x[z] + o[z];
+    if (!s.prenorm) layer_norm(l.cross_ln, x.data(), n, d);
+    ffn_block(m, ex, s, l, x.data(), n);
+  }
+  if (s.final_ln.on()) layer_norm(s.final_ln, x.data(), n, d);
+  linear(m, ex, m.out_proj, x.data(), n, logits);
+}
+
+static void log_softmax_rows(float* x, int n, int V) {
+  for (int i = 0; i < n; ++i) {
+    float* r = x + (int64_t)i * V;
+    float mx = -INFINITY;
+    for (int j = 0; j < V; ++j) mx = std::max(mx, r[j]);
+    double sum = 0;
+    for (int j = 0; j < V; ++j) sum += std::exp((double)(r[j] - mx));
+    const float ls = (float)std::log(sum);
+    for (int j = 0; j < V; ++j) r[j] = (r[j] - mx) - ls;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Search (fairseq's SequenceGenerator with BeamSearch).
+
+struct Params {
+  int beam = 5, nbest = 1, min_len = 1;
+  float lenpen = 1.f, unk_penalty = 0.f;
+  double max_len_a = 0.0;  // Python float, as fairseq's int(a * src_len + b)
+  int max_len_b = 200;
+};
+
+struct Hypo {
+  std::vector<int32_t> tokens;  // without the final EOS
+  float score;
+};
+
+struct Result {
+  std::vector<std::vector<Hypo>> sents;  // [bsz][<= nbest]
+};
+
+static Result search(const Model& m, const Exec& ex, const int32_t* tokens, const int32_t* lens, int bsz, const Params& P) {
+  Encoded e;
+  encode(m, ex, tokens, lens, bsz, e);
+  const int beam = P.beam, V = m.dec.vocab, cand = 2 * beam;
+  int src_len = 0;  // fairseq uses the padded width of the source batch
+  for (int b = 0; b < bsz; ++b) src_len = std::max(src_len, lens[b]);
+  const int max_len = std::min((int)(P.max_len_a * src_len + P.max_len_b), m.dec.max_pos - 1);
+  const int N0 = bsz * beam;
+  DecState st;
+  st.init(m.dec.layers, N0, m.dec.dim);
+
+  std::vector<int> active(bsz);  // original sentence index of each active sentence
+  for (int b = 0; b < bsz; ++b) active[b] = b;
+  std::vector<std::vector<int32_t>> toks(N0, std::vector<int32_t>{m.eos});  // tokens[0] = bos (= eos)
+  std::vector<std::vector<float>> scores(N0);
+  std::vector<std::vector<int>> anc(N0);
+  std::vector<int> prow(N0), rsent(N0);
+  for (int i = 0; i < N0; ++i) prow[i] = i;
+  std::vector<std::vector<char>> ignore(bsz, std::vector<char>(beam, 0));
+  std::vector<std::vector<Hypo>> fin(bsz);
+  std::vector<float> lp;
+  std::vector<int32_t> last(N0);
+
+  for (int step = 0; step <= max_len; ++step) {
+    const int nb = (int)active.size(), n = nb * beam;
+    for (int i = 0; i < n; ++i) {
+      rsent[i] = active[i / beam];
+      anc[i].resize(step + 1);
+      anc[i][step] = prow[i];
+      last[i] = toks[i].back();
+    }
+    lp.resize((size_t)n * V);
+    decode_step(m, ex, e, st, step, n, last.data(), rsent.data(), prow.data(), anc, lp.data());
+    log_softmax_rows(lp.data(), n, V);
+    for (int i = 0; i < n; ++i) {
+      float* r = lp.data() + (int64_t)i * V;
+      for (int j = 0; j < V; ++j)
+        if (r[j] != r[j]) r[j] = -INFINITY;
+      r[m.pad] = -INFINITY;
+      r[m.unk] -= P.unk_penalty;
+      if (step >= max_len)
+        for (int j = 0; j < V; ++j)
+          if (j != m.eos) r[j] = -INFINITY;
+      if (step < P.min_len) r[m.eos] = -INFINITY;
+    }
+    // candidates per sentence: top 2 * beam of (beam x vocab) cumulative scores (ties: lower index first)
+    std::vector<std::vector<float>> cs(nb);
+    std::vector<std::vector<int>> ci(nb), cb(nb);
+    ex.par(nb, [&](int64_t lo, int64_t hi) {
+      std::vector<std::pair<float, int>> all;
+      for (int64_t s = lo; s < hi; ++s) {
+        const int nbeams = step == 0 ? 1 : beam;
+        const int size = nbeams * V, k = std::min(cand, size - 1);
+        all.resize(size);
+        for (int bi = 0; bi < nbeams; ++bi) {
+          const int row = (int)s * beam + bi;
+          const float base = step == 0 ? 0.f : scores[row][step - 1];
+          const float* r = lp.data() + (int64_t)row * V;
+          for (int j = 0; j < V; ++j) all[bi * V + j] = {step == 0 ? r[j] : r[j] + base, bi * V + j};
+        }
+        auto better = [](const std::pair<float, int>& a, const std::pair<float, int>& b) {
+          return a.first > b.first || (a.first == b.first && a.second < b.second);
+        };
+        std::partial_sort(all.begin(), all.begin() + k, all.end(), better);
+        cs[s].resize(k);
+        ci[s].resize(k);
+        cb[s].resize(k);
+        for (int j = 0; j < k; ++j) {
+          cs[s][j] = all[j].first;
+          ci[s][j] = all[j].second % V;
+          cb[s][j] = all[j].second / V;
+        }
+      }
+    });
+    // finalize EOS candidates among the first `beam`
+    std::vector<char> eos_mask_any(nb, 0);
+    std::vector<std::vector<char>> eosm(nb);
+    for (int s = 0; s < nb; ++s) {
+      const int k = (int)cs[s].size();
+      eosm[s].assign(k, 0);
+      for (int j = 0; j < k; ++j) eosm[s][j] = ci[s][j] == m.eos && cs[s][j] != -INFINITY;
+      for (int j = 0; j < std::min(beam, k); ++j)
+        if (ignore[s][j]) eosm[s][j] = 0;
+      for (int j = 0; j < std::min(beam, k); ++j) {
+        if (!eosm[s][j]) continue;
+        eos_mask_any[s] = 1;
+        std::vector<Hypo>& f = fin[active[s]];
+        if ((int)f.size() < beam) {
+          const int row = s * beam + cb[s][j];
+          Hypo hy;
+          hy.tokens.assign(toks[row].begin() + 1, toks[row].end());
+          hy.score = cs[s][j] / (float)std::pow((double)(step + 1), (double)P.lenpen);
+          f.push_back(std::move(hy));
+        }
+      }
+    }
+    std::vector<char> done(nb, 0);
+    int remaining = 0;
+    for (int s = 0; s < nb; ++s) {
+      if (eos_mask_any[s] && ((int)fin[active[s]].size() == beam || step == max_len)) done[s] = 1;
+      remaining += !done[s];
+    }
+    if (remaining == 0) break;
+    // next hypotheses of the sentences still open
+    std::vector<int> nactive;
+    std::vector<std::vector<int32_t>> ntoks;
+    std::vector<std::vector<float>> nscores;
+    std::vector<std::vector<int>> nanc;
+    std::vector<int> nprow;
+    std::vector<std::vector<char>> nignore;
+    for (int s = 0; s < nb; ++s) {
+      if (done[s]) continue;
+      const int k = (int)cs[s].size();
+      std::vector<std::pair<int, int>> am(k);  // active_mask value, candidate
+      for (int j = 0; j < k; ++j) {
+        const bool em = j < beam ? (ignore[s][j] || eosm[s][j]) : eosm[s][j];
+        am[j] = {(em ? cand : 0) + j, j};
+      }
+      std::partial_sort(am.begin(), am.begin() + beam, am.end());
+      std::vector<char> ig(beam);
+      for (int i = 0; i < beam; ++i) {
+        const int j = am[i].second, parent = s * beam + cb[s][j];
+        ig[i] = am[i].first >= cand;
+        std::vector<int32_t> t = toks[parent];
+        t.push_back(ci[s][j]);
+        ntoks.push_back(std::move(t));
+        std::vector<float> sc(scores[parent].begin(), scores[parent].begin() + step);
+        sc.push_back(cs[s][j]);
+        nscores.push_back(std::move(sc));
+        nanc.push_back(anc[parent]);
+        nprow.push_back(active[s] * beam + i);
+      }
+      nactive.push_back(active[s]);
+      nignore.push_back(std::move(ig));
+    }
+    active.swap(nactive);
+    toks.swap(ntoks);
+    scores.swap(nscores);
+    anc.swap(nanc);
+    prow.swap(nprow);
+    ignore.swap(nignore);
+  }
+  Result res;
+  res.sents.resize(bsz);
+  for (int b = 0; b < bsz; ++b) {
+    std::vector<Hypo>& f = fin[b];
+    std::stable_sort(f.begin(), f.end(), [](const Hypo& a, const Hypo& c) { return a.score > c.score; });
+    if ((int)f.size() > P.nbest) f.resize(P.nbest);
+    res.sents[b] = std::move(f);
+  }
+  return res;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Model assembly.
+
+static std::shared_ptr<Weight> weight_of(const Model& m, const std::string& module) {
+  auto it = m.weights.find(module);
+  if (it == m.weights.end()) fail("module ", module, " has no weight in the model description");
+  return it->second;
+}
+
+static Linear make_linear(const Model& m, const std::string& module, int rows, int cols, bool bias) {
+  Linear l;
+  l.w = weight_of(m, module);
+  if (l.w->rows != rows || l.w->cols != cols)
+    fail("module ", module, " is [", l.w->rows, ", ", l.w->cols, "], the architecture needs [", rows, ", ", cols, "]");
+  if (bias) l.bias = m.tensor(module + ".bias", 0, {rows}).f();
+  if (m.acts_in.count(module)) l.act_in = m.acts_in.at(module);
+  if (m.acts_out.count(module)) l.act_out = m.acts_out.at(module);
+  return l;
+}
+
+static Norm make_norm(const Model& m, const std::string& name, int dim, bool required) {
+  Norm n;
+  if (!required && !m.tensors.count(name + ".weight")) return n;
+  n.g = m.tensor(name + ".weight", 0, {dim}).f();
+  n.b = m.tensor(name + ".bias", 0, {dim}).f();
+  return n;
+}
+
+static void build_side(Model& m, Side& s, const std::string& p, bool decoder) {
+  s.layers = (int)m.get(p + ".layers");
+  s.dim = (int)m.get(p + ".dim");
+  s.ffn = (int)m.get(p + ".ffn");
+  s.heads = (int)m.get(p + ".heads");
+  s.max_pos = (int)m.get(p + ".max_positions");
+  s.vocab = (int)m.get(p + ".vocab");
+  s.prenorm = m.get(p + ".normalize_before") != 0;
+  s.positions = m.get(p + ".positions") != 0;
+  s.learned_pos = m.get(p + ".learned_pos") != 0;
+  s.embed_scale = (float)m.get(p + ".embed_scale");
+  s.scaling = (float)m.get(p + ".attn_scaling");
+  if (s.dim % s.heads) fail(p, ": embedding dim ", s.dim, " is not a multiple of ", s.heads, " heads");
+  s.embed = weight_of(m, p + ".embed_tokens");
+  if (s.embed->rows != s.vocab || s.embed->cols != s.dim)
+    fail(p, ".embed_tokens is [", s.embed->rows, ", ", s.embed->cols, "], expected [", s.vocab, ", ", s.dim, "]");
+  const int npos = s.max_pos + m.pad + 1;
+  if (s.positions && s.learned_pos) {
+    s.pos_table = m.tensor(p + ".embed_positions.weight", 0, {npos, s.dim}).f();
+  } else if (s.positions) {  // SinusoidalPositionalEmbedding.get_embedding, in fp32
+    const int half = s.dim / 2;
+    const float f = (float)(-(std::log(10000.0) / (half - 1)));
+    std::vector<float> freq(half);
+    for (int j = 0; j < half; ++j) freq[j] = std::exp((float)j * f);
+    s.sin_table.assign((size_t)npos * s.dim, 0.f);
+    for (int i = 0; i < npos; ++i) {
+      if (i == m.pad) continue;
+      float* r = s.sin_table.data() + (int64_t)i * s.dim;
+      for (int j = 0; j < half; ++j) {
+        const float a = (float)i * freq[j];
+        r[j] = std::sin(a);
+        r[half + j] = std::cos(a);
+      }
+    }
+  }
+  s.emb_ln = make_norm(m, p + ".layernorm_embedding", s.dim, false);
+  s.final_ln = make_norm(m, p + ".layer_norm", s.dim, false);
+  if (s.prenorm != s.final_ln.on()) fail(p, ": normalize_before=", s.prenorm, " but the final layer norm is ", s.final_ln.on() ? "present" : "absent");
+  s.L.resize(s.layers);
+  const int d = s.dim;
+  for (int i = 0; i < s.layers; ++i) {
+    const std::string lp = p + ".layers." + std::to_string(i) + ".";
+    Layer& l = s.L[i];
+    const std::string sa = lp + "self_attn.";
+    l.self = {make_linear(m, sa + "q_proj", d, d, true), make_linear(m, sa + "k_proj", d, d, true),
+              make_linear(m, sa + "v_proj", d, d, true), make_linear(m, sa + "out_proj", d, d, true)};
+    l.self_ln = make_norm(m, lp + "self_attn_layer_norm", d, true);
+    if (decoder) {
+      const std::string ca = lp + "encoder_attn.";
+      const int ed = (int)m.get("encoder.dim");
+      l.cross = {make_linear(m, ca + "q_proj", d, d, true), make_linear(m, ca + "k_proj", d, ed, true),
+                 make_linear(m, ca + "v_proj", d, ed, true), make_linear(m, ca + "out_proj", d, d, true)};
+      l.cross_ln = make_norm(m, lp + "encoder_attn_layer_norm", d, true);
+    }
+    l.fc1 = make_linear(m, lp + "fc1", s.ffn, d, true);
+    l.fc2 = make_linear(m, lp + "fc2", d, s.ffn, true);
+    l.ffn_ln = make_norm(m, lp + "final_layer_norm", d, true);
+  }
+}
+
+static void finalize(Model& m) {
+  m.K = pick_kernels();
+  m.pad = (int)m.get("pad");
+  m.eos = (int)m.get("eos");
+  m.unk = (int)m.get("unk");
+  m.bos = (int)m.get("bos");
+  m.activation = (int)m.get("activation");
+  build_side(m, m.enc, "encoder", false);
+  build_side(m, m.dec, "decoder", true);
+  if (m.enc.dim != m.dec.dim) fail("encoder dim ", m.enc.dim, " != decoder dim ", m.dec.dim, " is not supported");
+  m.out_proj = make_linear(m, "decoder.output_projection", m.dec.vocab, m.dec.dim, false);
+  m.ready = true;
+}
+
+}  // namespace qr
+
+// ---------------------------------------------------------------------------------------------
+// C ABI. Every call returns 0 on success; on failure a nonzero code and the message in err.
+
+using namespace qr;
+
+struct qr_result {
+  Result r;
+};
+
+template <typename F>
+static int guarded(char* err, int errlen, F f) {
+  try {
+    f();
+    return 0;
+  } catch (const std::exception& e) {
+    if (err && errlen > 0) std::snprintf(err, errlen, "%s", e.what());
+    return 1;
+  }
+}
+
+extern "C" {
+
+Model* qr_model_new() { return new Model(); }
+void qr_model_free(Model* m) { delete m; }
+
+// spec: "key=value" pairs separated by whitespace (numbers).
+int qr_model_spec(Model* m, const char* spec, char* err, int errlen) {
+  return guarded(err, errlen, [&] {
+    std::istringstream in(spec);
+    std::string kv;
+    while (in >> kv) {
+      auto eq = kv.find('=');
+      if (eq == std::string::npos) fail("bad spec entry '", kv, "'");
+      m->spec[kv.substr(0, eq)] = std::stod(kv.substr(eq + 1));
+    }
+  });
+}
+
+// A tensor (kept alive by the caller): dtype 0 = fp32, 1 = uint8.
+int qr_model_tensor(Model* m, const char* name, int dtype, int ndim, const int64_t* shape, const void* data, char* err,
+                    int errlen) {
+  return guarded(err, errlen, [&] {
+    Tensor t;
+    t.dtype = dtype;
+    t.shape.assign(shape, shape + ndim);
+    t.data = data;
+    m->tensors[name] = t;
+  });
+}
+
+// Module `module` uses the weight stored under `owner` (itself unless tied) in format `method`.
+int qr_model_weight(Model* m, const char* module, const char* owner, const char* method, int bits, int rows, int cols,
+                    char* err, int errlen) {
+  return guarded(err, errlen, [&] {
+    std::string o(owner);
+    for (auto& kv : m->weights)  // a tied module shares its owner's weight object
+      if (kv.first == o) {
+        if (kv.second->rows != rows || kv.second->cols != cols) fail(module, ": tied to ", owner, " of another shape");
+        m->weights[module] = kv.second;
+        return;
+      }
+    auto w = build_weight(*m, o, method, bits, rows, cols);
+    m->weights[o] = w;
+    m->weights[module] = w;
+  });
+}
+
+// Activation quantization of a linear module's input (where = 1) or output (where = 2).
+int qr_model_act(Model* m, const char* module, int where, float scale, float zero_point, int bits, char* err, int errlen) {
+  return guarded(err, errlen, [&] {
+    Act a;
+    a.on = true;
+    a.scale = scale;
+    a.zp = zero_point;
+    a.levels = (float)((1 << bits) - 1);
+    (where == 1 ? m->acts_in : m->acts_out)[module] = a;
+  });
+}
+
+int qr_model_finalize(Model* m, char* err, int errlen) { return guarded(err, errlen, [&] { finalize(*m); }); }
+
+const char* qr_model_isa(Model* m) { return m->K ? m->K->name : ""; }
+
+// Teacher forcing: logits [bsz, tgt_len, vocab] of the decoder fed prev [bsz, tgt_len] (no padding).
+int qr_score(Model* m, const int32_t* src, const int32_t* src_lens, int bsz, const int32_t* prev, int tgt_len, int threads,
+             float* logits, char* err, int errlen) {
+  return guarded(err, errlen, [&] {
+    if (!m->ready) fail("model is not finalized");
+    Exec ex{threads};
+    Encoded e;
+    encode(*m, ex, src, src_lens, bsz, e);
+    DecState st;
+    st.init(m->dec.layers, bsz, m->dec.dim);
+    std::vector<int> sent(bsz), prow(bsz);
+    std::vector<std::vector<int>> anc(bsz);
+    const int V = m->dec.vocab;
+    std::vector<int32_t> tok(bsz);
+    std::vector<float> out((size_t)bsz * V);
+    for (int t = 0; t < tgt_len; ++t) {
+      for (int b = 0; b < bsz; ++b) {
+        sent[b] = prow[b] = b;
+        anc[b].push_back(b);
+        tok[b] = prev[(int64_t)b * tgt_len + t];
+      }
+      decode_step(*m, ex, e, st, t, bsz, tok.data(), sent.data(), prow.data(), anc, out.data());
+      for (int b = 0; b < bsz; ++b)
+        std::memcpy(logits + ((int64_t)b * tgt_len + t) * V, out.data() + (int64_t)b * V, sizeof(float) * V);
+    }
+  });
+}
+
+// Beam search over bsz sentences given one after another in src (lengths src_lens, each ending with EOS).
+int qr_translate(Model* m, const int32_t* src, const int32_t* src_lens, int bsz, int beam, int nbest, float lenpen,
+                 double max_len_a, int max_len_b, int min_len, float unk_penalty, int threads, qr_result** out, char* err,
+                 int errlen) {
+  return guarded(err, errlen, [&] {
+    if (!m->ready) fail("model is not finalized");
+    if (beam < 1 || nbest < 1 || nbest > beam) fail("need 1 <= nbest <= beam, got beam ", beam, " nbest ", nbest);
+    Params P;
+    P.beam = beam;
+    P.nbest = nbest;
+    P.lenpen = lenpen;
+    P.max_len_a = max_len_a;
+    P.max_len_b = max_len_b;
+    P.min_len = min_len;
+    P.unk_penalty = unk_penalty;
+    for (int b = 0; b < bsz; ++b) {
+      if (src_lens[b] < 1) fail("sentence ", b, " is empty (it needs at least its EOS)");
+      if (src_lens[b] > m->enc.max_pos) fail("sentence ", b, " has ", src_lens[b], " tokens, more than the model's ", m->enc.max_pos, " positions");
+    }
+    int64_t total = 0;
+    for (int b = 0; b < bsz; ++b) total += src_lens[b];
+    for (int64_t i = 0; i < total; ++i)
+      if (src[i] < 0 || src[i] >= m->enc.vocab) fail("token id ", src[i], " is outside the source vocabulary");
+    auto r = std::make_unique<qr_result>();
+    r->r = search(*m, Exec{threads}, src, src_lens, bsz, P);
+    *out = r.release();
+  });
+}
+
+// counts [bsz * nbest]: tokens per hypothesis (-1 where a sentence has fewer hypotheses).
+void qr_result_counts(qr_result* r, int nbest, int32_t* counts) {
+  for (size_t b = 0; b < r->r.sents.size(); ++b)
+    for (int j = 0; j < nbest; ++j)
+      counts[b * nbest + j] = j < (int)r->r.sents[b].size() ? (int32_t)r->r.sents[b][j].tokens.size() : -1;
+}
+
+// tokens: all hypotheses' tokens one after another (sizes from qr_result_counts); scores [bsz * nbest].
+void qr_result_copy(qr_result* r, int nbest, int32_t* tokens, float* scores) {
+  int64_t k = 0;
+  for (size_t b = 0; b < r->r.sents.size(); ++b)
+    for (int j = 0; j < nbest; ++j) {
+      if (j >= (int)r->r.sents[b].size()) {
+        scores[b * nbest + j] = NAN;
+        continue;
+      }
+      const Hypo& h = r->r.sents[b][j];
+      std::memcpy(tokens + k, h.tokens.data(), sizeof(int32_t) * h.tokens.size());
+      k += h.tokens.size();
+      scores[b * nbest + j] = h.score;
+    }
+}
+
+void qr_result_free(qr_result* r) { delete r; }
+
+}  // extern "C"
