@@ -125,3 +125,39 @@ def test_crafted_pickle_is_still_refused(fp32_checkpoint, tmp_path):
         torch.load(buffer, map_location="cpu")
     assert not marker.exists()
 
+
+# -- 2 ranks: identical quantization -------------------------------------------------------------------
+
+
+def test_int8_with_activation_ranges(tiny_data, fp32_checkpoint):
+    _, state = run_ddp(tiny_data, fp32_checkpoint, "int8", "transformer_int8", "--quant-bits", 4, "--quant-act", "input")
+    ranges = [k for k in state if k.startswith("state.") and k.endswith("running_max")]
+    assert ranges and all(state[k] > 0 for k in ranges)
+
+
+def test_bcq_straight_through(tiny_data, fp32_checkpoint):
+    run_ddp(tiny_data, fp32_checkpoint, "bcq", "transformer_bcq", "--bcq-bits", 2)
+
+
+def test_bcq_pnr_with_frequency_groups_and_saves_without_validation(tiny_data, fp32_checkpoint):
+    """pNR syncs before every save: fairseq saves on rank 0 only, so no rank may sync there alone."""
+    _, state = run_ddp(tiny_data, fp32_checkpoint, "pnr", "transformer_bcq", "--bcq-bits", 2, "--bcq-embed-bits", 3,
+                       "--bcq-embed-freq-ratio", 1, "--optimizer", "pnr_adam", "--pnr-period", 3,
+                       "--disable-validation")
+    assert any(k.startswith("warm.") for k in state)
+    row_bits = state["buffer.encoder.embed_tokens.wq.row_bits"]
+    assert sorted(row_bits.unique().tolist()) == [1, 2, 3]
+
+
+def test_kmeans_with_pruning_then_resume_on_one_process(tiny_data, fp32_checkpoint):
+    dump, state = run_ddp(tiny_data, fp32_checkpoint, "kmeans", "transformer_kmeans", "--quant-bits", 3,
+                          "--prune-schedule", "0:0.2,3:0.4", "--kmeans-recluster-interval", 2)
+    mask = state["state.encoder.layers.0.fc1.wq.mask"]
+    assert (~mask).sum().item() == round(0.4 * mask.numel())
+    resume = launch(dump / "resume", train_args(tiny_data / "bin", dump / "save", "transformer_kmeans", 6,
+                                                "--quant-bits", 3, "--prune-schedule", "0:0.2,3:0.4",
+                                                "--kmeans-recluster-interval", 2), world=1)
+    assert "Loaded checkpoint" in resume[0] and "(epoch 1 @ 4 updates)" in resume[0], resume[0][-2000:]
+    loaded = dumps(dump / "resume", "load", world=1)[0]
+    quantization = [k for k in state if k.startswith(("state.", "buffer."))]
+    assert_identical([{k: state[k] for k in quantization}, {k: loaded[k] for k in quantization}])
