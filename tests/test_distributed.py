@@ -15,7 +15,7 @@ from fairseq.distributed import utils as distributed_utils
 
 import fairseq_qplugin  # noqa: F401  (allow-lists fairseq's checkpoint classes)
 
-from .conftest import ROOT, train_args
+from .conftest import BIN, ROOT, TINY_MODEL, train_args
 
 DRIVER = ROOT / "tests" / "ddp_train.py"
 TIMEOUT = 150  # seconds for one launch of all ranks
@@ -161,3 +161,20 @@ def test_kmeans_with_pruning_then_resume_on_one_process(tiny_data, fp32_checkpoi
     loaded = dumps(dump / "resume", "load", world=1)[0]
     quantization = [k for k in state if k.startswith(("state.", "buffer."))]
     assert_identical([{k: state[k] for k in quantization}, {k: loaded[k] for k in quantization}])
+
+
+def test_train_recipe_on_two_cpu_processes(tiny_data, fp32_checkpoint):
+    save = tiny_data / "recipe_procs2"
+    cmd = ["bash", ROOT / "recipes" / "train.sh", "--data", tiny_data / "bin", "--save-dir", save,
+           "--arch", "transformer_int8", "--max-update", 2, "--max-tokens", 2000, "--warmup", 1, "--save-interval", 0,
+           "--finetune-from", fp32_checkpoint, "--procs", 2, "--",
+           *TINY_MODEL, "--quant-bits", 4, "--quant-act", "input"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+           "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(list(map(str, cmd)), env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "on 2 processes" in proc.stdout
+    assert "training on 2 devices" in (save / "train.log").read_text()
+    assert "distributed init (rank 1)" in (save / "train.rank1.log").read_text()
+    assert (save / "checkpoint_best.pt").exists() and (save / ".done").exists()
