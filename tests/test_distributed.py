@@ -163,6 +163,13 @@ def test_kmeans_with_pruning_then_resume_on_one_process(tiny_data, fp32_checkpoi
     assert_identical([{k: state[k] for k in quantization}, {k: loaded[k] for k in quantization}])
 
 
+def test_bsflex_with_global_pruning(tiny_data, fp32_checkpoint):
+    _, state = run_ddp(tiny_data, fp32_checkpoint, "bsflex", "transformer_kmeans", "--quant-method", "bsflex",
+                       "--prune-schedule", 0.3, "--prune-ranking", "global")
+    masks = [v for k, v in state.items() if k.startswith("buffer.") and k.endswith("wq.mask")]  # a tied one once
+    pruned, total = sum(int((~m).sum()) for m in masks), sum(m.numel() for m in masks)
+    assert pruned == round(0.3 * total)
+
 def test_train_recipe_on_two_cpu_processes(tiny_data, fp32_checkpoint):
     save = tiny_data / "recipe_procs2"
     cmd = ["bash", ROOT / "recipes" / "train.sh", "--data", tiny_data / "bin", "--save-dir", save,
