@@ -1,13 +1,18 @@
 """Loading fairseq checkpoints under torch >= 2.6, where ``torch.load`` defaults to ``weights_only=True``.
 
-fairseq calls ``torch.load(f, map_location=cpu)`` without ``weights_only``; its checkpoints pickle the
+fairseq calls ``torch.load(f, map_location=cpu)`` without ``weights_only``. Its checkpoints pickle the
 training arguments as an ``argparse.Namespace`` (and, in older checkpoints, numpy scalars for the best
-validation loss). We add exactly those classes to torch's allow-list instead of turning
-``weights_only`` off, so loading still never runs arbitrary pickled code.
+validation loss). In data-parallel training, rank 0 loads a checkpoint (``--finetune-from-model`` or a
+resume) and sends it to the other ranks with ``distributed_utils.broadcast_object``, which pickles it
+with its config turned into an omegaconf ``DictConfig`` (and its tensors replaced by placeholders); the
+other ranks ``torch.load`` that. We add exactly the classes these pickles hold to torch's allow-list
+instead of turning ``weights_only`` off, so loading still never runs arbitrary pickled code.
 """
 import argparse
+import collections
 import logging
 import os
+import typing
 
 import numpy as np
 import torch
@@ -24,7 +29,21 @@ def _numpy_globals():
     return [multiarray.multiarray.scalar, np.dtype, *dtypes]
 
 
-FAIRSEQ_CHECKPOINT_GLOBALS = [argparse.Namespace, *_numpy_globals()]
+def _broadcast_globals():
+    """What a checkpoint sent by ``distributed_utils.broadcast_object`` holds besides tensors: the
+    config (omegaconf containers of ``AnyNode`` values, their metadata, which names ``typing.Any``,
+    ``dict``, ``list``, ``int`` and a ``defaultdict`` of flags) and fairseq's tensor placeholders.
+    Found by listing the globals of real payloads (``torch.serialization.get_unsafe_globals_in_checkpoint``)."""
+    from fairseq.distributed.utils import _TensorPlaceholder
+    from omegaconf import DictConfig, ListConfig
+    from omegaconf.base import ContainerMetadata, Metadata
+    from omegaconf.nodes import AnyNode
+
+    return [DictConfig, ListConfig, ContainerMetadata, Metadata, AnyNode, typing.Any, dict, list, int,
+            collections.defaultdict, _TensorPlaceholder]
+
+
+FAIRSEQ_CHECKPOINT_GLOBALS = [argparse.Namespace, *_numpy_globals(), *_broadcast_globals()]
 
 
 def allow_fairseq_checkpoints():

@@ -18,6 +18,12 @@
 #                          interrupted run resumes from there (default: 500; 0 = only at epoch ends)
 #   --finetune-from CKPT   start from the weights of CKPT (fairseq --finetune-from-model: the
 #                          optimizer, lr scheduler, meters and data loader start afresh)
+#   --procs N              data-parallel training on N processes (default: 1). With CUDA: N GPUs of
+#                          this machine (fairseq starts them: --distributed-world-size N, NCCL).
+#                          Without (or with --cpu after --): N CPU processes of one gloo job on
+#                          127.0.0.1 (rank 0 logs to train.log, rank R to train.rankR.log). Each
+#                          process takes --max-tokens per batch: an update sees N times as many
+#                          tokens (divide --update-freq by N to keep the same batch)
 #   -h, --help             show this help
 #   -- ARGS...             everything after -- goes unchanged to fairseq-train, after the
 #                          defaults below, so it can override them (e.g. -- --dropout 0.3, or the
@@ -43,7 +49,7 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 DATA="" SAVE_DIR="" ARCH="" MAX_UPDATE=500 LR=0.002 WARMUP=150 MAX_TOKENS=4096 SEED=1
-SAVE_INTERVAL=500 FINETUNE_FROM=""
+SAVE_INTERVAL=500 FINETUNE_FROM="" PROCS=1
 EXTRA=()
 while [[ $# -gt 0 ]]; do
     case $1 in
@@ -58,6 +64,7 @@ while [[ $# -gt 0 ]]; do
         --seed) need_value "$1" $#; SEED=$2; shift 2 ;;
         --save-interval) need_value "$1" $#; SAVE_INTERVAL=$2; shift 2 ;;
         --finetune-from) need_value "$1" $#; FINETUNE_FROM=$2; shift 2 ;;
+        --procs) need_value "$1" $#; PROCS=$2; shift 2 ;;
         --) shift; EXTRA=("$@"); break ;;
         *) arg_error "unknown argument '$1' (fairseq-train arguments go after --)" ;;
     esac
@@ -72,6 +79,7 @@ check_int --warmup "$WARMUP" 1
 check_int --max-tokens "$MAX_TOKENS" 1
 check_int --seed "$SEED"
 check_int --save-interval "$SAVE_INTERVAL"
+check_int --procs "$PROCS" 1
 require_cmd fairseq-train python
 require_plugin
 
@@ -101,6 +109,7 @@ config_add max_tokens "$MAX_TOKENS"
 config_add seed "$SEED"
 config_add save_interval "$SAVE_INTERVAL"
 config_add finetune_from "${FINETUNE_FROM:-none}"
+config_add_nondefault procs "$PROCS" 1
 [[ -z $FINETUNE_FROM ]] || config_add finetune_from_sha256 "$(file_sha "$FINETUNE_FROM")"
 config_add extra_args "$(quote_args "${EXTRA[@]+"${EXTRA[@]}"}")"
 if stamp_check "$SAVE_DIR" --save-dir; then
@@ -138,10 +147,43 @@ fi
 if [[ -f $LAST ]]; then
     log "resuming from $LAST"
 fi
-log "fairseq-train $(quote_args "${ARGS[@]}")"
+# fairseq-train ARGS... on $PROCS processes (see --procs); rank 0's output goes to train.log.
+train_procs() {
+    local py port r pids=() rc=0
+    py=$(dirname "$(command -v fairseq-train)")/python
+    [[ -x $py ]] || py=python
+    if ((PROCS == 1)); then
+        fairseq-train "$@" 2>&1 | tee -a "$SAVE_DIR/train.log"
+    elif [[ " $* " != *" --cpu "* ]] && "$py" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then
+        fairseq-train "$@" --distributed-world-size "$PROCS" 2>&1 | tee -a "$SAVE_DIR/train.log"
+    else
+        # fairseq cannot start CPU processes itself (its spawn counts GPUs), and its default
+        # --ddp-backend pytorch_ddp hands torch's DDP a GPU device id: legacy_ddp all-reduces instead.
+        port=$("$py" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+        for ((r = 0; r < PROCS; r++)); do
+            local dist=(--cpu --distributed-init-method "tcp://127.0.0.1:$port" --distributed-world-size "$PROCS"
+                --distributed-rank "$r" --distributed-no-spawn --distributed-backend gloo --ddp-backend legacy_ddp)
+            if ((r == 0)); then
+                fairseq-train "$@" "${dist[@]}" > >(tee -a "$SAVE_DIR/train.log") 2>&1 &
+            else
+                fairseq-train "$@" "${dist[@]}" >>"$SAVE_DIR/train.rank$r.log" 2>&1 &
+            fi
+            pids+=($!)
+        done
+        # a failed rank leaves the others waiting for it: stop them
+        while ((${#pids[@]})); do
+            for r in "${!pids[@]}"; do
+                kill -0 "${pids[r]}" 2>/dev/null && continue
+                wait "${pids[r]}" || { rc=$?; kill "${pids[@]}" 2>/dev/null || true; wait; return "$rc"; }
+                unset "pids[r]"
+            done
+            sleep 1
+        done
+    fi
+}
+log "fairseq-train $(quote_args "${ARGS[@]}")$( ((PROCS == 1)) || echo " on $PROCS processes")"
 START=$(now_s)
-fairseq-train "${ARGS[@]}" 2>&1 | tee -a "$SAVE_DIR/train.log" ||
-    die "fairseq-train failed (log: $SAVE_DIR/train.log)"
+train_procs "${ARGS[@]}" || die "fairseq-train failed (log: $SAVE_DIR/train.log)"
 ELAPSED=$(elapsed_since "$START")
 
 for f in checkpoint_best.pt checkpoint_last.pt; do

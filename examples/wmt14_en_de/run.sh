@@ -25,8 +25,11 @@
 #   --fp32-updates N      fp32 training updates (default: 100000)
 #   --qat-updates N       fine-tuning updates of each method (default: 20000)
 #   --stage-updates N     updates of each of the three BCQ stages (default: 10000)
-#   --max-tokens N        tokens per batch (default: 4096); --update-freq N (default: 8, so one update
-#                         sees about 32k tokens, as 8 GPUs x 4096)
+#   --gpus N              train each model on N GPUs of this machine (default: 1; fairseq's data-parallel
+#                         training, NCCL); without CUDA, N CPU processes (recipes/train.sh --procs;
+#                         not for bcq-paper, whose stages fairseq starts itself: on GPUs only)
+#   --max-tokens N        tokens per batch and GPU (default: 4096); --update-freq N (default: 8 / N,
+#                         so one update sees about 32k tokens, as 8 GPUs x 4096)
 #   --tiny                a 1-layer d=32 model, a few updates, short outputs: checks the whole pipeline
 #                         in minutes on a CPU (the BLEU means nothing)
 #   -h, --help            show this help
@@ -43,7 +46,7 @@ RECIPES=$ROOT/recipes
 ALL_METHODS=(int8-w8 int8-w4 int8-w1 km-w4 bsflex-selfattn bcq-paper)
 
 EXP=exp/wmt14_en_de LOCAL_DIR="" SUBWORD=bpe BPE_MERGES=32000 VOCAB_SIZE=32000 FROM_CKPT="" METHODS=""
-FP32_UPDATES=100000 QAT_UPDATES=20000 STAGE_UPDATES=10000 MAX_TOKENS=4096 UPDATE_FREQ=8 TINY=0
+FP32_UPDATES=100000 QAT_UPDATES=20000 STAGE_UPDATES=10000 MAX_TOKENS=4096 UPDATE_FREQ="" TINY=0 GPUS=1
 while [[ $# -gt 0 ]]; do
     case $1 in
         -h | --help) usage; exit 0 ;;
@@ -59,10 +62,13 @@ while [[ $# -gt 0 ]]; do
         --stage-updates) need_value "$1" $#; STAGE_UPDATES=$2; shift 2 ;;
         --max-tokens) need_value "$1" $#; MAX_TOKENS=$2; shift 2 ;;
         --update-freq) need_value "$1" $#; UPDATE_FREQ=$2; shift 2 ;;
+        --gpus) need_value "$1" $#; GPUS=$2; shift 2 ;;
         --tiny) TINY=1; shift ;;
         *) arg_error "unknown argument '$1'" ;;
     esac
 done
+check_int --gpus "$GPUS" 1
+UPDATE_FREQ=${UPDATE_FREQ:-$(((8 + GPUS - 1) / GPUS))}
 for n in FP32_UPDATES QAT_UPDATES STAGE_UPDATES MAX_TOKENS UPDATE_FREQ; do
     flag="--$(echo "$n" | tr 'A-Z_' 'a-z-')"
     check_int "$flag" "${!n}" 1
@@ -96,6 +102,8 @@ if [[ $TINY == 1 ]]; then
     GEN_EXTRA=(--max-len-b 20)
 fi
 QAT_SCHEDULE=(--max-update "$QAT_UPDATES" --lr "$QAT_LR" --warmup "$QAT_WARMUP" --max-tokens "$MAX_TOKENS")
+FP32_SCHEDULE+=(--procs "$GPUS")
+QAT_SCHEDULE+=(--procs "$GPUS")
 arch() { echo "$1${SIZE:+_$SIZE}"; }  # transformer_int8 -> transformer_int8_wmt_en_de
 
 log "1. data: WMT14 $SUBWORD"
@@ -138,6 +146,8 @@ for m in "${SELECTED[@]}"; do
         BCQ_ARGS=(--arch transformer_bcq_paper "${MODEL[@]}" --share-all-embeddings --max-tokens "$MAX_TOKENS"
             --lr-scheduler inverse_sqrt --warmup-updates "$QAT_WARMUP" --warmup-init-lr 1e-07
             --no-epoch-checkpoints --log-format simple --log-interval 50 "${COMMON[@]+"${COMMON[@]}"}")
+        # recipes/bcq_staged.sh runs fairseq-train itself: fairseq starts the GPU processes
+        ((GPUS == 1)) || BCQ_ARGS+=(--distributed-world-size "$GPUS")
         config_add args "$(quote_args "${BCQ_ARGS[@]}")"
         if stamp_check "$EXP/bcq-paper" "--exp"; then
             log "bcq-paper: already trained with this configuration: skipping (delete $EXP/bcq-paper/.done to redo)"

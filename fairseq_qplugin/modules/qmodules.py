@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..distributed import global_range
 from ..quant import QuantizedWeight, QuantSpec, fake_quantize_range, quantize, quantize_bcq_rows
 from ..quant.base import straight_through
 from ..quant.bcq import bcq_storage_bits
@@ -187,7 +188,9 @@ class ActQuantizer(nn.Module):
     """Fake-quantizes activations to ``bits`` on a running [min, max] range (exponential average).
 
     The range is learned in training; a model that never trained with it (e.g. fine-tuned from a
-    plain checkpoint and evaluated at once) uses each batch's own range.
+    plain checkpoint and evaluated at once) uses each batch's own range. In data-parallel training
+    a training batch's range is all-reduced over the ranks (one tiny all-reduce per quantizer and
+    forward), so every rank holds the same range: the combined batch's.
     """
 
     def __init__(self, bits: int, momentum: float = 0.95):
@@ -200,6 +203,7 @@ class ActQuantizer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lo, hi = x.detach().min().float(), x.detach().max().float()
         if self.training:
+            lo, hi = global_range(lo, hi)
             if self.initialized:
                 m = self.momentum
                 lo = self.running_min * m + lo * (1 - m)

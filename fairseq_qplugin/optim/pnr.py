@@ -15,6 +15,10 @@ command line, so the wrapped optimizer has to be part of the choice). It:
    while the model syncs itself when it enters eval mode, i.e. before every validation
    (``QuantizedTransformerModel.train``). Evaluation and saved checkpoints are thus always the
    quantized model; its ``state_dict`` stores quantized weights even between syncs.
+   In data-parallel training only rank 0 saves, so the save-time sync is skipped (it would leave
+   rank 0's weights different from the others'); the validation before each save still syncs
+   every rank, and without validation a resumed run starts from the saved (quantized) weights
+   where the uninterrupted one continues from its latent ones.
 
 The update counter is saved with the optimizer state, so a resumed run syncs on the same schedule.
 """
@@ -28,6 +32,7 @@ from fairseq.optim import (OPTIMIZER_DATACLASS_REGISTRY, OPTIMIZER_REGISTRY, Fai
                           register_optimizer)
 from omegaconf import OmegaConf
 
+from ..distributed import data_parallel_group
 from ..errors import QuantConfigError
 from ..modules import quantizer_of, sync_pnr_weights_
 
@@ -98,7 +103,8 @@ class PNROptimizer(FairseqOptimizer):
             self.sync(f"update {self.num_updates}")
 
     def state_dict(self):
-        self.sync("checkpoint")
+        if data_parallel_group() is None:  # only the saving rank is here in data-parallel training
+            self.sync("checkpoint")
         return {**self.inner.state_dict(), COUNTER_KEY: self.num_updates}
 
     def load_state_dict(self, state_dict, optimizer_overrides=None):
