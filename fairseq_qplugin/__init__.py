@@ -1,7 +1,8 @@
 """fairseq-qplugin: quantization-aware training and compact inference for fairseq Transformers.
 
 Importing the package (``--user-dir fairseq_qplugin`` or ``import fairseq_qplugin``) registers the
-architectures (the packed one too), the pNR optimizers and the distillation criterion, and makes fairseq checkpoints loadable under torch >= 2.6.
+architectures (the packed one too), the pNR optimizers and the distillation criterion, and makes
+fairseq checkpoints loadable under torch >= 2.6.
 """
 from .checkpoint import allow_fairseq_checkpoints
 from .errors import install_error_hook

@@ -16,6 +16,7 @@ from fairseq_qplugin.errors import QuantConfigError
 
 from .conftest import PLUGIN, TINY_MODEL, run, train_args
 from .test_cli import generate
+from .test_pack_cli import qpack, same_translations
 
 CRITERION = "label_smoothed_cross_entropy_distill"
 
@@ -100,6 +101,20 @@ def test_gradients_reach_the_student_only(setup):
     assert all(torch.equal(v, before[k]) for k, v in criterion.teacher.state_dict().items())
     grads = [p.grad for p in student.parameters()]
     assert all(g is not None for g in grads) and sum(g.abs().sum().item() for g in grads) > 0
+
+
+@pytest.mark.parametrize("arch,flags", [
+    ("transformer_int8", ["--quant-bits", 4]),
+    ("transformer_kmeans", ["--quant-method", "kmeans", "--quant-bits", 4]),
+    ("transformer_bcq", ["--bcq-bits", 2]),
+])
+def test_every_quantized_arch_trains_on_the_mix(setup, tiny_data, arch, flags):
+    task, sample, _, teacher = setup
+    student = build(tiny_data / "bin", arch, *flags)[1].train()
+    loss, _, log = DistillCriterion(task, False, 0.1, teacher=teacher)(student, sample)
+    loss.backward()
+    assert log["distill_kl"].item() > 0 and torch.equal(loss, 0.5 * log["distill_ce"] + 0.5 * log["distill_kl"])
+    assert all(p.grad is not None for p in student.parameters() if p.requires_grad)
 
 
 def test_teacher_follows_the_students_dtype(setup):
@@ -191,3 +206,6 @@ def test_fairseq_train_distills_then_generate_loads(tiny_data, fp32_checkpoint, 
     assert set(state["model"]) == set(build(tiny_data / "bin", "transformer_bcq", "--bcq-bits", 3)[1].state_dict())
     hyps, log = generate(tiny_data / "bin", tmp_path / "checkpoint_last.pt")
     assert len(hyps) == 40, log[-2000:]
+    if optimizer == "adam":  # and it packs like any QAT checkpoint
+        qpack(tmp_path / "checkpoint_last.pt", tmp_path / "packed.pt")
+        assert same_translations(generate(tiny_data / "bin", tmp_path / "packed.pt")[0], hyps)
