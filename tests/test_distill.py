@@ -164,6 +164,26 @@ def test_teacher_of_another_dictionary_names_both_sizes(setup, fp32_checkpoint, 
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
 
 
+def test_teacher_of_a_reordered_dictionary_of_the_same_size(setup, tiny_data, fp32_checkpoint, tmp_path):
+    task = setup[0]
+    words = (tiny_data / "bin" / "dict.de.txt").read_text(encoding="utf-8").splitlines()
+    (tmp_path / "dict.de.txt").write_text("\n".join([words[1], words[0], *words[2:]]) + "\n", encoding="utf-8")
+    (tmp_path / "dict.en.txt").write_text("\n".join(words) + "\n", encoding="utf-8")
+    state = torch.load(fp32_checkpoint)
+    assert state["cfg"]["task"]["data"] == str(tiny_data / "bin")  # so the dictionaries are found and compared
+    state["cfg"]["task"]["data"] = str(tmp_path)
+    torch.save(state, tmp_path / "teacher.pt")
+    n = len(task.target_dictionary)
+    with pytest.raises(QuantConfigError) as e:
+        load_teacher(str(tmp_path / "teacher.pt"), task)
+    assert str(e.value) == (f"distillation teacher {tmp_path / 'teacher.pt'}: it was trained with the dictionary "
+                            f"{tmp_path / 'dict.de.txt'} ({n} tokens), which differs from the student's ({n} tokens); "
+                            "use a teacher trained on the same fairseq-preprocess'ed dictionaries")
+    state["cfg"]["task"]["data"] = str(tmp_path / "moved")  # not readable: the sizes alone are checked
+    torch.save(state, tmp_path / "teacher.pt")
+    assert not load_teacher(str(tmp_path / "teacher.pt"), task).training
+
+
 def test_no_teacher_or_a_missing_one(setup, tmp_path):
     task = setup[0]
     with pytest.raises(QuantConfigError) as e:

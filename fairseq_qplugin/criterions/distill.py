@@ -17,6 +17,7 @@ tree, so fairseq neither optimizes it, nor switches it to training mode, nor sav
 """
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -80,6 +81,26 @@ def output_sizes(state_dict):
             rows("decoder.output_projection.weight", "decoder.embed_tokens.weight"))
 
 
+def check_same_dictionaries(path: str, teacher_task_cfg, task):
+    """Compare the dictionaries the teacher was trained with, where its data directory is still readable,
+    word by word with the student's (sizes alone cannot tell two dictionaries of the same size apart)."""
+    data = (getattr(teacher_task_cfg, "data", None) or "").split(":")[0]
+    for side, dictionary in (("target_lang", task.target_dictionary), ("source_lang", task.source_dictionary)):
+        # fairseq infers the languages from the file names when no flag names them, as the student's task did
+        lang = getattr(teacher_task_cfg, side, None) or getattr(getattr(task, "cfg", None), side, None)
+        dict_path = os.path.join(data, f"dict.{lang}.txt")
+        if not data or not lang or dictionary is None or not os.path.isfile(dict_path):
+            logger.info("distillation teacher %s: its dictionary %s is not readable; only its size is checked",
+                        path, dict_path)
+            continue
+        theirs = task.load_dictionary(dict_path)
+        if theirs.symbols != dictionary.symbols:
+            raise QuantConfigError(
+                f"distillation teacher {path}: it was trained with the dictionary {dict_path} ({len(theirs)} tokens), "
+                f"which differs from the student's ({len(dictionary)} tokens); use a teacher trained on the same "
+                "fairseq-preprocess'ed dictionaries")
+
+
 def load_teacher(path: str, task):
     """The frozen eval-mode model of checkpoint ``path``, built for ``task`` (whose dictionaries it must use).
 
@@ -99,6 +120,7 @@ def load_teacher(path: str, task):
                 f"distillation teacher {path}: its {what} is {teacher_size} tokens but the student's dictionary "
                 f"has {len(dictionary)}; use a teacher trained on the same fairseq-preprocess'ed dictionaries")
     cfg = state["cfg"]
+    check_same_dictionaries(path, cfg.task, task)
     teacher = task.build_model(cfg.model)
     teacher.load_state_dict(state["model"], strict=True, model_cfg=cfg.model)
     teacher.requires_grad_(False)
