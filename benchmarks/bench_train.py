@@ -12,6 +12,10 @@ of ``--rounds``, so load changes hit all rows alike. "quantize" is the time of q
 weight once (what straight-through training adds per step); the "every use" row is the same
 straight-through model with the tied embedding quantized at each of its three uses (encoder and
 decoder lookup, output projection) instead of once per forward (``quantize_once_per_forward``).
+The last two rows train the same straight-through model with a real criterion instead of the proxy loss
+(log-sum-exp of the logits): label_smoothed_cross_entropy, then label_smoothed_cross_entropy_distill with
+an fp32 teacher of the first row's size (its forward without gradients plus the KL term is the cost of
+distillation; the difference between the two rows).
 """
 import argparse
 import logging
@@ -22,11 +26,13 @@ from pathlib import Path
 
 import torch
 from fairseq import options, tasks
+from fairseq.criterions.label_smoothed_cross_entropy import LabelSmoothedCrossEntropyCriterion
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 from fairseq.models.transformer import TransformerModel
 
 import bench_layers
 import fairseq_qplugin
+from fairseq_qplugin.criterions.distill import DistillCriterion
 from fairseq_qplugin.modules import WeightQuantizer
 
 DEMO_MODEL_SH = Path(__file__).resolve().parent.parent / "scripts" / "demo_model.sh"
@@ -47,6 +53,10 @@ ROWS = [  # name, arch, flags, straight-through (else pNR: full-precision forwar
     ("bcq 3-bit, straight-through", "transformer_bcq", ["--bcq-bits", "3", "--bcq-rounds", "2"], True),
     ("bcq-mix 2.79 bits, straight-through", "transformer_bcq", MIX + ["--bcq-rounds", "2"], True),
 ]
+CRITERION_ROWS = [  # name, distillation weight alpha (None: plain label_smoothed_cross_entropy)
+    ("bcq 3-bit, straight-through, label-smoothed CE", None),
+    ("bcq 3-bit, straight-through, distill from fp32 (alpha 0.5, T 1)", 0.5),
+]
 
 
 def build(data, arch, flags, ste):
@@ -57,7 +67,7 @@ def build(data, arch, flags, ste):
     for m in model.modules():
         if isinstance(m, WeightQuantizer):
             m.pnr = not ste  # as the pNR optimizer sets it
-    return model.train(), len(task.source_dictionary)
+    return model.train(), task
 
 
 def step_fn(model, forward, batch):
@@ -66,6 +76,28 @@ def step_fn(model, forward, batch):
         out = forward(*batch)[0]
         out.float().logsumexp(-1).mean().backward()
     return step
+
+
+def criterion_step_fn(model, criterion, sample):
+    def step():
+        model.zero_grad(set_to_none=True)
+        criterion(model, sample)[0].backward()
+    return step
+
+
+def criterion_steps(data, sample):
+    """One step per CRITERION_ROWS on a fresh bcq 3-bit straight-through model (label smoothing 0.1)."""
+    arch, flags = ROWS[2][1], ROWS[2][2]
+    model, task = build(data, arch, flags, True)
+    teacher, _ = build(data, ROWS[0][1], ROWS[0][2], False)
+    steps = []
+    for _, alpha in CRITERION_ROWS:
+        if alpha is None:
+            criterion = LabelSmoothedCrossEntropyCriterion(task, False, 0.1)
+        else:
+            criterion = DistillCriterion(task, False, 0.1, distill_alpha=alpha, teacher=teacher)
+        steps.append(criterion_step_fn(model, criterion, sample))
+    return steps
 
 
 def quantize_all_fn(model):
@@ -90,7 +122,8 @@ def main():
     torch.manual_seed(0)
     names, steps, quantize = [], [], []
     for name, arch, flags, ste in ROWS:
-        model, vocab = build(args.data, arch, flags, ste)
+        model, task = build(args.data, arch, flags, ste)
+        vocab = len(task.source_dictionary)
         tokens = torch.randint(4, vocab, (args.sentences, args.length))
         batch = (tokens, torch.full((args.sentences,), args.length), tokens)
         names.append(name)
@@ -100,6 +133,11 @@ def main():
             names.append(name + ", every use")
             steps.append(step_fn(model, lambda *b, m=model: TransformerModel.forward(m, *b), batch))
             quantize.append(None)
+    sample = {"net_input": {"src_tokens": tokens, "src_lengths": batch[1], "prev_output_tokens": tokens},
+              "target": tokens, "ntokens": tokens.numel()}
+    names += [name for name, _ in CRITERION_ROWS]
+    steps += criterion_steps(args.data, sample)
+    quantize += [None] * len(CRITERION_ROWS)
     if args.cpu_time:
         bench_layers.CLOCK = time.process_time  # the clock of bench_layers.race
     step_ms = bench_layers.race(steps, args.rounds)
