@@ -203,7 +203,10 @@ def export(args) -> dict:
 def get_parser():
     p = argparse.ArgumentParser(prog="fairseq-qpack", description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", help="fairseq checkpoint (quantization-aware, or plain fp32 with --method)")
-    p.add_argument("output", help="packed checkpoint to write")
+    p.add_argument("output", nargs="?", help="packed checkpoint to write (not with --export-ctranslate2)")
+    p.add_argument("--export-ctranslate2", metavar="DIR",
+                   help="instead of packing: write a CTranslate2 model directory from a symmetric 8-bit int "
+                        "checkpoint (transformer_int8 --quant-bits 8), its int8 codes unchanged")
     p.add_argument("--data", help="data-bin directory with the dictionaries, if not where the checkpoint says")
     p.add_argument("--method", choices=["int", "bcq", "kmeans"], help="post-training quantization of an fp32 checkpoint")
     p.add_argument("--bits", type=int, default=4, help="bits per weight for --method (int 1-8, bcq 1-4, kmeans 1-8)")
@@ -230,7 +233,13 @@ def main(argv=None):
                         stream=sys.stderr)
     import fairseq_qplugin  # noqa: F401  (architectures, checkpoint allow-list, error hook)
 
-    args = get_parser().parse_args(argv)
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    if args.export_ctranslate2:
+        from .ctranslate2 import main_export
+        return main_export(args)
+    if not args.output:
+        parser.error("give the packed checkpoint to write (OUTPUT), or --export-ctranslate2 DIR")
     report = export(args)
     text = format_report(report)
     print(text)
