@@ -237,7 +237,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.export_ctranslate2:
         from .ctranslate2 import main_export
-        return main_export(args)
+        main_export(args)
+        return
     if not args.output:
         parser.error("give the packed checkpoint to write (OUTPUT), or --export-ctranslate2 DIR")
     report = export(args)
@@ -246,7 +247,7 @@ def main(argv=None):
     if args.report:
         with open(args.report, "w", encoding="utf-8") as f:
             f.write(text + "\n")
-    return report
+    # nothing returned: the console script exits with main()'s value (a dict would mean status 1)
 
 
 if __name__ == "__main__":
