@@ -40,7 +40,7 @@ class KMeansConfig(QuantPartsConfig):
         default=None, metadata={"help": "bits per weight, 1-8 for kmeans (default 4); bsflex is 1 bit"}
     )
     quant_granularity: ChoiceEnum(["tensor", "channel"]) = field(
-        default="tensor", metadata={"help": "one codebook per weight tensor (the poster) or per output row"}
+        default="tensor", metadata={"help": "one codebook per weight tensor or one per output row"}
     )
     kmeans_iters: int = field(default=100, metadata={"help": "maximum Lloyd iterations per clustering"})
     kmeans_recluster_interval: int = field(

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import sys
+import time
 from typing import Dict
 
 import torch
@@ -94,10 +95,15 @@ def pack_model(model, param_dtype: str = "auto", other_dtype: str = "auto"):
     quantized = [(n, m) for n, m in model.named_modules(remove_duplicate=False)
                  if isinstance(m, (QuantLinear, QuantEmbedding))]
     quantized.sort(key=lambda nm: not isinstance(nm[1], QuantEmbedding))  # a tied embedding owns the weight
+    todo, progress = len({id(m.weight) for _, m in quantized}), set()
     for name, module in quantized:
         key = id(module.weight)
         if key not in done:
+            start = time.perf_counter()
             qw = module.wq.quantized(module.weight.detach())
+            progress.add(key)
+            logger.info("[%d/%d] %s: %s %s, %.2f s", len(progress), todo, name, tuple(module.weight.shape),
+                        module.wq.extra_repr(), time.perf_counter() - start)
             try:
                 pw = narrow_params(pack_weight(qw, torch.float32), param_dtype)
             except QuantConfigError:  # e.g. pruning only: stays a (sparse) float weight
