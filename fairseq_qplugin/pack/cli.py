@@ -28,6 +28,7 @@ from omegaconf import OmegaConf
 from ..errors import QuantConfigError
 from ..modules import QuantEmbedding, QuantLinear, pattern_selector, quantizable_modules, swap_modules
 from ..quant import QuantSpec
+from .card import read_bleu, write_model_card
 from .fileformat import FORMAT, VERSION, dictionary_checksum, tensors_sha256
 from .formats import FLOAT_DTYPES, pack_weight
 from .int8 import KERNELS as INT8_KERNELS
@@ -231,6 +232,8 @@ def get_parser():
                         "translations may differ slightly), dequant = exact dequantize + fp32 BLAS; "
                         "fairseq-generate --model-overrides \"{'int8_kernel': 'dequant'}\" changes it later")
     p.add_argument("--report", help="also write the size report (markdown) to this file")
+    p.add_argument("--bleu-json", metavar="FILE", help="BLEU of the packed model for its model card "
+                   "(OUTPUT.card.json/.md): the output of sacrebleu REF -i HYP -m bleu -f json")
     return p
 
 
@@ -247,7 +250,9 @@ def main(argv=None):
         return
     if not args.output:
         parser.error("give the packed checkpoint to write (OUTPUT), or --export-ctranslate2 DIR")
+    bleu = read_bleu(args.bleu_json) if args.bleu_json else None  # checked before the work
     report = export(args)
+    write_model_card(args.output, args.checkpoint, report, bleu)
     text = format_report(report)
     print(text)
     if args.report:
