@@ -1,4 +1,4 @@
-"""Weight quantizers for k-means weight sharing, BS-Flex and iterative magnitude pruning (seed 000).
+"""Weight quantizers for k-means weight sharing, BS-Flex and iterative magnitude pruning (docs/methods.md §2).
 
 They plug into ``QuantLinear`` / ``QuantEmbedding`` like ``WeightQuantizer`` and keep its contract:
 the module's ``weight`` is the latent fp32 tensor and its state-dict entry is the quantized value,
