@@ -1,11 +1,13 @@
-"""Install fairseq-qplugin; builds the optional C++ kernels (fairseq_qplugin.pack._qkernels) when torch
-is importable at build time (scripts/setup_env.sh installs with --no-build-isolation). A failed
-compile only warns: the package then uses its pure-torch kernels (pack/kernels.py)."""
+"""The build step of fairseq-qplugin that pyproject.toml cannot declare: the optional C++ kernels
+(fairseq_qplugin.pack._qkernels), built when torch is importable at build time (scripts/setup_env.sh
+installs with --no-build-isolation). A failed compile only warns: the package then uses its
+pure-torch kernels (pack/kernels.py) and logs a warning when they are first used. Metadata,
+dependencies and extras: pyproject.toml."""
 import logging
 import platform
 import sys
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 CSRC = "fairseq_qplugin/pack/csrc"
 
@@ -87,33 +89,5 @@ def runtime_engine(cmdclass):
 
 cmdclass = runtime_engine(cmdclass)
 
-setup(
-    name="fairseq-qplugin",
-    version="0.1.0",
-    description="Quantization-aware training and compact inference for fairseq Transformer translation models",
-    long_description=open("README.md", encoding="utf-8").read(),
-    long_description_content_type="text/markdown",
-    license="MIT",
-    python_requires=">=3.8",
-    packages=find_packages(include=["fairseq_qplugin", "fairseq_qplugin.*", "fairseq_qruntime"]),
-    package_data={"fairseq_qruntime": ["csrc/*.cpp"]},
-    install_requires=[
-        "torch>=2.0",
-        # The official fairseq 0.12.2 does not import on Python >= 3.11; fairseq-fixed is a
-        # maintained fork that installs the same `fairseq` module.
-        "fairseq-fixed>=0.12.3.1; python_version >= '3.11'",
-        "fairseq>=0.12.2; python_version < '3.11'",
-        "sacrebleu>=2.0",
-        "sentencepiece",
-        "sacremoses",  # Moses tokenization (WMT recipes) and tokenized BLEU with compound splitting
-        "subword-nmt",
-        "numpy",
-        "safetensors",  # the runtime's model files (fairseq-qpack --export, fairseq_qruntime)
-        "matplotlib",  # python -m fairseq_qplugin.analysis (weight histograms)
-    ],
-    extras_require={"test": ["pytest"], "bench": ["ctranslate2>=4.0"]},
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-    entry_points={"console_scripts": ["fairseq-qpack = fairseq_qplugin.pack.cli:main",
-                                      "fairseq-qtranslate = fairseq_qruntime.cli:cli"]},
-)
+# Metadata, dependencies and extras are in pyproject.toml; setup.py only adds the compiled code.
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -1,4 +1,4 @@
-"""Histograms of self-attention weight values, one row per checkpoint (the poster's figure, seed 000).
+"""Histograms of self-attention weight values, one row per checkpoint (the k-means poster's figure).
 
     python -m fairseq_qplugin.analysis fp32=fp32/checkpoint_best.pt 8-bit=k8/checkpoint_best.pt \\
         4-bit=k4/checkpoint_best.pt "BS-Flex (self-att only)"=bsflex/checkpoint_best.pt --out self_attn.png

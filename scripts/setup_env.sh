@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create (or reuse) the project's virtual environment and install fairseq-qplugin with everything it
 # needs: torch (CPU build, pinned in constraints.txt), fairseq, sacrebleu, sentencepiece, subword-nmt,
-# pytest. Safe to re-run: dependencies are reinstalled only when setup.py or constraints.txt change;
+# pytest, ctranslate2 (the extras recipes, plot, bench, test). Safe to re-run: dependencies are
+# reinstalled only when pyproject.toml, setup.py or constraints.txt change;
 # the plugin itself is reinstalled each time (a few seconds) so the venv matches the working tree.
 #
 #   bash scripts/setup_env.sh            # uses .venv/ in the repo, or $QPLUGIN_VENV
@@ -18,11 +19,11 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 pip=("$venv/bin/python" -m pip --disable-pip-version-check)
 stamp="$venv/.qplugin-deps"
-want=$(cat setup.py constraints.txt | sha256sum | cut -d' ' -f1)
+want=$(cat pyproject.toml setup.py constraints.txt | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     log "installing dependencies (the first time builds fairseq from source: about 4 minutes)"
     "${pip[@]}" install -q --upgrade pip setuptools wheel
-    "${pip[@]}" install -q -c constraints.txt '.[test]'
+    "${pip[@]}" install -q -c constraints.txt '.[recipes,plot,bench,test]'
     echo "$want" > "$stamp"
 fi
 log "installing the plugin from the working tree"

@@ -89,7 +89,7 @@ def check_temperature(tau: float):
 
 
 def set_attention_temperature(model, tau: float):
-    """softmax(QK^T / (tau * sqrt(d_k))) (seed 001 Eq. 8) in every attention module.
+    """softmax(QK^T / (tau * sqrt(d_k))) (Fan 2019, Eq. 8) in every attention module.
 
     Also turns off fairseq's fused attention path, which reads the projection weights directly
     (bypassing the quantized modules) and recomputes the scaling itself.
@@ -216,7 +216,7 @@ class QuantizedTransformerModel(TransformerModel):
 
     def train(self, mode: bool = True):
         """Leaving training mode (fairseq validates in eval mode) syncs the pNR-mode weights first, so
-        validation evaluates, and training resumes from, the quantized weights (METHODS.md §3, pNR)."""
+        validation evaluates, and training resumes from, the quantized weights (docs/methods.md §3, pNR)."""
         if not mode and self.training:
             synced = sync_pnr_weights_(self.parameters())
             if synced:

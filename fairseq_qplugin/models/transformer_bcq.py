@@ -1,6 +1,6 @@
 """``transformer_bcq``: binary-code quantization with mixed precision by block, sub-layer and word frequency.
 
-Seeds 002/004 (Chung & Kim et al. 2020), METHODS.md §3: every weight matrix is
+Chung et al. 2020 (docs/methods.md §3): every weight matrix is
 ``W ~= sum_k diag(alpha_k) B_k`` with 1-4 bits (alternating search by default). Bits are chosen, in
 increasing precedence, by ``--bcq-bits`` (everything), the block flags ``--bcq-embed-bits``,
 ``--bcq-encoder-bits`` and ``--bcq-decoder-bits``, and the sub-layer map ``--bcq-layer-bits``. With

@@ -1,6 +1,6 @@
 """``transformer_int8``: range-based linear quantization of weights (and optionally activations).
 
-Seed 001 (Fan, Quantized Transformer) and METHODS.md §1: n = 2..8 bits with asymmetric (Eq. 4) or
+Fan, "Quantized Transformer" (2019), docs/methods.md §1: n = 2..8 bits with asymmetric (Eq. 4) or
 symmetric per-output-channel ranges, 1 bit as sign binarization with a mean|W| scale (Eq. 5, clipped
 straight-through gradient Eq. 7), optional attention temperature (Eq. 8). Fine-tune it from a
 trained fp32 ``transformer`` with ``--finetune-from-model``.
@@ -22,7 +22,7 @@ class Int8Config(QuantPartsConfig):
         default=8, metadata={"help": "bits per weight: 2-8 range-based linear quantization, 1 = binarize (sign x mean|W|)"}
     )
     quant_scheme: ChoiceEnum(["sym", "asym"]) = field(
-        default="sym", metadata={"help": "sym: range [-max|W|, max|W|]; asym: [min W, max W] (seed 001 Eq. 4)"}
+        default="sym", metadata={"help": "sym: range [-max|W|, max|W|], zero point in the middle; asym: range [min W, max W]"}
     )
     quant_granularity: ChoiceEnum(["channel", "tensor"]) = field(
         default="channel", metadata={"help": "one scale per output channel (row) or per tensor"}
@@ -32,7 +32,7 @@ class Int8Config(QuantPartsConfig):
     )
     quant_act_bits: int = field(default=8, metadata={"help": "bits for activations (2-8) with --quant-act"})
     attn_temperature: float = field(
-        default=1.0, metadata={"help": "attention temperature tau: softmax(QK^T / (tau sqrt(d_k))); the paper uses 200 at 1 bit"}
+        default=1.0, metadata={"help": "attention temperature tau: softmax(QK^T / (tau sqrt(d_k))); values > 1 flatten attention; the Quantized Transformer paper (2019) used 200 with 1-bit weights"}
     )
 
 

@@ -1,6 +1,6 @@
-"""``transformer_kmeans``: k-means weight sharing, BS-Flex and iterative magnitude pruning (seed 000).
+"""``transformer_kmeans``: k-means weight sharing, BS-Flex and iterative magnitude pruning (docs/methods.md §2).
 
-The poster's rows (METHODS.md §2) as flags: ``--quant-method kmeans --quant-bits 4`` (4-bit
+The poster's rows (docs/methods.md §2) as flags: ``--quant-method kmeans --quant-bits 4`` (4-bit
 k-means), ``--quant-method bsflex --quant-include self_attn`` (1-bit BS-Flex on self-attention
 only), ``--quant-method none --prune-schedule 0:0.3,4000:0.5`` (iterative pruning 30% -> 50%);
 pruning combines with either method (prune, then share weights, as in deep compression).
@@ -40,7 +40,7 @@ class KMeansConfig(QuantPartsConfig):
         default=None, metadata={"help": "bits per weight, 1-8 for kmeans (default 4); bsflex is 1 bit"}
     )
     quant_granularity: ChoiceEnum(["tensor", "channel"]) = field(
-        default="tensor", metadata={"help": "one codebook per weight tensor (the poster) or per output row"}
+        default="tensor", metadata={"help": "one codebook per weight tensor or one per output row"}
     )
     kmeans_iters: int = field(default=100, metadata={"help": "maximum Lloyd iterations per clustering"})
     kmeans_recluster_interval: int = field(

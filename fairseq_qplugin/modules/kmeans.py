@@ -1,4 +1,4 @@
-"""Weight quantizers for k-means weight sharing, BS-Flex and iterative magnitude pruning (seed 000).
+"""Weight quantizers for k-means weight sharing, BS-Flex and iterative magnitude pruning (docs/methods.md §2).
 
 They plug into ``QuantLinear`` / ``QuantEmbedding`` like ``WeightQuantizer`` and keep its contract:
 the module's ``weight`` is the latent fp32 tensor and its state-dict entry is the quantized value,
@@ -26,6 +26,8 @@ that changes the state (pruning, clustering, re-clustering) happens in a trainin
 fairseq has announced the update through ``set_num_updates``; clustering also happens on first use
 if nothing was loaded.
 """
+import logging
+import time
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -35,6 +37,8 @@ from ..quant import KMeansWeight, PruneSchedule, QuantSpec, SparseWeight, bsflex
 from ..quant.kmeans import nearest
 from ..quant.pruning import magnitude_mask, pruned_count
 from .qmodules import WeightQuantizer
+
+logger = logging.getLogger(__name__)
 
 
 class MaskedWeightQuantizer(WeightQuantizer):
@@ -189,7 +193,12 @@ class KMeansQuantizer(MaskedWeightQuantizer):
 
     def initialize(self, w: torch.Tensor, init: Optional[torch.Tensor] = None):
         """Cluster the kept values of ``w`` (k-means++, or warm-started from ``init``)."""
+        start = time.perf_counter()
         qw = kmeans_weight(w, self.spec.bits, self.spec.granularity, self.mask, init, self.iters)
+        logger.info("k-means %s: %d clusters per %s of a %dx%d weight, at most %d iterations: %.2f s",
+                    "warm start" if init is not None else "initialization", 2**self.spec.bits,
+                    "row" if self.spec.granularity == "channel" else "tensor", *self.shape, self.iters,
+                    time.perf_counter() - start)
         self.centroids.copy_(qw.codebook.to(self.centroids) - self.centroid_delta.detach())
         self.indices.copy_(qw.indices)
         self.initialized.fill_(True)

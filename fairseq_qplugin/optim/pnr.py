@@ -1,4 +1,4 @@
-"""pNR (period of non-regularization, Lee et al.; METHODS.md §3) as a wrapper around any fairseq optimizer.
+"""pNR (period of non-regularization, Lee et al.; docs/methods.md §3) as a wrapper around any fairseq optimizer.
 
     fairseq-train ... --arch transformer_bcq --optimizer pnr_adam --adam-betas '(0.9, 0.98)' --pnr-period 1000
 

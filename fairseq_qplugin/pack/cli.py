@@ -20,6 +20,7 @@ import logging
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Dict
 
@@ -29,6 +30,7 @@ from omegaconf import OmegaConf
 from ..errors import QuantConfigError
 from ..modules import QuantEmbedding, QuantLinear, pattern_selector, quantizable_modules, swap_modules
 from ..quant import QuantSpec, check_weight
+from .card import read_bleu, write_model_card
 from .fileformat import FORMAT, VERSION, dictionary_checksum, header_sha256, tensors_sha256
 from .formats import FLOAT_DTYPES, pack_weight
 from .int8 import KERNELS as INT8_KERNELS
@@ -99,11 +101,16 @@ def pack_model(model, param_dtype: str = "auto", other_dtype: str = "auto"):
     quantized = [(n, m) for n, m in model.named_modules(remove_duplicate=False)
                  if isinstance(m, (QuantLinear, QuantEmbedding))]
     quantized.sort(key=lambda nm: not isinstance(nm[1], QuantEmbedding))  # a tied embedding owns the weight
+    todo, progress = len({id(m.weight) for _, m in quantized}), set()
     for name, module in quantized:
         key = id(module.weight)
         if key not in done:
             check_weight(module.weight, f"{name}.weight")
+            start = time.perf_counter()
             qw = module.wq.quantized(module.weight.detach())
+            progress.add(key)
+            logger.info("[%d/%d] %s: %s %s, %.2f s", len(progress), todo, name, tuple(module.weight.shape),
+                        module.wq.extra_repr(), time.perf_counter() - start)
             try:
                 pw = narrow_params(pack_weight(qw, torch.float32), param_dtype)
             except QuantConfigError:  # e.g. pruning only: stays a (sparse) float weight
@@ -248,7 +255,10 @@ def export(args) -> dict:
 def get_parser():
     p = argparse.ArgumentParser(prog="fairseq-qpack", description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", help="fairseq checkpoint (quantization-aware, or plain fp32 with --method)")
-    p.add_argument("output", help="packed checkpoint to write")
+    p.add_argument("output", nargs="?", help="packed checkpoint to write (not with --export-ctranslate2)")
+    p.add_argument("--export-ctranslate2", metavar="DIR",
+                   help="instead of packing: write a CTranslate2 model directory from a symmetric 8-bit int "
+                        "checkpoint (transformer_int8 --quant-bits 8), its int8 codes unchanged")
     p.add_argument("--data", help="data-bin directory with the dictionaries, if not where the checkpoint says")
     p.add_argument("--method", choices=["int", "bcq", "kmeans"], help="post-training quantization of an fp32 checkpoint")
     p.add_argument("--bits", type=int, default=4, help="bits per weight for --method (int 1-8, bcq 1-4, kmeans 1-8)")
@@ -267,6 +277,8 @@ def get_parser():
                         "translations may differ slightly), dequant = exact dequantize + fp32 BLAS; "
                         "fairseq-generate --model-overrides \"{'int8_kernel': 'dequant'}\" changes it later")
     p.add_argument("--report", help="also write the size report (markdown) to this file")
+    p.add_argument("--bleu-json", metavar="FILE", help="BLEU of the packed model for its model card "
+                   "(OUTPUT.card.json/.md): the output of sacrebleu REF -i HYP -m bleu -f json")
     return p
 
 
@@ -280,8 +292,17 @@ def main(argv=None) -> int:
     if "--export" in argv:  # fairseq-qpack --export DIR PACKED.pt: the torch-free runtime's directory
         from ..runtime.export import main as export_main
         return export_main(argv)
-    args = get_parser().parse_args(argv)
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    if args.export_ctranslate2:
+        from .ctranslate2 import main_export
+        main_export(args)
+        return 0
+    if not args.output:
+        parser.error("give the packed checkpoint to write (OUTPUT), or --export-ctranslate2 DIR")
+    bleu = read_bleu(args.bleu_json) if args.bleu_json else None  # checked before the work
     report = export(args)
+    write_model_card(args.output, args.checkpoint, report, bleu)
     text = format_report(report)
     print(text)
     if args.report:

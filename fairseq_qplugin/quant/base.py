@@ -25,10 +25,10 @@ class QuantSpec:
     """How to quantize one weight tensor.
 
     method: key of ``METHODS`` ("int" for range-based linear, "bcq" for binary codes; bits=1 with
-        method "int" is the sign binarization of seed 001 Eq. 5 and is served by "bcq"; "kmeans"
+        method "int" is the sign binarization of Fan 2019, Eq. 5 and is served by "bcq"; "kmeans"
         and "bsflex" for weight sharing, "sparse" for pruned weights kept in fp32).
     bits: bits per weight.
-    scheme: "int" only: "sym" (zero point in the middle) or "asym" (min/max range, seed 001 Eq. 4).
+    scheme: "int" only: "sym" (zero point in the middle) or "asym" (min/max range, Fan 2019, Eq. 4).
     granularity: "tensor" (one set of parameters) or "channel" (one per row).
     group_size: "bcq" only: input columns sharing one scale (0 = the whole row); must divide the
         number of columns.
@@ -169,7 +169,7 @@ def straight_through(w: torch.Tensor, wq: torch.Tensor, spec: QuantSpec) -> torc
     """``wq`` (w's quantized value) in the forward pass with a straight-through gradient to ``w``.
 
     The forward value is exactly ``wq`` (``wq + (w - w)`` adds an exact zero); the gradient is the
-    identity (seed 001 Eq. 6), or 1 where |w| <= 1 and 0 elsewhere for binarization (Eq. 7).
+    identity (Fan 2019, Eq. 6), or 1 where |w| <= 1 and 0 elsewhere for binarization (Eq. 7).
     """
     if not w.requires_grad:
         return wq

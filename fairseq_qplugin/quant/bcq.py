@@ -1,11 +1,11 @@
-"""Binary-code quantization (BCQ): ``W ~= sum_k diag(alpha_k) B_k``, B_k in {-1, +1} (METHODS.md §3).
+"""Binary-code quantization (BCQ): ``W ~= sum_k diag(alpha_k) B_k``, B_k in {-1, +1} (docs/methods.md §3).
 
 The bit-planes ``B_k`` are the object the packed export stores (8 weights per byte) and the
 lookup-table GEMM consumes. Scales are one per output row and bit, or one per row, bit and group of
-``group_size`` input columns. One bit is the sign binarization of seed 001 Eq. 5 with a scale
+``group_size`` input columns. One bit is the sign binarization of Fan 2019, Eq. 5 with a scale
 ``alpha = mean|W|`` per row (or per tensor), which is what makes a 1-bit model usable.
 
-- Greedy (seeds 002/004): R = W; for k in 1..q: B_k = sign(R) (0 -> +1), alpha_k = mean|R|,
+- Greedy (Chung et al. 2020): R = W; for k in 1..q: B_k = sign(R) (0 -> +1), alpha_k = mean|R|,
   R -= alpha_k B_k.
 - Alternating (Xu et al. 2018), from the greedy start: alphas <- least squares given the B_k
   (per row and group, ``(B^T B) alpha = B^T w``); B <- for each weight the nearest of the 2^q values

@@ -1,4 +1,4 @@
-"""K-means weight sharing and the flexible binary scheme (BS-Flex), seed 000 (poster) and METHODS.md §2.
+"""K-means weight sharing and the flexible binary scheme (BS-Flex), the k-means poster (docs/methods.md §2).
 
 K-means: the values of a weight tensor (or of each of its rows) are clustered into K = 2^b centroids
 and every weight is replaced by the index of its centroid: ``w_hat[i, j] = codebook[indices[i, j]]``.

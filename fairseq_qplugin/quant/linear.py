@@ -1,4 +1,4 @@
-"""Range-based linear ("int-n") quantization, seed 001 Eq. 4, with symmetric and asymmetric ranges.
+"""Range-based linear ("int-n") quantization, Fan 2019, Eq. 4, with symmetric and asymmetric ranges.
 
 Both schemes share one affine form, ``w_hat = (codes - zero_point) * scale`` with unsigned ``codes``
 of ``bits`` bits and an integer ``zero_point``, which is what integer GEMM kernels consume:
@@ -94,7 +94,7 @@ def quantize_int(w: torch.Tensor, spec: QuantSpec) -> IntWeight:
 
 def fake_quantize_range(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int) -> torch.Tensor:
     """Quantize activations to ``bits`` on the range [lo, hi] (values outside are clamped), with an
-    identity straight-through gradient (seed 001 Eq. 6)."""
+    identity straight-through gradient (Fan 2019, Eq. 6)."""
     scale, zero_point = asym_params(lo, hi, bits)
     codes = (torch.round(x.detach() / scale) + zero_point).clamp(0, 2**bits - 1)
     xq = ((codes - zero_point) * scale).to(x.dtype)

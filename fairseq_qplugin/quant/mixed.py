@@ -1,6 +1,6 @@
 """Vector-wise mixed precision: BCQ with a bit count per row, and the word-frequency bit allocation.
 
-Seeds 002/004 (METHODS.md §3): sort the vocabulary by training-data frequency and split it into b
+Chung et al. 2020 (docs/methods.md §3): sort the vocabulary by training-data frequency and split it into b
 clusters; cluster i (i = 0..b-1, most frequent first) holds a share ``r^i / sum_k r^k`` of the words
 and gets ``b - i`` bits. With b = 4: r = 1 -> 2.5 average bits, r = 2 -> 1.73, r = 4 -> 1.32,
 r = 8 -> 1.14. An embedding row is a word, and so is a row of the output projection.

@@ -1,4 +1,4 @@
-"""Iterative magnitude pruning, seed 000 (poster) and METHODS.md §2: remove the X% smallest-magnitude
+"""Iterative magnitude pruning, the k-means poster (docs/methods.md §2): remove the X% smallest-magnitude
 weights, retrain, raise X (30% -> 50%, 50% -> 80%). Pruned weights stay exactly zero.
 
 ``magnitude_mask`` prunes exactly ``round(sparsity * numel)`` weights of a tensor (ties broken by
