@@ -3,9 +3,10 @@
 // Plain C++ (no Python or torch headers), built as a shared library and called through the C ABI at
 // the end of this file (fairseq_qruntime/engine.py binds it with ctypes, which releases the GIL).
 // The packed-weight kernels are the project's own (fairseq_qplugin/pack/csrc: scalar.cpp, avx2.cpp,
-// avx512.cpp, linked into this library); the set is chosen at run time from the CPU. fp32 dense
-// products are plain loops compiled for AVX-512 / AVX2 / baseline and chosen at run time (GCC
-// target_clones); no BLAS.
+// avx512.cpp, linked into this library); the set is chosen at run time from the CPU. Products over many
+// activation rows (dequantized tiles of packed weights, dense fp32 weights) run a packed-panel GEMM with
+// register-tiled AVX-512 / AVX2 / portable micro-kernels of the same ISA; other fp32 loops are compiled
+// for AVX-512 / AVX2 / baseline and chosen at run time (GCC target_clones); no BLAS.
 //
 // Semantics are fairseq's transformer (TransformerEncoder/Decoder, MultiheadAttention) and its
 // SequenceGenerator + BeamSearch, step by step (see docs/runtime.md):
@@ -133,7 +134,8 @@ static const Kernels* generic_of(const Kernels* k) {
   return k;
 }
 
-// Activation rows up to which the direct kernels beat dequantize-tile + GEMM (ops.cpp's values).
+// Activation rows up to which the direct kernels beat dequantize-tile + GEMM (ops.cpp's values; with the
+// packed-panel GEMM below, 16 and 40 were measured slower / no faster than 24 for BCQ 3-bit at beam 5).
 constexpr int kBcqSmallMaxDirect = 24, kBcqSmallMaxLut = 2, kKmSmallMaxAvx512 = 24, kKmSmallMaxGeneric = 1;
 constexpr int kLutChunks = 256;
 
@@ -626,8 +628,7 @@ static void bcq_product(const Model& m, const Exec& ex, const BcqPart& part, con
   const bool aligned = w.groups == 1 || (w.cols / w.groups) % K->bcq_group_align == 0;
   if (!aligned) K = generic_of(K);
   const bool lut_ok = w.groups == 1 || (w.cols / w.groups) % K->bcq_group_align == 0;
-  static const int env_max = std::getenv("QRT_BCQ_MAX") ? std::atoi(std::getenv("QRT_BCQ_MAX")) : -1;
-  const int small_max = env_max >= 0 ? env_max : K->bcq_gemv ? kBcqSmallMaxDirect : kBcqSmallMaxLut;
+  const int small_max = K->bcq_gemv ? kBcqSmallMaxDirect : kBcqSmallMaxLut;
   if (n > small_max || !lut_ok) {
     Timer tm(P_GEMM);
     tiled(m, ex, x, n, xs, xs, w.rows, y, ys, [&](int r0, int r1, int c0, int c1, float* o, int ws) {
