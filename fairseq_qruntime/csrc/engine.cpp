@@ -3,9 +3,10 @@
 // Plain C++ (no Python or torch headers), built as a shared library and called through the C ABI at
 // the end of this file (fairseq_qruntime/engine.py binds it with ctypes, which releases the GIL).
 // The packed-weight kernels are the project's own (fairseq_qplugin/pack/csrc: scalar.cpp, avx2.cpp,
-// avx512.cpp, linked into this library); the set is chosen at run time from the CPU. fp32 dense
-// products are plain loops compiled for AVX-512 / AVX2 / baseline and chosen at run time (GCC
-// target_clones); no BLAS.
+// avx512.cpp, linked into this library); the set is chosen at run time from the CPU. Products over many
+// activation rows (dequantized tiles of packed weights, dense fp32 weights) run a packed-panel GEMM with
+// register-tiled AVX-512 / AVX2 / portable micro-kernels of the same ISA; other fp32 loops are compiled
+// for AVX-512 / AVX2 / baseline and chosen at run time (GCC target_clones); no BLAS.
 //
 // Semantics are fairseq's transformer (TransformerEncoder/Decoder, MultiheadAttention) and its
 // SequenceGenerator + BeamSearch, step by step (see docs/runtime.md):
@@ -35,6 +36,11 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#endif
+#include <atomic>
+#include <ctime>
 
 #include "qkernels.h"
 
@@ -62,6 +68,42 @@ template <typename... A>
 }
 
 static inline int64_t round16(int64_t c) { return (c + 15) / 16 * 16; }
+
+// ---------------------------------------------------------------------------------------------
+// Profile: with QRUNTIME_PROFILE=1 each call of qr_translate prints to stderr the CPU time of the calling
+// thread spent in each part (summed over the calls made so far; other threads of a product are not
+// counted: profile with threads=1). CPU time, not wall time, so that a busy machine does not skew it.
+enum Prof { P_EMBED, P_GEMV, P_GEMM, P_DEQ, P_DENSE, P_SELF_ATTN, P_CROSS_ATTN, P_NORM_ACT, P_SOFTMAX, P_SEARCH, P_ENCODE, P_N };
+static const char* kProfNames[P_N] = {"embed", "packed small-rows", "packed many-rows", "(of which dequantize)", "dense fp32", "self-attention",
+                                      "cross-attention", "norm/act/residual", "log-softmax", "search", "encoder (all)"};
+static std::atomic<int64_t> g_prof[P_N];
+static const bool g_prof_on = [] {
+  const char* v = std::getenv("QRUNTIME_PROFILE");
+  return v && *v && std::string(v) != "0";
+}();
+static int64_t thread_ns() {
+  timespec ts;
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+struct Timer {
+  int what;
+  int64_t t0 = 0;
+  explicit Timer(int w) : what(w) {
+    if (g_prof_on) t0 = thread_ns();
+  }
+  void stop() {
+    if (g_prof_on && what >= 0) g_prof[what] += thread_ns() - t0;
+    what = -1;
+  }
+  ~Timer() { stop(); }
+};
+static void prof_report() {
+  if (!g_prof_on) return;
+  std::fprintf(stderr, "qruntime profile (s):");
+  for (int i = 0; i < P_N; ++i) std::fprintf(stderr, " %s %.3f;", kProfNames[i], g_prof[i].load() * 1e-9);
+  std::fprintf(stderr, "\n");
+}
 
 // ---------------------------------------------------------------------------------------------
 // Kernel choice (the same rule as the torch binding pack/csrc/ops.cpp): best ISA the CPU runs,
@@ -92,7 +134,8 @@ static const Kernels* generic_of(const Kernels* k) {
   return k;
 }
 
-// Activation rows up to which the direct kernels beat dequantize-tile + GEMM (ops.cpp's values).
+// Activation rows up to which the direct kernels beat dequantize-tile + GEMM (ops.cpp's values; with the
+// packed-panel GEMM below, 16 and 40 were measured slower / no faster than 24 for BCQ 3-bit at beam 5).
 constexpr int kBcqSmallMaxDirect = 24, kBcqSmallMaxLut = 2, kKmSmallMaxAvx512 = 24, kKmSmallMaxGeneric = 1;
 constexpr int kLutChunks = 256;
 
@@ -132,6 +175,127 @@ QR_CLONES static void gemm_nt(const float* x, int n, int xs, const float* w, int
       float* yi = y + (int64_t)i * ys + r;
       *yi = acc ? *yi + s : s;
     }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Blocked fp32 GEMM for many activation rows: y [n, r0 + j] (+)= sum_k x[i][k] P[k][j] with a tile of
+// weight rows packed as panels P [kc][NR] (transposed, zero past the tile). Register-tiled micro-kernels
+// (AVX-512: 8 rows x 32 outputs, AVX2+FMA: 6 x 16, portable: 4 x 16) keep the outputs in registers
+// over the whole k loop. The ISA is the packed kernels' (Model::K), so QRUNTIME_ISA forces both.
+enum GemmIsa { G_PORTABLE = 0, G_AVX2 = 1, G_AVX512 = 2 };
+static inline int gemm_nr(int isa) { return isa == G_AVX512 ? 32 : 16; }
+
+#if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__)
+template <int MR>
+__attribute__((target("avx512f"))) static inline void mk512(const float* x, int64_t xs, const float* P, int kc, float* y,
+                                                            int64_t ys, __mmask16 m0, __mmask16 m1, bool acc) {
+  __m512 c0[MR], c1[MR];
+  for (int i = 0; i < MR; ++i) c0[i] = c1[i] = _mm512_setzero_ps();
+  for (int k = 0; k < kc; ++k) {
+    const __m512 b0 = _mm512_loadu_ps(P + (int64_t)k * 32), b1 = _mm512_loadu_ps(P + (int64_t)k * 32 + 16);
+    for (int i = 0; i < MR; ++i) {
+      const __m512 a = _mm512_set1_ps(x[i * xs + k]);
+      c0[i] = _mm512_fmadd_ps(a, b0, c0[i]);
+      c1[i] = _mm512_fmadd_ps(a, b1, c1[i]);
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    float* yi = y + i * ys;
+    if (acc) {
+      c0[i] = _mm512_add_ps(c0[i], _mm512_maskz_loadu_ps(m0, yi));
+      c1[i] = _mm512_add_ps(c1[i], _mm512_maskz_loadu_ps(m1, yi + 16));
+    }
+    _mm512_mask_storeu_ps(yi, m0, c0[i]);
+    _mm512_mask_storeu_ps(yi + 16, m1, c1[i]);
+  }
+}
+
+__attribute__((target("avx512f"))) static void panel_avx512(const float* x, int n, int64_t xs, const float* P, int kc,
+                                                            float* y, int64_t ys, int nr, bool acc) {
+  const __mmask16 m0 = nr >= 16 ? 0xFFFF : (__mmask16)((1u << nr) - 1);
+  const __mmask16 m1 = nr >= 32 ? 0xFFFF : nr > 16 ? (__mmask16)((1u << (nr - 16)) - 1) : 0;
+  int i = 0;
+  for (; i + 8 <= n; i += 8) mk512<8>(x + i * xs, xs, P, kc, y + i * ys, ys, m0, m1, acc);
+  for (; i + 4 <= n; i += 4) mk512<4>(x + i * xs, xs, P, kc, y + i * ys, ys, m0, m1, acc);
+  for (; i < n; ++i) mk512<1>(x + i * xs, xs, P, kc, y + i * ys, ys, m0, m1, acc);
+}
+
+template <int MR>
+__attribute__((target("avx2,fma"))) static inline void mk256(const float* x, int64_t xs, const float* P, int kc, float* y,
+                                                             int64_t ys, int nr, bool acc) {
+  __m256 c0[MR], c1[MR];
+  for (int i = 0; i < MR; ++i) c0[i] = c1[i] = _mm256_setzero_ps();
+  for (int k = 0; k < kc; ++k) {
+    const __m256 b0 = _mm256_loadu_ps(P + (int64_t)k * 16), b1 = _mm256_loadu_ps(P + (int64_t)k * 16 + 8);
+    for (int i = 0; i < MR; ++i) {
+      const __m256 a = _mm256_broadcast_ss(x + i * xs + k);
+      c0[i] = _mm256_fmadd_ps(a, b0, c0[i]);
+      c1[i] = _mm256_fmadd_ps(a, b1, c1[i]);
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    float* yi = y + i * ys;
+    alignas(32) float t[16];
+    _mm256_store_ps(t, c0[i]);
+    _mm256_store_ps(t + 8, c1[i]);
+    for (int j = 0; j < nr; ++j) yi[j] = acc ? yi[j] + t[j] : t[j];
+  }
+}
+
+__attribute__((target("avx2,fma"))) static void panel_avx2(const float* x, int n, int64_t xs, const float* P, int kc,
+                                                          float* y, int64_t ys, int nr, bool acc) {
+  int i = 0;
+  for (; i + 6 <= n; i += 6) mk256<6>(x + i * xs, xs, P, kc, y + i * ys, ys, nr, acc);
+  for (; i + 3 <= n; i += 3) mk256<3>(x + i * xs, xs, P, kc, y + i * ys, ys, nr, acc);
+  for (; i < n; ++i) mk256<1>(x + i * xs, xs, P, kc, y + i * ys, ys, nr, acc);
+}
+#endif
+
+static void panel_portable(const float* x, int n, int64_t xs, const float* P, int kc, float* y, int64_t ys, int nr,
+                           bool acc) {
+  for (int i0 = 0; i0 < n; i0 += 4) {
+    const int mr = std::min(4, n - i0);
+    float c[4][16] = {};
+    for (int k = 0; k < kc; ++k) {
+      const float* b = P + (int64_t)k * 16;
+      for (int i = 0; i < mr; ++i) {
+        const float a = x[(i0 + i) * xs + k];
+        for (int j = 0; j < 16; ++j) c[i][j] += a * b[j];
+      }
+    }
+    for (int i = 0; i < mr; ++i) {
+      float* yi = y + (i0 + i) * ys;
+      for (int j = 0; j < nr; ++j) yi[j] = acc ? yi[j] + c[i][j] : c[i][j];
+    }
+  }
+}
+
+// y[i][r0 + j] (+)= sum_k x[i][k] w[r0 + j][k] for a tile of weight rows [r0, r1) given as src (row stride ss)
+// over kc columns; P is scratch for one tile's panels (round up (r1 - r0) to NR) x kc floats.
+static void gemm_tile(int isa, const float* x, int n, int64_t xs, const float* src, int64_t ss, int nrows, int kc,
+                      float* P, float* y, int64_t ys, bool acc) {
+  const int NR = gemm_nr(isa);
+  for (int p0 = 0; p0 < nrows; p0 += NR) {
+    const int nr = std::min(NR, nrows - p0);
+    for (int j = 0; j < nr; ++j) {  // pack: P[k][j] = w[p0 + j][k]
+      const float* wr = src + (int64_t)(p0 + j) * ss;
+      for (int k = 0; k < kc; ++k) P[(int64_t)k * NR + j] = wr[k];
+    }
+    for (int j = nr; j < NR; ++j)
+      for (int k = 0; k < kc; ++k) P[(int64_t)k * NR + j] = 0.f;
+    float* yp = y + p0;
+#if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__)
+    if (isa == G_AVX512) {
+      panel_avx512(x, n, xs, P, kc, yp, ys, nr, acc);
+      continue;
+    }
+    if (isa == G_AVX2) {
+      panel_avx2(x, n, xs, P, kc, yp, ys, nr, acc);
+      continue;
+    }
+#endif
+    panel_portable(x, n, xs, P, kc, yp, ys, nr, acc);
   }
 }
 
@@ -263,6 +427,11 @@ struct Model {
   int pad = 1, eos = 2, unk = 3, bos = 0, activation = RELU, threads = 1;
   const Kernels* K = nullptr;
   bool ready = false;
+  // With activation quantization, a value within float rounding of a rounding boundary lands one step
+  // away under another fp32 summation order, and the step shows in the scores (1.5e-4 on the tests' 1-bit
+  // model with the packed-panel GEMM). Such models keep the dot-product order of the parity-checked engine
+  // (gemm_nt over each row, column chunks of 512) for many rows: their speed is that engine's.
+  bool exact_order = false;
 
   double get(const std::string& k) const {
     auto it = spec.find(k);
@@ -400,6 +569,17 @@ static inline void quantize_act(const Act& a, float* x, int64_t n) {
   }
 }
 
+// Activation rows from which dense fp32 products use the packed-panel GEMM instead of gemm_nt.
+constexpr int kGemmMinRows = 8;
+
+static int gemm_isa(const Model& m) {
+#if defined(__x86_64__) || defined(_M_X64)
+  if (m.K == &qk::avx512_kernels) return G_AVX512;
+  if (m.K == &qk::avx2_kernels) return G_AVX2;
+#endif
+  return G_PORTABLE;
+}
+
 struct Exec {  // threads of one call
   int threads;
   template <typename F>
@@ -422,20 +602,40 @@ struct Exec {  // threads of one call
   }
 };
 
-// y [n, rows] = x [n, xs] W^T by dequantizing tiles of rows (the many-rows path).
+// y [n, rows] = x [n, xs] W^T over tiles of 64 weight rows x 256 columns (the many-rows path): deq(r0, r1,
+// c0, c1, buf, ws) returns the tile's rows (dequantized into buf with stride ws, or the dense weight itself)
+// as {pointer to w[r0][c0], row stride}; each tile is packed once and used for all n rows.
 template <typename Deq>
-static void tiled(const Exec& ex, const float* x, int n, int xs, int rows, float* y, int ys, Deq deq) {
-  constexpr int TR = 64;
-  const int tc = std::min(xs, 512);
+static void tiled(const Model& m, const Exec& ex, const float* x, int n, int xs, int cols, int rows, float* y, int ys,
+                  Deq deq) {
+  constexpr int TR = 64, TC = 256;
+  const int isa = gemm_isa(m);
   const int nblocks = (rows + TR - 1) / TR;
+  if (m.exact_order) {  // each output a gemm_nt dot over column chunks of 512 (see Model::exact_order)
+    const int tc = std::min(cols, 512);
+    ex.par(nblocks, [&](int64_t b0, int64_t b1) {
+      std::vector<float> buf((size_t)TR * tc);
+      for (int64_t b = b0; b < b1; ++b) {
+        const int r0 = (int)b * TR, r1 = std::min(rows, r0 + TR);
+        for (int c0 = 0; c0 < cols; c0 += tc) {
+          const int cb = std::min(tc, cols - c0);
+          const std::pair<const float*, int64_t> src = deq(r0, r1, c0, c0 + cb, buf.data(), tc);
+          gemm_nt(x + c0, n, xs, src.first - (int64_t)r0 * src.second, (int)src.second, cb, y, ys, r0, r1, c0 > 0);
+        }
+      }
+    });
+    return;
+  }
   ex.par(nblocks, [&](int64_t b0, int64_t b1) {
-    std::vector<float> buf((size_t)TR * tc);
+    std::vector<float> buf((size_t)TR * TC), P((size_t)TR * TC);
     for (int64_t b = b0; b < b1; ++b) {
       const int r0 = (int)b * TR, r1 = std::min(rows, r0 + TR);
-      for (int c0 = 0; c0 < xs; c0 += tc) {
-        const int cb = std::min(tc, xs - c0);
-        deq(r0, r1, c0, c0 + cb, buf.data(), tc);
-        gemm_nt(x + c0, n, xs, buf.data() - (int64_t)r0 * tc, tc, cb, y, ys, r0, r1, c0 > 0);
+      for (int c0 = 0; c0 < cols; c0 += TC) {
+        const int cb = std::min(TC, cols - c0);
+        Timer td(P_DEQ);
+        const std::pair<const float*, int64_t> src = deq(r0, r1, c0, c0 + cb, buf.data(), TC);
+        td.stop();
+        gemm_tile(isa, x + c0, n, xs, src.first, src.second, r1 - r0, cb, P.data(), y + r0, ys, c0 > 0);
       }
     }
   });
@@ -450,9 +650,14 @@ static void bcq_product(const Model& m, const Exec& ex, const BcqPart& part, con
   const bool lut_ok = w.groups == 1 || (w.cols / w.groups) % K->bcq_group_align == 0;
   const int small_max = K->bcq_gemv ? kBcqSmallMaxDirect : kBcqSmallMaxLut;
   if (n > small_max || !lut_ok) {
-    tiled(ex, x, n, xs, w.rows, y, ys, [&](int r0, int r1, int c0, int c1, float* o, int ws) { K->bcq_deq(w, r0, r1, c0, c1, o, ws); });
+    Timer tm(P_GEMM);
+    tiled(m, ex, x, n, xs, xs, w.rows, y, ys, [&](int r0, int r1, int c0, int c1, float* o, int ws) {
+      K->bcq_deq(w, r0, r1, c0, c1, o, ws);
+      return std::pair<const float*, int64_t>(o, ws);
+    });
     return;
   }
+  Timer tm(P_GEMV);
   for (int i = 0; i < n; ++i) std::memset(y + (int64_t)i * ys, 0, sizeof(float) * w.rows);
   if (K->bcq_gemv) {
     const int nrb = (w.rows + 15) / 16;
@@ -473,9 +678,14 @@ static void km_product(const Model& m, const Exec& ex, const KMeans& w, const fl
   if (w.bits > K->km_max_bits) K = &qk::scalar_kernels;
   const int small_max = K == &qk::scalar_kernels || K->km_max_bits == 8 ? kKmSmallMaxGeneric : kKmSmallMaxAvx512;
   if (n > small_max) {
-    tiled(ex, x, n, xs, w.rows, y, ys, [&](int r0, int r1, int c0, int c1, float* o, int ws) { K->km_deq(w, r0, r1, c0, c1, o, ws); });
+    Timer tm(P_GEMM);
+    tiled(m, ex, x, n, xs, xs, w.rows, y, ys, [&](int r0, int r1, int c0, int c1, float* o, int ws) {
+      K->km_deq(w, r0, r1, c0, c1, o, ws);
+      return std::pair<const float*, int64_t>(o, ws);
+    });
     return;
   }
+  Timer tm(P_GEMV);
   ex.par(w.rows, [&](int64_t a, int64_t b) { K->km_gemv(w, x, n, xs, y, ys, (int)a, (int)b); });
 }
 
@@ -496,11 +706,19 @@ static void linear(const Model& m, const Exec& ex, const Linear& L, const float*
     xin = xp.data();
   }
   switch (w.method) {
-    case DENSE:
+    case DENSE: {
+      Timer tm(P_DENSE);
+      if (n >= kGemmMinRows && !m.exact_order) {
+        tiled(m, ex, xin, n, xs, cols, rows, y, rows, [&](int r0, int, int c0, int, float*, int) {
+          return std::pair<const float*, int64_t>(w.dense + (int64_t)r0 * cols + c0, cols);
+        });
+        break;
+      }
       ex.par((rows + 3) / 4, [&](int64_t a, int64_t b) {
         gemm_nt(xin, n, xs, w.dense, cols, cols, y, rows, (int)a * 4, (int)std::min<int64_t>(rows, b * 4), false);
       });
       break;
+    }
     case BCQW:
       bcq_product(m, ex, w.bcq[0], xin, n, xs, y, rows);
       break;
@@ -546,6 +764,7 @@ static void weight_row(const Model& m, const Weight& w, int r, float* out) {
 }
 
 static void layer_norm(const Norm& n, float* x, int rows, int dim) {
+  Timer tm(P_NORM_ACT);
   for (int i = 0; i < rows; ++i) {
     float* xi = x + (int64_t)i * dim;
     double mean = 0, var = 0;
@@ -559,6 +778,7 @@ static void layer_norm(const Norm& n, float* x, int rows, int dim) {
 }
 
 static void activate(int fn, float* x, int64_t n) {
+  Timer tm(P_NORM_ACT);
   for (int64_t i = 0; i < n; ++i) {
     const float v = x[i];
     switch (fn) {
@@ -587,6 +807,7 @@ static void softmax_inplace(float* s, int n) {
 
 // Embeddings of n tokens at positions pos_idx (absolute indices into the position table).
 static void embed(const Model& m, const Side& s, const int32_t* tok, const int32_t* pos_idx, int n, float* x) {
+  Timer tm(P_EMBED);
   for (int i = 0; i < n; ++i) {
     float* xi = x + (int64_t)i * s.dim;
     weight_row(m, *s.embed, tok[i], xi);
@@ -621,6 +842,7 @@ struct Encoded {
 };
 
 static void encode(const Model& m, const Exec& ex, const int32_t* tokens, const int32_t* lens, int bsz, Encoded& e) {
+  Timer tm(P_ENCODE);
   const Side& s = m.enc;
   const int d = s.dim, H = s.heads, hd = d / H;
   e.bsz = bsz;
@@ -718,6 +940,7 @@ static void decode_step(const Model& m, const Exec& ex, const Encoded& e, DecSta
       std::memcpy(st.slot(st.K[li], t, prow[i]), k.data() + (int64_t)i * d, sizeof(float) * d);
       std::memcpy(st.slot(st.V[li], t, prow[i]), v.data() + (int64_t)i * d, sizeof(float) * d);
     }
+    Timer tsa(P_SELF_ATTN);
     ex.par((int64_t)n * H, [&](int64_t lo, int64_t hi) {
       std::vector<float> sc(t + 1);
       for (int64_t ih = lo; ih < hi; ++ih) {
@@ -733,6 +956,7 @@ static void decode_step(const Model& m, const Exec& ex, const Encoded& e, DecSta
                ai, hd);
       }
     });
+    tsa.stop();
     linear(m, ex, l.self.o, a.data(), n, o.data());
     for (int64_t z = 0; z < (int64_t)n * d; ++z) x[z] = x[z] + o[z];
     if (!s.prenorm) layer_norm(l.self_ln, x.data(), n, d);
@@ -742,6 +966,7 @@ static void decode_step(const Model& m, const Exec& ex, const Encoded& e, DecSta
     linear(m, ex, l.cross.q, h.data(), n, q.data());
     for (auto& z : q) z *= s.scaling;
     const float *CK = e.ck[li].data(), *CV = e.cv[li].data();
+    Timer tca(P_CROSS_ATTN);
     ex.par((int64_t)n * H, [&](int64_t lo, int64_t hi) {
       std::vector<float> sc;
       for (int64_t ih = lo; ih < hi; ++ih) {
@@ -756,6 +981,7 @@ static void decode_step(const Model& m, const Exec& ex, const Encoded& e, DecSta
         for (int j = 0; j < len; ++j) axpy(sc[j], CV + (int64_t)(o0 + j) * d + hh * hd, ai, hd);
       }
     });
+    tca.stop();
     linear(m, ex, l.cross.o, a.data(), n, o.data());
     for (int64_t z = 0; z < (int64_t)n * d; ++z) x[z] = x[z] + o[z];
     if (!s.prenorm) layer_norm(l.cross_ln, x.data(), n, d);
@@ -765,14 +991,41 @@ static void decode_step(const Model& m, const Exec& ex, const Encoded& e, DecSta
   linear(m, ex, m.out_proj, x.data(), n, logits);
 }
 
-static void log_softmax_rows(float* x, int n, int V) {
+// exp(x) for x <= 0 in fp32 (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, degree-5 polynomial; within 2 ulp),
+// written so that the row loops below vectorize; below -87.3 it returns 2^-126 (negligible in a softmax sum
+// that holds exp(0) = 1).
+static inline float exp_neg(float x) {
+  x = std::max(x, -87.3f);
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  float r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  const int32_t bits = ((int32_t)n + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, 4);
+  return p * scale;
+}
+
+// Rows of x [n, V] to log-probabilities, fp32 as torch's log_softmax (the sum of exponentials in fp32
+// lanes, summed in double at the end).
+QR_CLONES static void log_softmax_rows(float* x, int n, int V) {
+  Timer tm(P_SOFTMAX);
   for (int i = 0; i < n; ++i) {
     float* r = x + (int64_t)i * V;
     float mx = -INFINITY;
+#pragma omp simd reduction(max : mx)
     for (int j = 0; j < V; ++j) mx = std::max(mx, r[j]);
-    double sum = 0;
-    for (int j = 0; j < V; ++j) sum += std::exp((double)(r[j] - mx));
-    const float ls = (float)std::log(sum);
+    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (int j = 0; j < V; ++j) sum += exp_neg(r[j] - mx);
+    const float ls = std::log(sum);
+#pragma omp simd
     for (int j = 0; j < V; ++j) r[j] = (r[j] - mx) - ls;
   }
 }
@@ -844,17 +1097,30 @@ static Result search(const Model& m, const Exec& ex, const int32_t* tokens, cons
     // candidates per sentence: top 2 * beam of (beam x vocab) cumulative scores (ties: lower index first)
     std::vector<std::vector<float>> cs(nb);
     std::vector<std::vector<int>> ci(nb), cb(nb);
+    // The top k of the union is the top k of each beam row's top k (same order), so each row keeps its
+    // best k in a sorted list while it is scanned (in index order: a later equal score never displaces).
+    Timer tsel(P_SEARCH);
     ex.par(nb, [&](int64_t lo, int64_t hi) {
       std::vector<std::pair<float, int>> all;
       for (int64_t s = lo; s < hi; ++s) {
         const int nbeams = step == 0 ? 1 : beam;
         const int size = nbeams * V, k = std::min(cand, size - 1);
-        all.resize(size);
+        all.clear();
         for (int bi = 0; bi < nbeams; ++bi) {
           const int row = (int)s * beam + bi;
           const float base = step == 0 ? 0.f : scores[row][step - 1];
           const float* r = lp.data() + (int64_t)row * V;
-          for (int j = 0; j < V; ++j) all[bi * V + j] = {step == 0 ? r[j] : r[j] + base, bi * V + j};
+          const size_t first = all.size();
+          const int kr = std::min(k, V);
+          for (int j = 0; j < V; ++j) {
+            const float v = step == 0 ? r[j] : r[j] + base;
+            const int have = (int)(all.size() - first);
+            if (have == kr && !(v > all.back().first)) continue;
+            if (have < kr) all.emplace_back();
+            size_t p = all.size() - 1;
+            for (; p > first && v > all[p - 1].first; --p) all[p] = all[p - 1];
+            all[p] = {v, bi * V + j};
+          }
         }
         auto better = [](const std::pair<float, int>& a, const std::pair<float, int>& b) {
           return a.first > b.first || (a.first == b.first && a.second < b.second);
@@ -870,6 +1136,7 @@ static Result search(const Model& m, const Exec& ex, const int32_t* tokens, cons
         }
       }
     });
+    tsel.stop();
     // finalize EOS candidates among the first `beam`
     std::vector<char> eos_mask_any(nb, 0);
     std::vector<std::vector<char>> eosm(nb);
@@ -1044,6 +1311,7 @@ static void finalize(Model& m) {
   m.unk = (int)m.get("unk");
   m.bos = (int)m.get("bos");
   m.activation = (int)m.get("activation");
+  m.exact_order = !m.acts_in.empty() || !m.acts_out.empty();
   build_side(m, m.enc, "encoder", false);
   build_side(m, m.dec, "decoder", true);
   if (m.enc.dim != m.dec.dim) fail("encoder dim ", m.enc.dim, " != decoder dim ", m.dec.dim, " is not supported");
@@ -1190,6 +1458,7 @@ int qr_translate(Model* m, const int32_t* src, const int32_t* src_lens, int bsz,
     auto r = std::make_unique<qr_result>();
     r->r = search(*m, Exec{threads}, src, src_lens, bsz, P);
     *out = r.release();
+    prof_report();
   });
 }
 
