@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from fairseq import checkpoint_utils
+from fairseq.file_io import PathManager
 from fairseq.criterions import register_criterion
 from fairseq.criterions.label_smoothed_cross_entropy import (LabelSmoothedCrossEntropyCriterion,
                                                              LabelSmoothedCrossEntropyCriterionConfig)
@@ -107,11 +108,10 @@ def load_teacher(path: str, task):
     Loads with fairseq's ``load_checkpoint_to_cpu``: ``torch.load`` with ``weights_only`` (torch >= 2.6) and
     the plugin's allow-list (``checkpoint.py``), so no pickled code runs.
     """
-    try:
-        state = checkpoint_utils.load_checkpoint_to_cpu(path)
-    except FileNotFoundError:
+    if not PathManager.exists(path):
         raise QuantConfigError(f"distillation teacher {path}: no such file; pass an existing checkpoint with "
-                               "--distill-teacher (or --finetune-from-model)") from None
+                               "--distill-teacher (or --finetune-from-model)")
+    state = checkpoint_utils.load_checkpoint_to_cpu(path)
     src_size, out_size = output_sizes(state["model"])
     for what, teacher_size, dictionary in (("output size", out_size, task.target_dictionary),
                                            ("source vocabulary", src_size, task.source_dictionary)):

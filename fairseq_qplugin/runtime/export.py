@@ -173,7 +173,7 @@ def export_dir(packed_path: str, out_dir: str, data=None) -> dict:
         "sha256": tensors_sha256(tensors),
     }
     _write(out_dir, config, tensors, dict_paths, dicts)
-    return 0
+    return config
 
 
 def _act_range(model, name: str, where: str, bits: int) -> dict:
