@@ -115,5 +115,6 @@ setup(
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     entry_points={"console_scripts": ["fairseq-qpack = fairseq_qplugin.pack.cli:main",
-                                      "fairseq-qtranslate = fairseq_qruntime.cli:cli"]},
+                                      "fairseq-qtranslate = fairseq_qruntime.cli:cli",
+                                      "fairseq-qallocate = fairseq_qplugin.allocate:main"]},
 )
