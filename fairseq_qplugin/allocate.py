@@ -38,16 +38,18 @@ SPEC = {"bcq": dict(method="bcq"), "int": dict(method="int", scheme="sym", granu
 
 @dataclass
 class Part:
-    """One unit of the allocation: whole weight matrices (``rows`` None) or the same rows of each of them."""
+    """One unit of the allocation: whole weight matrices (``rows`` None) or some rows of each of them."""
 
     name: str
     weights: List[torch.Tensor]
-    rows: Optional[torch.Tensor] = None  # word ids of a frequency group (BCQ vocabulary rows)
+    rows: Optional[List[torch.Tensor]] = None  # per weight: the word ids of a frequency group (BCQ vocabulary)
     loss: Dict[int, float] = field(default_factory=dict)  # bits -> validation loss increase
 
     @property
     def params(self) -> int:
-        return sum(w.numel() if self.rows is None else len(self.rows) * w.shape[1] for w in self.weights)
+        if self.rows is None:
+            return sum(w.numel() for w in self.weights)
+        return sum(len(r) * w.shape[1] for w, r in zip(self.weights, self.rows))
 
 
 def solve(params: Sequence[int], costs: Sequence[Dict[int, float]], target_bits: float) -> List[int]:
@@ -108,8 +110,8 @@ def validation_loss(model, batches, pad: int) -> float:
 
 def find_parts(model, task, method: str, embed_groups: int) -> List[Part]:
     """Every quantized weight matrix once (as the architectures quantize them); for BCQ the vocabulary
-    rows as ``embed_groups`` equal groups of words ranked by training frequency, across all vocabulary
-    weights (one --bcq-embed-groups serves them all)."""
+    rows as ``embed_groups`` equal groups of words ranked by training frequency, each vocabulary weight by
+    its own dictionary as transformer_bcq ranks them (one --bcq-embed-groups serves them all)."""
     from .models.transformer_bcq import is_vocabulary_rows
     from .modules import quantizable_modules
 
@@ -130,12 +132,14 @@ def find_parts(model, task, method: str, embed_groups: int) -> List[Part]:
         sizes = {len(d) for _, d in vocab}
         if len(sizes) > 1:
             raise QuantConfigError(f"the vocabularies have {sorted(sizes)} words: one --bcq-embed-groups serves "
-                                   "them all, so BCQ allocation needs a joined dictionary")
-        counts = [torch.tensor(d.count, dtype=torch.float64) for _, d in vocab]
-        rank = frequency_rank(sum(counts), first=range(vocab[0][1].nspecial))
+                                   "them all, so BCQ allocation needs dictionaries of one size (--joined-dictionary)")
+        if embed_groups > min(sizes):
+            raise QuantConfigError(f"--embed-groups {embed_groups}: more groups than the {min(sizes)} words")
+        ranks = [frequency_rank(torch.tensor(d.count, dtype=torch.float64), first=range(d.nspecial)) for _, d in vocab]
         start = 0
-        for i, size in enumerate(group_sizes(len(rank), embed_groups, 1.0)):
-            parts.append(Part(f"words[{start}:{start + size}]", [w for w, _ in vocab], rows=rank[start:start + size]))
+        for size in group_sizes(sizes.pop(), embed_groups, 1.0):
+            parts.append(Part(f"words[{start}:{start + size}]", [w for w, _ in vocab],
+                              rows=[rank[start:start + size] for rank in ranks]))
             start += size
     return parts
 
@@ -150,11 +154,11 @@ def measure(model, parts: List[Part], bits: Sequence[int], method: str, loss_fn)
         for b in bits:
             spec = QuantSpec(bits=b, **SPEC[method])
             saved = [w.detach().clone() for w in part.weights]
-            for w in part.weights:
+            for i, w in enumerate(part.weights):
                 if part.rows is None:
                     w.data.copy_(quantize(w, spec).dequantize())
                 else:
-                    w.data[part.rows] = quantize(w[part.rows], spec).dequantize()
+                    w.data[part.rows[i]] = quantize(w[part.rows[i]], spec).dequantize()
             part.loss[b] = loss_fn() - base
             for w, s in zip(part.weights, saved):
                 w.data.copy_(s)
@@ -166,7 +170,7 @@ def measure(model, parts: List[Part], bits: Sequence[int], method: str, loss_fn)
 def flags_for(method: str, parts: List[Part], bits: List[int]) -> List[str]:
     """The fairseq-train flags that give each part its bits (the most common bits as the default)."""
     modules = [(p, b) for p, b in zip(parts, bits) if p.rows is None]
-    groups = [(len(p.rows), b) for p, b in zip(parts, bits) if p.rows is not None]
+    groups = [(len(p.rows[0]), b) for p, b in zip(parts, bits) if p.rows is not None]
     default = Counter(b for _, b in modules).most_common(1)[0][0] if modules else max(bits)
     layer = ",".join(f"{p.name}:{b}" for p, b in modules if b != default)
     if method == "bcq":
