@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from fairseq_qplugin.allocate import solve
+from fairseq_qplugin.allocate import main, solve
 from fairseq_qplugin.errors import QuantConfigError
 
 from .conftest import run, train_args
@@ -118,15 +118,16 @@ RANGE = "outside {}'s range of {} to {} average bits; give a target in it"
     (("--method", "bcq", "--target-bits", 2, "--embed-groups", 0), "--embed-groups must be >= 1, got 0"),
 ])
 def test_bad_flags_give_one_error_line(tiny_data, fp32_checkpoint, flags, message):
-    proc = run([sys.executable, "-m", "fairseq_qplugin.allocate", fp32_checkpoint, tiny_data / "bin", *flags],
-               check=False)
-    assert proc.returncode == 1 and proc.stdout.strip().splitlines()[-1] == f"fairseq-qplugin: error: {message}"
+    with pytest.raises(QuantConfigError) as e:
+        main([str(fp32_checkpoint), str(tiny_data / "bin"), *map(str, flags)])
+    assert str(e.value) == message
 
 
 def test_missing_files_give_one_error_line(tiny_data, fp32_checkpoint, tmp_path):
-    for ckpt, data, message in ((tmp_path / "none.pt", tiny_data / "bin", f"{tmp_path / 'none.pt'}: no such checkpoint file"),
-                                (fp32_checkpoint, tmp_path / "nodata", f"{tmp_path / 'nodata'}: no such data directory "
-                                 "(the binarized data of the checkpoint)")):
-        proc = run([sys.executable, "-m", "fairseq_qplugin.allocate", ckpt, data, "--method", "bcq",
-                    "--target-bits", 2], check=False)
-        assert proc.returncode == 1 and proc.stdout.strip().splitlines()[-1] == f"fairseq-qplugin: error: {message}"
+    with pytest.raises(QuantConfigError) as e:
+        main([str(fp32_checkpoint), str(tmp_path / "nodata"), "--method", "bcq", "--target-bits", "2"])
+    assert str(e.value) == f"{tmp_path / 'nodata'}: no such data directory (the binarized data of the checkpoint)"
+    proc = run([sys.executable, "-m", "fairseq_qplugin.allocate", tmp_path / "none.pt", tiny_data / "bin",
+                "--method", "bcq", "--target-bits", 2], check=False)
+    assert proc.returncode == 1
+    assert proc.stdout.strip().splitlines()[-1] == f"fairseq-qplugin: error: {tmp_path / 'none.pt'}: no such checkpoint file"
