@@ -11,7 +11,7 @@ from fairseq.models.transformer import TransformerModel
 import fairseq_qplugin  # noqa: F401  (registers the architectures and optimizers)
 from fairseq_qplugin.errors import QuantConfigError
 from fairseq_qplugin.models.transformer_bcq import average_bits
-from fairseq_qplugin.modules import QuantEmbedding, QuantLinear, RowBitsQuantizer
+from fairseq_qplugin.modules import QuantEmbedding, QuantLinear, RowBitsQuantizer, WeightQuantizer
 
 from .conftest import PLUGIN
 
@@ -119,6 +119,24 @@ def test_frequency_embedding_follows_dictionary_counts_and_stays_tied(dict_dir, 
     assert dec.output_projection.weight is dec.embed_tokens.weight
     for row, bits in zip(dec.embed_tokens.weight.detach(), row_bits.tolist()):
         assert row.unique().numel() <= 2**bits
+
+
+def test_explicit_embed_groups_give_each_frequency_group_its_bits(dict_dir, caplog):
+    with caplog.at_level(logging.INFO):
+        model, task, _ = build(dict_dir, "--share-decoder-input-output-embed", "--bcq-bits", 2,
+                               "--bcq-embed-groups", "10:3,20:1,34:4")
+    dec = model.decoder
+    assert dec.output_projection.wq is dec.embed_tokens.wq and dec.embed_tokens.wq.spec.bits == 4
+    counts = torch.tensor(task.target_dictionary.count, dtype=torch.float64)
+    counts[:4] = float("inf")  # bos, pad, eos, unk rank first
+    order = torch.argsort(counts, descending=True, stable=True)
+    expected = torch.tensor([3] * 10 + [1] * 20 + [4] * 34, dtype=torch.int8)
+    assert torch.equal(dec.embed_tokens.wq.row_bits[order], expected)
+    assert average_bits(model)["embedding"] == pytest.approx((10 * 3 + 20 + 34 * 4) / 64)
+    assert "groups of 10/20/34 words at 3/1/4 bits" in caplog.text
+    src = model.encoder.embed_tokens.wq.row_bits  # the source dictionary's own ranking
+    assert (src[4:] == torch.tensor([3] * 6 + [1] * 20 + [4] * 34, dtype=torch.int8)).all()
+    assert isinstance(model.decoder.layers[0].fc1.wq, WeightQuantizer) and bits_of(model.decoder.layers[0].fc1) == 2
 
 
 def build_pnr(model, period=3, inner="adam"):
@@ -270,6 +288,13 @@ def test_training_forward_quantizes_a_tied_weight_once(dict_dir):
     (("--bcq-layer-bits", "decoder_attn:2"), "--bcq-layer-bits 'decoder_attn' matches no quantizable module"),
     (("--bcq-embed-freq-ratio", 0), "--bcq-embed-freq-ratio must be > 0"),
     (("--bcq-embed-freq-ratio", -2), "--bcq-embed-freq-ratio must be > 0"),
+    (("--bcq-embed-groups", "10:3,20:1"), "--bcq-embed-groups sizes sum to 30 words but the dictionary of "
+                                          "encoder.embed_tokens has 64; make them sum to 64"),
+    (("--bcq-embed-groups", "64:5"), "--bcq-embed-groups '64:5': BCQ takes 1 to 4 bits"),
+    (("--bcq-embed-groups", "0:2,64:2"), "--bcq-embed-groups '0:2': write SIZE:BITS with SIZE >= 1 words"),
+    (("--bcq-embed-groups", "64"), "--bcq-embed-groups '64': write SIZE:BITS"),
+    (("--bcq-embed-groups", "64:2", "--bcq-embed-freq-ratio", 1),
+     "--bcq-embed-groups and --bcq-embed-freq-ratio both size the word groups: give one"),
     (("--bcq-group-size", 96), "--bcq-group-size 96 does not divide the 128 input columns of"),
     (("--bcq-rounds", 0), "--bcq-rounds must be >= 1"),
     (("--bcq-include", "encoder_attn"), "--bcq-include 'encoder_attn' matches no quantizable module"),

@@ -37,6 +37,12 @@ def test_default_is_4bit_kmeans_everywhere_with_frozen_latent_weights(dict_dir):
     assert all(id(m.wq.centroid_delta) in trainable for m in found.values())
 
 
+def test_layer_bits_give_each_codebook_its_size(dict_dir):
+    model = build(dict_dir, "--quant-bits", "3", "--quant-layer-bits", "encoder_ffn:2", arch=ARCH)
+    assert model.encoder.layers[0].fc1.wq.centroids.shape == (4,)
+    assert model.decoder.layers[0].fc1.wq.centroids.shape == (8,)
+
+
 def test_self_attention_only_bsflex(dict_dir):
     model = build(dict_dir, "--quant-method", "bsflex", "--quant-include", "self_attn", arch=ARCH)
     found = quantized_modules(model)
@@ -152,6 +158,8 @@ def test_checkpoint_of_another_bit_width_is_reclustered(dict_dir):
     (("--quant-include", "self_attention"), "--quant-include 'self_attention' matches no quantizable module"),
     (("--quant-method", "none"), "--prune-schedule"),
     (("--quant-method", "bsflex", "--kmeans-recluster-interval", "5"), "--kmeans-recluster-interval"),
+    (("--quant-method", "bsflex", "--quant-layer-bits", "encoder_ffn:2"),
+     "--quant-layer-bits 'encoder_ffn:2': bsflex quantization takes 1 to 1 bits"),
     (("--prune-ranking", "global"), "--prune-ranking global applies to pruning: give a --prune-schedule"),
 ])
 def test_bad_flags_name_the_flag(dict_dir, flags, match):

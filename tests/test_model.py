@@ -152,6 +152,13 @@ def test_attention_temperature(dict_dir):
     assert attn.skip_embed_dim_check  # the fused path would bypass the quantized projections
 
 
+def test_layer_bits_override_quant_bits_later_entries_winning(dict_dir):
+    model = build(dict_dir, "--quant-bits", "4", "--quant-layer-bits", "decoder_ffn:2,decoder.layers.0.fc2:8,embeddings:6")
+    dec = model.decoder.layers[0]
+    assert dec.fc1.wq.spec.bits == 2 and dec.fc2.wq.spec.bits == 8 and dec.self_attn.q_proj.wq.spec.bits == 4
+    assert model.encoder.embed_tokens.wq.spec.bits == 6 and model.encoder.layers[0].fc1.wq.spec.bits == 4
+
+
 @pytest.mark.parametrize("flags,match", [
     (("--quant-bits", "0"), "--quant-bits 0"),
     (("--quant-bits", "9"), "--quant-bits 9"),
@@ -159,6 +166,9 @@ def test_attention_temperature(dict_dir):
     (("--quant-exclude", "decoder.layers.9.*"), "--quant-exclude"),
     (("--quant-act", "output", "--quant-act-bits", "1"), "--quant-act-bits"),
     (("--attn-temperature", "0"), "--attn-temperature"),
+    (("--quant-layer-bits", "decoder_ffn:9"), "--quant-layer-bits 'decoder_ffn:9': int quantization takes 1 to 8 bits"),
+    (("--quant-layer-bits", "decoder_fn:2"), "--quant-layer-bits 'decoder_fn' matches no quantizable module"),
+    (("--quant-layer-bits", "decoder_ffn"), "--quant-layer-bits 'decoder_ffn': write PART:BITS"),
 ])
 def test_bad_flags_name_the_flag(dict_dir, flags, match):
     with pytest.raises(QuantConfigError, match=match):

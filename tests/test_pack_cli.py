@@ -43,6 +43,13 @@ def bmix_ckpt(tiny_data, fp32_checkpoint):
 
 
 @pytest.fixture(scope="module")
+def bgroups_ckpt(tiny_data, fp32_checkpoint):
+    """BCQ with explicit word-frequency groups (--bcq-embed-groups: sizes and bits, as fairseq-qallocate writes)."""
+    return qat(tiny_data, fp32_checkpoint, "pack_bgroups", "transformer_bcq", "--bcq-bits", 2,
+               "--bcq-embed-groups", "8:4,100:2,300:3", "--bcq-rounds", 2)
+
+
+@pytest.fixture(scope="module")
 def bin1_ckpt(tiny_data, fp32_checkpoint):
     """1-bit (BCQ) weights with output activation quantization and attention temperature."""
     return qat(tiny_data, fp32_checkpoint, "pack_bin1", "transformer_int8", "--quant-bits", 1, "--quant-act", "output",
@@ -61,7 +68,7 @@ HALF = ["--param-dtype", "fp16", "--other-dtype", "fp16"]
 DEQUANT_INT8 = ["--model-overrides", "{'int8_kernel': 'dequant'}"]
 
 
-@pytest.mark.parametrize("which", ["int4_ckpt", "kmeans_ckpt", "bin1_ckpt", "bmix_ckpt"])
+@pytest.mark.parametrize("which", ["int4_ckpt", "kmeans_ckpt", "bin1_ckpt", "bmix_ckpt", "bgroups_ckpt"])
 def test_generate_from_packed_equals_fake_quant(request, tiny_data, tmp_path, which):
     """Default packing (fp16 only where lossless) gives the fake-quant checkpoint's translations."""
     ckpt = request.getfixturevalue(which)
@@ -70,7 +77,7 @@ def test_generate_from_packed_equals_fake_quant(request, tiny_data, tmp_path, wh
     state = torch.load(packed, weights_only=True)  # no allow-list, no pickled classes
     assert state["cfg"]["model"]["arch"] == "transformer_packed"
     assert "last_optimizer_state" not in state and "optimizer" not in state["optimizer_history"][0]
-    if which == "bmix_ckpt":
+    if which in ("bmix_ckpt", "bgroups_ckpt"):
         methods = {e["method"] for e in state["qpack"]["layout"].values()}
         assert methods == {"bcq", "bcq_mixed"}, methods
     expected, _ = generate(tiny_data / "bin", ckpt)

@@ -7,8 +7,8 @@ training from a trained fp32 model.
 """
 import logging
 import math
-from dataclasses import MISSING, dataclass, field, fields
-from typing import Callable, Dict, List, Optional
+from dataclasses import MISSING, dataclass, field, fields, replace
+from typing import Callable, Dict, List, Optional, Tuple
 
 from fairseq.dataclass import FairseqDataclass
 from fairseq.dataclass.utils import gen_parser_from_dataclass
@@ -19,8 +19,8 @@ from fairseq.modules import MultiheadAttention
 from torch.nn import Parameter
 
 from ..errors import QuantConfigError
-from ..modules import (QuantEmbedding, QuantLinear, WeightQuantizer, quantizable_modules, quantize_once_per_forward,
-                       swap_modules, sync_pnr_weights_)
+from ..modules import (QuantEmbedding, QuantLinear, WeightQuantizer, pattern_selector, quantizable_modules,
+                       quantize_once_per_forward, select, swap_modules, sync_pnr_weights_)
 from ..quant import QuantSpec
 
 logger = logging.getLogger(__name__)
@@ -37,6 +37,54 @@ class QuantPartsConfig(FairseqDataclass):
                           "(e.g. 'encoder.layers.*.self_attn.*')"},
     )
     quant_exclude: str = field(default="", metadata={"help": "parts or globs to leave in full precision"})
+    quant_layer_bits: str = field(
+        default="",
+        metadata={"help": "bits per part over --quant-bits, later entries winning: comma list of PART:BITS, PART a "
+                          "part (encoder_ffn, decoder_self_attn, ...) or a glob over module names "
+                          "(e.g. 'decoder.layers.0.fc1:2')"},
+    )
+
+
+def parse_part_bits(text: str, flag: str, check: Callable[[str, int], int]) -> List[Tuple[str, int]]:
+    """'decoder_ffn:1,encoder.layers.0.*:4' -> [('decoder_ffn', 1), ('encoder.layers.0.*', 4)];
+    ``check(what, bits)`` validates the bits of each entry."""
+    entries = []
+    if not (text or "").strip():
+        return entries
+    for entry in (e.strip() for e in text.split(",")):
+        if not entry:
+            raise QuantConfigError(f"{flag} {text!r}: empty entry; write PART:BITS pairs separated by "
+                                   "single commas, e.g. 'decoder_ffn:1,encoder_ffn:4'")
+        part, sep, bits = entry.rpartition(":")
+        if not sep or not part or not bits.strip().isdigit():
+            raise QuantConfigError(f"{flag} {entry!r}: write PART:BITS, e.g. 'decoder_ffn:1'")
+        entries.append((part.strip(), check(f"{flag} {entry!r}", int(bits))))
+    return entries
+
+
+def layer_bits_spec_fn(args, all_names: List[str], spec: QuantSpec) -> Callable[[List[str]], Optional[QuantSpec]]:
+    """--quant-include / --quant-exclude choose the modules; --quant-layer-bits overrides ``spec``'s bits."""
+    def check(what, bits):
+        try:
+            replace(spec, bits=bits)
+        except QuantConfigError as e:
+            raise QuantConfigError(f"{what}: {e}") from None
+        return bits
+
+    rules = [(select(all_names, [part], "--quant-layer-bits"), bits)
+             for part, bits in parse_part_bits(args.quant_layer_bits, "--quant-layer-bits", check)]
+    chosen = pattern_selector(all_names, args.quant_include, args.quant_exclude)
+
+    def spec_for(names):
+        if not chosen(names):
+            return None
+        bits = spec.bits
+        for selected, rule_bits in rules:
+            if any(n in selected for n in names):
+                bits = rule_bits
+        return replace(spec, bits=bits)
+
+    return spec_for
 
 
 def add_dataclass_args(parser, config_cls):

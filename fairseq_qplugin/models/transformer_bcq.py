@@ -9,7 +9,7 @@ word frequency (``quant/mixed.py``). Train it with ``--optimizer pnr_<name>`` (p
 method, ``optim/pnr.py``); with a plain optimizer it trains with straight-through fake quantization.
 """
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -20,8 +20,8 @@ from torch import nn
 
 from ..errors import QuantConfigError
 from ..modules import QuantEmbedding, QuantLinear, RowBitsQuantizer, WeightQuantizer, pattern_selector, select
-from ..quant import QuantSpec, frequency_row_bits, group_sizes
-from .base import QuantizedTransformerModel, register_preset, register_size_presets
+from ..quant import QuantSpec, frequency_row_bits, group_sizes, ranked_row_bits
+from .base import QuantizedTransformerModel, parse_part_bits, register_preset, register_size_presets
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +55,11 @@ class BCQConfig(FairseqDataclass):
                           "(dictionary counts): b = the block's bits groups, group i holding a share r^i/sum_k r^k of "
                           "the words, most frequent first, at b - i bits (b=4: r=1 -> 2.5 average bits, 2 -> 1.73, "
                           "4 -> 1.32, 8 -> 1.14); unset: every word gets b bits"})
+    bcq_embed_groups: str = field(
+        default="",
+        metadata={"help": "explicit word-frequency groups of the vocabulary rows: comma list of SIZE:BITS, most "
+                          "frequent words first, sizes summing to the dictionary size (e.g. '100:4,300:2,600:1'); "
+                          "overrides the embedding block's bits; excludes --bcq-embed-freq-ratio"})
     bcq_search: ChoiceEnum(["alternating", "greedy"]) = field(
         default="alternating", metadata={"help": "greedy, or greedy refined by alternating least squares / nearest code"})
     bcq_rounds: int = field(default=10, metadata={"help": "the most alternating rounds per quantization"})
@@ -74,18 +79,19 @@ def check_bits(what: str, bits) -> int:
 
 def parse_layer_bits(text: str) -> List[Tuple[str, int]]:
     """'decoder_ffn:1,encoder.layers.0.*:4' -> [('decoder_ffn', 1), ('encoder.layers.0.*', 4)]."""
-    entries = []
-    if not (text or "").strip():
-        return entries
-    for entry in (e.strip() for e in text.split(",")):
-        if not entry:
-            raise QuantConfigError(f"--bcq-layer-bits {text!r}: empty entry; write PART:BITS pairs separated by "
-                                   "single commas, e.g. 'decoder_ffn:1,encoder_ffn:4'")
-        part, sep, bits = entry.rpartition(":")
-        if not sep or not part or not bits.strip().isdigit():
-            raise QuantConfigError(f"--bcq-layer-bits {entry!r}: write PART:BITS, e.g. 'decoder_ffn:1'")
-        entries.append((part.strip(), check_bits(f"--bcq-layer-bits {entry!r}", int(bits))))
-    return entries
+    return parse_part_bits(text, "--bcq-layer-bits", check_bits)
+
+
+def parse_embed_groups(text: str) -> List[Tuple[int, int]]:
+    """'100:4,300:2' -> [(100, 4), (300, 2)]: word-group sizes (most frequent first) and their bits."""
+    groups = []
+    for entry in (e.strip() for e in (text or "").split(",") if (text or "").strip()):
+        size, sep, bits = entry.partition(":")
+        if not sep or not size.strip().isdigit() or not bits.strip().isdigit() or int(size) < 1:
+            raise QuantConfigError(f"--bcq-embed-groups {entry!r}: write SIZE:BITS with SIZE >= 1 words, "
+                                   "e.g. '100:4,300:2,600:1'")
+        groups.append((int(size), check_bits(f"--bcq-embed-groups {entry!r}", int(bits))))
+    return groups
 
 
 def validate(args):
@@ -98,6 +104,8 @@ def validate(args):
     r = args.bcq_embed_freq_ratio
     if r is not None and not r > 0:
         raise QuantConfigError(f"--bcq-embed-freq-ratio must be > 0 (the ratio of successive group sizes), got {r}")
+    if parse_embed_groups(args.bcq_embed_groups) and r is not None:
+        raise QuantConfigError("--bcq-embed-groups and --bcq-embed-freq-ratio both size the word groups: give one")
     if args.bcq_rounds < 1:
         raise QuantConfigError(f"--bcq-rounds must be >= 1, got {args.bcq_rounds}")
     if args.bcq_group_size < 0:
@@ -128,6 +136,20 @@ def frequency_quantizer(spec: QuantSpec, dictionary, ratio: float, names: List[s
         ratio, row_bits.float().mean().item(), spec.bits, 100 * coverage,
     )
     return RowBitsQuantizer(spec, row_bits)
+
+
+def explicit_groups_quantizer(spec: QuantSpec, dictionary, groups, names: List[str]) -> RowBitsQuantizer:
+    """--bcq-embed-groups: the words ranked as ``frequency_quantizer`` ranks them, in groups of the given sizes."""
+    sizes, bits = [g[0] for g in groups], [g[1] for g in groups]
+    if sum(sizes) != len(dictionary):
+        raise QuantConfigError(f"--bcq-embed-groups sizes sum to {sum(sizes)} words but the dictionary of "
+                               f"{names[0]} has {len(dictionary)}; make them sum to {len(dictionary)}")
+    counts = torch.tensor(dictionary.count, dtype=torch.float64)
+    row_bits = ranked_row_bits(counts, sizes, bits, first=range(dictionary.nspecial))
+    logger.info("%s: %d words by training frequency in groups of %s words at %s bits: %.2f average bits",
+                ", ".join(names), len(counts), "/".join(map(str, sizes)), "/".join(map(str, bits)),
+                row_bits.float().mean().item())
+    return RowBitsQuantizer(replace(spec, bits=max(bits)), row_bits)
 
 
 def average_bits(model) -> Dict[str, float]:
@@ -178,15 +200,18 @@ class TransformerBCQModel(QuantizedTransformerModel):
     @classmethod
     def quantizer_fn(cls, args, task):
         ratio, size = args.bcq_embed_freq_ratio, args.bcq_group_size
+        groups = parse_embed_groups(args.bcq_embed_groups)
 
         def make(spec, names, weight):
             if size and weight.shape[1] % size:
                 raise QuantConfigError(f"--bcq-group-size {size} does not divide the {weight.shape[1]} input "
                                        f"columns of {names[0]}; use a divisor of every layer's input dimension")
-            if ratio is None or not is_vocabulary_rows(names):
+            if (ratio is None and not groups) or not is_vocabulary_rows(names):
                 return WeightQuantizer(spec)
             encoder_side = any(n.startswith("encoder.") for n in names)
             dictionary = task.source_dictionary if encoder_side else task.target_dictionary
+            if groups:
+                return explicit_groups_quantizer(spec, dictionary, groups, names)
             return frequency_quantizer(spec, dictionary, ratio, names)
 
         return make

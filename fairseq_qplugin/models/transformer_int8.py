@@ -11,9 +11,9 @@ from fairseq.dataclass import ChoiceEnum
 from fairseq.models import register_model
 
 from ..errors import QuantConfigError
-from ..modules import pattern_selector
 from ..quant import QuantSpec
-from .base import QuantizedTransformerModel, QuantPartsConfig, check_temperature, register_size_presets
+from .base import (QuantizedTransformerModel, QuantPartsConfig, check_temperature, layer_bits_spec_fn,
+                   register_size_presets)
 
 
 @dataclass
@@ -57,9 +57,7 @@ class TransformerInt8Model(QuantizedTransformerModel):
 
     @classmethod
     def spec_fn(cls, args, all_names):
-        spec = weight_spec(args)
-        chosen = pattern_selector(all_names, args.quant_include, args.quant_exclude)
-        return lambda names: spec if chosen(names) else None
+        return layer_bits_spec_fn(args, all_names, weight_spec(args))
 
 
 

@@ -15,10 +15,10 @@ from fairseq.dataclass import ChoiceEnum
 from fairseq.models import register_model
 
 from ..errors import QuantConfigError
-from ..modules import BSFlexQuantizer, KMeansQuantizer, MaskedWeightQuantizer, PruneQuantizer, pattern_selector
+from ..modules import BSFlexQuantizer, KMeansQuantizer, MaskedWeightQuantizer, PruneQuantizer
 from ..quant import PruneSchedule, QuantSpec, magnitude_masks
 from ..quant.pruning import pruned_count
-from .base import QuantizedTransformerModel, QuantPartsConfig, register_size_presets
+from .base import QuantizedTransformerModel, QuantPartsConfig, layer_bits_spec_fn, register_size_presets
 
 logger = logging.getLogger(__name__)
 
@@ -101,9 +101,7 @@ class TransformerKMeansModel(QuantizedTransformerModel):
 
     @classmethod
     def spec_fn(cls, args, all_names):
-        spec = weight_spec(args)
-        chosen = pattern_selector(all_names, args.quant_include, args.quant_exclude)
-        return lambda names: spec if chosen(names) else None
+        return layer_bits_spec_fn(args, all_names, weight_spec(args))
 
     @classmethod
     def quantizer_fn(cls, args, task):

@@ -84,11 +84,24 @@ def frequency_row_bits(counts: torch.Tensor, max_bits: int, ratio: float, first:
     """Bits per word: rank the words by ``counts`` [vocab] (the ids in ``first`` on top, ties kept in
     id order), split the ranking with ``group_sizes(vocab, max_bits, ratio)``; cluster i gets
     ``max_bits - i`` bits. Returns int8 [vocab]."""
+    return ranked_row_bits(counts, group_sizes(len(counts), max_bits, ratio), range(max_bits, 0, -1), first)
+
+
+def frequency_rank(counts: torch.Tensor, first: Sequence[int] = ()) -> torch.Tensor:
+    """Word ids from the most to the least frequent by ``counts`` [vocab]; the ids in ``first`` on top,
+    ties kept in id order."""
     key = counts.double().clone()
     key[list(first)] = torch.inf
-    order = torch.argsort(key, descending=True, stable=True)
-    sizes = group_sizes(len(counts), max_bits, ratio)
-    ranked = torch.repeat_interleave(torch.arange(max_bits, 0, -1), torch.tensor(sizes))
-    bits = torch.empty(len(counts), dtype=torch.int8)
-    bits[order] = ranked.to(torch.int8)
-    return bits
+    return torch.argsort(key, descending=True, stable=True)
+
+
+def ranked_row_bits(counts: torch.Tensor, sizes: Sequence[int], bits: Sequence[int],
+                    first: Sequence[int] = ()) -> torch.Tensor:
+    """Bits per word: the ``frequency_rank`` split into consecutive groups of ``sizes`` words (most
+    frequent first, summing to vocab), group i at ``bits[i]``. Returns int8 [vocab]."""
+    if sum(sizes) != len(counts) or len(sizes) != len(bits):
+        raise QuantConfigError(f"word groups of {list(sizes)} words do not split a vocabulary of {len(counts)}")
+    ranked = torch.repeat_interleave(torch.tensor(list(bits)), torch.tensor(list(sizes)))
+    out = torch.empty(len(counts), dtype=torch.int8)
+    out[frequency_rank(counts, first)] = ranked.to(torch.int8)
+    return out
