@@ -74,15 +74,21 @@ def layer_bits_spec_fn(args, all_names: List[str], spec: QuantSpec) -> Callable[
     rules = [(select(all_names, [part], "--quant-layer-bits"), bits)
              for part, bits in parse_part_bits(args.quant_layer_bits, "--quant-layer-bits", check)]
     chosen = pattern_selector(all_names, args.quant_include, args.quant_exclude)
+    return rules_spec_fn(chosen, rules, spec.bits, lambda bits: replace(spec, bits=bits))
 
+
+def rules_spec_fn(chosen, rules, default_bits: int, make_spec) -> Callable[[List[str]], Optional[QuantSpec]]:
+    """The spec function of a model: None for the modules ``chosen`` rejects, else ``make_spec(bits)``, where
+    ``bits`` comes from the last of ``rules`` ([(selected names, bits)], lowest precedence first) that selects
+    any of the module's names, or is ``default_bits``."""
     def spec_for(names):
         if not chosen(names):
             return None
-        bits = spec.bits
+        bits = default_bits
         for selected, rule_bits in rules:
             if any(n in selected for n in names):
                 bits = rule_bits
-        return replace(spec, bits=bits)
+        return make_spec(bits)
 
     return spec_for
 

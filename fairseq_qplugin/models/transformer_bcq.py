@@ -21,7 +21,8 @@ from torch import nn
 from ..errors import QuantConfigError
 from ..modules import QuantEmbedding, QuantLinear, RowBitsQuantizer, WeightQuantizer, pattern_selector, select
 from ..quant import QuantSpec, frequency_row_bits, group_sizes, ranked_row_bits
-from .base import QuantizedTransformerModel, parse_part_bits, register_preset, register_size_presets
+from .base import (QuantizedTransformerModel, parse_part_bits, register_preset, register_size_presets,
+                   rules_spec_fn)
 
 logger = logging.getLogger(__name__)
 
@@ -185,17 +186,7 @@ class TransformerBCQModel(QuantizedTransformerModel):
         for pattern, bits in parse_layer_bits(args.bcq_layer_bits):
             rules.append((select(all_names, [pattern], "--bcq-layer-bits"), bits))
         chosen = pattern_selector(all_names, args.bcq_include, args.bcq_exclude, flags=("--bcq-include", "--bcq-exclude"))
-
-        def spec_for(names):
-            if not chosen(names):
-                return None
-            bits = args.bcq_bits
-            for selected, rule_bits in rules:
-                if any(n in selected for n in names):
-                    bits = rule_bits
-            return base_spec(args, bits)
-
-        return spec_for
+        return rules_spec_fn(chosen, rules, args.bcq_bits, lambda bits: base_spec(args, bits))
 
     @classmethod
     def quantizer_fn(cls, args, task):
