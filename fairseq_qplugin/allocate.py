@@ -257,7 +257,9 @@ def get_parser():
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)s | %(name)s | %(message)s",
                         stream=sys.stderr)
-    import fairseq_qplugin  # noqa: F401  (architectures, checkpoint allow-list, error hook)
+    from . import install_command_hooks  # (the package import registers the architectures)
+
+    install_command_hooks()
 
     args = get_parser().parse_args(argv)
     result = allocate(args)

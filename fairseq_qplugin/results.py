@@ -265,7 +265,9 @@ def main(argv=None):
             if not p.exists():
                 parser.error(f"{p} does not exist (row {name})")
 
-    import fairseq_qplugin  # noqa: F401  (architectures and checkpoint loading)
+    from . import install_command_hooks  # (the package import registers the architectures)
+
+    install_command_hooks()
 
     rows = []
     for name, ckpt, gen in specs:

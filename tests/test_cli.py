@@ -38,6 +38,44 @@ def test_plain_fairseq_checkpoint_loads_under_weights_only(fp32_checkpoint):
     assert "model" in state and state["cfg"]["model"]
 
 
+LIBRARY_IMPORT = """
+import sys
+import argparse
+import torch
+from fairseq import checkpoint_utils
+from fairseq.criterions import CRITERION_REGISTRY
+from fairseq.models import ARCH_MODEL_REGISTRY
+from fairseq.optim import OPTIMIZER_REGISTRY
+
+LOADERS = ("load_checkpoint_to_cpu", "load_model_ensemble_and_task", "load_checkpoint")
+before = [sys.excepthook] + [getattr(checkpoint_utils, n) for n in LOADERS]
+import fairseq_qplugin
+assert [sys.excepthook] + [getattr(checkpoint_utils, n) for n in LOADERS] == before, "import changed a hook"
+assert {"transformer_int8", "transformer_bcq", "transformer_kmeans", "transformer_packed"} <= set(ARCH_MODEL_REGISTRY)
+assert "pnr_adam" in OPTIMIZER_REGISTRY and "label_smoothed_cross_entropy_distill" in CRITERION_REGISTRY
+assert argparse.Namespace in torch.serialization.get_safe_globals()
+fairseq_qplugin.install_command_hooks()
+after = [sys.excepthook] + [getattr(checkpoint_utils, n) for n in LOADERS]
+assert all(a is not b for a, b in zip(after, before)), "install_command_hooks installed nothing"
+print("library import: ok")
+"""
+
+
+def test_library_import_registers_everything_and_installs_no_hook():
+    """``import fairseq_qplugin`` in a program (here ``python -c``) leaves sys.excepthook and fairseq's
+    loader alone; the commands install both (the tests above and below run them)."""
+    import sys
+
+    from fairseq_qplugin.commands import is_command
+
+    assert "library import: ok" in run([sys.executable, "-c", LIBRARY_IMPORT], cwd=ROOT).stdout
+    for argv0 in ("/venv/bin/fairseq-train", "fairseq-generate", "/venv/bin/fairseq-interactive", "fairseq-validate",
+                  "/venv/bin/fairseq-qpack", "/venv/lib/python3.12/site-packages/fairseq_cli/generate.py"):
+        assert is_command(argv0), argv0
+    for argv0 in ("-c", "", "/venv/bin/pytest", "/home/me/translate.py", "/venv/lib/fairseq/train.py"):
+        assert not is_command(argv0), argv0
+
+
 def test_train_from_fp32_then_generate(tiny_data, fp32_checkpoint, int4_checkpoint):
     state = torch.load(int4_checkpoint)
     assert state["cfg"]["model"].arch == "transformer_int8"

@@ -14,13 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
-import fairseq_qplugin  # noqa: F401  (architectures, load hook, allow-list)
+import fairseq_qplugin  # (architectures, allow-list)
 from fairseq_qplugin.errors import _find_config_error
 from fairseq_qplugin.models.transformer_bcq import parse_layer_bits
 from fairseq_qplugin.quant import PruneSchedule, QuantSpec, quantize
 
 from .conftest import PLUGIN, TINY_MODEL, run
 
+fairseq_qplugin.install_command_hooks()  # load files as fairseq-generate loads them (the packed-file checks)
 logger = logging.getLogger(__name__)
 METHODS = [QuantSpec("int", 4), QuantSpec("int", 4, scheme="asym"), QuantSpec("bcq", 3), QuantSpec("kmeans", 2),
            QuantSpec("int", 1)]

@@ -79,7 +79,8 @@ def pattern_selector(all_names: Sequence[str], include: str, exclude: str,
     return lambda names: any(n in chosen for n in names)
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module):
+def set_module(model: nn.Module, name: str, new: nn.Module):
+    """Put ``new`` where ``model.get_submodule(name)`` is (the swap of the quantized and the packed models)."""
     parent_name, _, attr = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
 
@@ -129,6 +130,6 @@ def swap_modules(
                 new = QuantLinear(module, wq, act_in=a if act_where == "input" else None,
                                   act_out=a if act_where == "output" else None)
             for name in modules[module]:
-                _set_module(model, name, new)
+                set_module(model, name, new)
                 done[name] = spec
     return done

@@ -1,7 +1,7 @@
-"""Packed checkpoints and inference over packed weights.
+"""Packed checkpoints: the formats, their kernels and modules, the file and ``fairseq-qpack``.
 
 bitpack (codes <-> bytes) -> formats (Packed* per method) -> kernels (pure torch) -> modules
-(PackedLinear / PackedEmbedding) -> model (``transformer_packed`` arch, load hook) ->
-fileformat (the file) -> cli (``fairseq-qpack``). Importing the package registers the architecture.
+(PackedLinear / PackedEmbedding) -> fileformat (the file) -> loading (fairseq's loader checks
+packed files) -> cli (``fairseq-qpack``). The ``transformer_packed`` architecture that loads them
+is ``models/transformer_packed.py``.
 """
-from . import model  # noqa: F401  (registers transformer_packed)

@@ -286,7 +286,9 @@ def main(argv=None) -> int:
     """The console script: exit status 0 on success; a bad flag or file exits 1 with one ``error:`` line."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)s | %(name)s | %(message)s",
                         stream=sys.stderr)
-    import fairseq_qplugin  # noqa: F401  (architectures, checkpoint allow-list, error hook)
+    from .. import install_command_hooks  # (the package import registers the architectures)
+
+    install_command_hooks()
 
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--export" in argv:  # fairseq-qpack --export DIR PACKED.pt: the torch-free runtime's directory
