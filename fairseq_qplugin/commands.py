@@ -1,25 +1,96 @@
-"""What only a command line gets: one-line errors and fairseq's loader checking packed files.
+"""What only a command gets: one-line errors, and fairseq's loader refusing missing or damaged files.
 
-``import fairseq_qplugin`` in a program leaves ``sys.excepthook`` and fairseq's checkpoint loader as
-they are. ``install_command_hooks`` installs both hooks; the package calls it when a fairseq command
-imports it (``fairseq-train --user-dir fairseq_qplugin``, ``fairseq-generate``, ...,
-``python -m fairseq_cli.train``), and the plugin's own commands (``fairseq-qpack``,
-``fairseq-qallocate``, ``python -m fairseq_qplugin.results``) call it when they start.
+A program's ``import fairseq_qplugin`` leaves ``sys.excepthook`` and fairseq's loader as they are. A
+fairseq command that imports the plugin (``--user-dir``) installs these hooks, and so do the plugin's
+commands (``fairseq-qpack``, ``fairseq-qallocate``, ``python -m fairseq_qplugin.results``) when they start.
 """
+import functools
 import os
+import sys
+
+from fairseq import checkpoint_utils
+from fairseq.file_io import PathManager
+
+from .checkpoint import unreadable
+from .errors import QuantConfigError, _find_config_error
+from .pack.fileformat import claims_packed, is_packed, validate_packed
 
 
 def is_command(argv0: str) -> bool:
-    """Whether the process is a fairseq or plugin command: a ``fairseq-*`` console script or a
-    ``python -m fairseq_cli.*`` module (``sys.argv[0]``)."""
+    """``sys.argv[0]`` of a fairseq or plugin command: a ``fairseq-*`` script or ``python -m fairseq_cli.*``."""
     return os.path.basename(argv0).startswith("fairseq-") or os.path.basename(os.path.dirname(argv0)) == "fairseq_cli"
 
 
-def install_command_hooks():
-    """Print an uncaught QuantConfigError as one ``error:`` line (errors.py) and make fairseq's
-    checkpoint loader refuse missing, unreadable and corrupted packed files with one (pack/loading.py)."""
-    from .errors import install_error_hook
-    from .pack.loading import install_load_hook
+def checked_state(state, path, arg_overrides=None):
+    """``state`` (a loaded checkpoint) if it is not a packed one, or a packed one that is intact."""
+    if is_packed(state):
+        try:
+            overrides = arg_overrides or {}  # the config names fairseq's ``overwrite_args_by_name`` replaces:
+            validate_packed(state, path, set(overrides).union(*(v for v in overrides.values() if isinstance(v, dict))))
+        except QuantConfigError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a damaged header of unexpected types
+            raise QuantConfigError(f"{path}: the packed checkpoint is corrupted ({type(e).__name__}: {e})") from None
+    elif claims_packed(state):
+        raise QuantConfigError(f"{path}: the config names a packed model but the file has no packed header: "
+                               "the file is corrupted; pack the source checkpoint again with fairseq-qpack")
+    return state
 
-    install_error_hook()
-    install_load_hook()
+
+def _wrap(owner, name, make):
+    """Replace ``owner.name`` by ``make(original)``, once."""
+    original = getattr(owner, name)
+    if not getattr(original, "_qplugin", False):
+        wrapper = functools.wraps(original)(make(original))
+        wrapper._qplugin = True
+        setattr(owner, name, wrapper)
+
+
+def install_command_hooks():
+    """Print an uncaught QuantConfigError as one ``error:`` line (exit status 1) instead of a traceback,
+    and make fairseq's checkpoint loading refuse missing, unreadable or corrupted files with one."""
+
+    def excepthook(previous):
+        def hook(exc_type, exc, tb):
+            err = _find_config_error(exc)
+            if err is None:
+                return previous(exc_type, exc, tb)
+            outer = "" if exc is err else f"\n({exc})"
+            sys.stderr.write(f"fairseq-qplugin: error: {err}{outer}\n")
+        return hook
+
+    def load_checkpoint_to_cpu(original):
+        def load(path, arg_overrides=None, load_on_all_ranks=False):
+            try:
+                state = original(path, arg_overrides, load_on_all_ranks)
+            except QuantConfigError:
+                raise
+            except FileNotFoundError:
+                raise QuantConfigError(f"{path}: no such file") from None
+            except Exception as e:  # noqa: BLE001
+                raise unreadable(path, e) from e
+            return checked_state(state, path, arg_overrides)
+        return load
+
+    def load_model_ensemble_and_task(original):
+        def load(filenames, arg_overrides=None, task=None, strict=True, suffix="", num_shards=1, state=None):
+            missing = [f for f in filenames if not PathManager.exists(f)]
+            if missing and state is None and not suffix and num_shards == 1:
+                raise QuantConfigError(f"--path {missing[0]}: no such file")
+            return original(filenames, arg_overrides, task, strict, suffix, num_shards, state)
+        return load
+
+    def load_checkpoint(original):
+        def load(cfg, trainer, **kwargs):
+            try:
+                return original(cfg, trainer, **kwargs)
+            except ValueError:
+                if cfg.finetune_from_model and not PathManager.exists(cfg.finetune_from_model):
+                    raise QuantConfigError(f"--finetune-from-model {cfg.finetune_from_model}: no such file") from None
+                raise
+        return load
+
+    _wrap(sys, "excepthook", excepthook)
+    _wrap(checkpoint_utils, "load_checkpoint_to_cpu", load_checkpoint_to_cpu)
+    _wrap(checkpoint_utils, "load_model_ensemble_and_task", load_model_ensemble_and_task)
+    _wrap(checkpoint_utils, "load_checkpoint", load_checkpoint)

@@ -19,7 +19,7 @@ from fairseq.utils import safe_getattr
 from omegaconf import OmegaConf
 
 from ..errors import QuantConfigError
-from ..modules import ActQuantizer, set_module
+from ..modules import act_quantizers, set_module
 from ..pack.fileformat import dictionary_checksum
 from ..pack.modules import PackedEmbedding, PackedLinear, PackedParams
 from .base import set_attention_temperature
@@ -38,9 +38,8 @@ def swap_packed(model, layout, int8_kernel="fbgemm"):
         if e["kind"] == "embedding":
             new = PackedEmbedding(rows, cols, old.padding_idx, wq)
         else:
-            act = ActQuantizer(e.get("act_bits", 8)) if e.get("act", "none") != "none" else None
-            new = PackedLinear(cols, rows, wq, old.bias, act_in=act if e.get("act") == "input" else None,
-                               act_out=act if e.get("act") == "output" else None, int8_kernel=int8_kernel)
+            act_in, act_out = act_quantizers(e.get("act", "none"), e.get("act_bits", 8))
+            new = PackedLinear(cols, rows, wq, old.bias, act_in=act_in, act_out=act_out, int8_kernel=int8_kernel)
         set_module(model, name, new)
 
 

@@ -1,12 +1,12 @@
 from .kmeans import BSFlexQuantizer, KMeansQuantizer, MaskedWeightQuantizer, PruneQuantizer
 from .qmodules import (ActQuantizer, QuantEmbedding, QuantLinear, RowBitsQuantizer, WeightQuantizer,
                        quantize_once_per_forward, quantizer_of, sync_pnr_weights_)
-from .swap import (PART_ALIASES, parse_patterns, pattern_selector, quantizable_modules, select, set_module,
-                   swap_modules)
+from .swap import (PART_ALIASES, act_quantizers, parse_patterns, pattern_selector, quantizable_modules, select,
+                   set_module, swap_modules)
 
 __all__ = [
     "ActQuantizer", "QuantEmbedding", "QuantLinear", "RowBitsQuantizer", "WeightQuantizer",
     "quantize_once_per_forward", "quantizer_of", "sync_pnr_weights_",
     "BSFlexQuantizer", "KMeansQuantizer", "MaskedWeightQuantizer", "PruneQuantizer",
-    "PART_ALIASES", "parse_patterns", "pattern_selector", "quantizable_modules", "select", "set_module", "swap_modules",
+    "PART_ALIASES", "act_quantizers", "parse_patterns", "pattern_selector", "quantizable_modules", "select", "set_module", "swap_modules",
 ]

@@ -79,6 +79,12 @@ def pattern_selector(all_names: Sequence[str], include: str, exclude: str,
     return lambda names: any(n in chosen for n in names)
 
 
+def act_quantizers(where: str, bits: int):
+    """(act_in, act_out) of a linear layer: an ActQuantizer of ``bits`` on its "input" or "output", or none."""
+    act = ActQuantizer(bits) if where != "none" else None
+    return (act if where == "input" else None), (act if where == "output" else None)
+
+
 def set_module(model: nn.Module, name: str, new: nn.Module):
     """Put ``new`` where ``model.get_submodule(name)`` is (the swap of the quantized and the packed models)."""
     parent_name, _, attr = name.rpartition(".")
@@ -105,9 +111,6 @@ def swap_modules(
     for module in sorted(modules, key=lambda m: not isinstance(m, nn.Embedding)):
         groups.setdefault(module.weight, []).append(module)
 
-    def act():
-        return ActQuantizer(act_bits) if act_where != "none" else None
-
     done: Dict[str, QuantSpec] = {}
     for members in groups.values():
         specs = [spec_for(modules[m]) for m in members]
@@ -126,9 +129,8 @@ def swap_modules(
             if isinstance(module, nn.Embedding):
                 new = QuantEmbedding(module, wq)
             else:
-                a = act()
-                new = QuantLinear(module, wq, act_in=a if act_where == "input" else None,
-                                  act_out=a if act_where == "output" else None)
+                act_in, act_out = act_quantizers(act_where, act_bits)
+                new = QuantLinear(module, wq, act_in=act_in, act_out=act_out)
             for name in modules[module]:
                 set_module(model, name, new)
                 done[name] = spec

@@ -1,7 +1,4 @@
-"""Packed checkpoints: the formats, their kernels and modules, the file and ``fairseq-qpack``.
-
-bitpack (codes <-> bytes) -> formats (Packed* per method) -> kernels (pure torch) -> modules
-(PackedLinear / PackedEmbedding) -> fileformat (the file) -> loading (fairseq's loader checks
-packed files) -> cli (``fairseq-qpack``). The ``transformer_packed`` architecture that loads them
-is ``models/transformer_packed.py``.
+"""Packed checkpoints: bitpack (codes <-> bytes) -> formats (Packed* per method) -> kernels -> modules
+(PackedLinear / PackedEmbedding) -> fileformat (the file) -> cli (``fairseq-qpack``). The model that
+loads them is ``models/transformer_packed.py``; the checks of fairseq's loader, ``commands.py``.
 """
