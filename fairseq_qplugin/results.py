@@ -46,18 +46,17 @@ def describe(model_cfg) -> Tuple[str, str]:
     """(method, configuration) of a checkpoint's model configuration (an argparse Namespace)."""
     get = lambda key, default=None: getattr(model_cfg, key, default)  # noqa: E731
     arch = str(get("arch", "?"))
-    parts = get("quant_include", "all")
-    where = "" if parts in (None, "all") else f", only {parts}"
+    where = "" if get("quant_act", "none") == "none" else f" + {get('quant_act_bits')}-bit activations"
+    if (get("attn_temperature") or 1.0) != 1.0:
+        where += f", tau {get('attn_temperature'):g}"
+    if get("quant_include", "all") not in (None, "all"):
+        where += f", only {get('quant_include')}"
     if get("quant_exclude"):
         where += f", not {get('quant_exclude')}"
     if arch.startswith("transformer_int8"):
         bits = get("quant_bits", 8)
         method = "binary (int family)" if bits == 1 else "int (range-based linear)"
-        conf = f"{bits}-bit {get('quant_scheme', 'sym')} per-{get('quant_granularity', 'channel')}"
-        conf += " weights" + ("" if get("quant_act", "none") == "none" else f" + {get('quant_act_bits')}-bit activations")
-        if (get("attn_temperature") or 1.0) != 1.0:
-            conf += f", tau {get('attn_temperature'):g}"
-        return method, conf + where
+        return method, f"{bits}-bit {get('quant_scheme', 'sym')} per-{get('quant_granularity', 'channel')} weights{where}"
     if arch.startswith("transformer_bcq"):
         conf = f"{get('bcq_bits')}-bit default"
         blocks = [(k, get(f"bcq_{k}_bits")) for k in ("embed", "encoder", "decoder")]
@@ -66,11 +65,7 @@ def describe(model_cfg) -> Tuple[str, str]:
             conf += f" (frequency r={get('bcq_embed_freq_ratio'):g})"
         if get("bcq_layer_bits"):
             conf += f", {get('bcq_layer_bits')}"
-        inc = get("bcq_include", "all")
-        conf += "" if inc in (None, "all") else f", only {inc}"
-        if get("bcq_search") == "greedy":
-            conf += ", greedy"
-        return "BCQ", conf
+        return "BCQ", conf + (", greedy" if get("bcq_search") == "greedy" else "") + where
     if arch.startswith("transformer_kmeans"):
         qm = get("quant_method", "kmeans")
         ranking = ", one threshold over all weights" if get("prune_ranking") == "global" else ""

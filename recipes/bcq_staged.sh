@@ -9,7 +9,7 @@
 #       --arch transformer_bcq_paper_iwslt_de_en --share-all-embeddings --max-tokens 4096
 #
 # The flags after SAVE_ROOT (architecture, bits, batch, ...) come after this script's defaults and
-# so override them; do not pass --bcq-include, which is the stage. Environment: STAGE_UPDATES
+# so override them; do not pass --quant-include, which is the stage. Environment: STAGE_UPDATES
 # (--max-update of each stage, default 4000), PNR_PERIOD (default 1000), LR (default 2e-4),
 # FROM (the checkpoint each stage hands on, default checkpoint_best.pt). Stages go to
 # SAVE_ROOT/1-embedding, 2-decoder, 3-encoder; re-running the script resumes an interrupted stage
@@ -41,7 +41,7 @@ for stage in "${stages[@]}"; do
         --lr "${LR:-2e-4}" --max-update "${STAGE_UPDATES:-4000}" \
         --criterion label_smoothed_cross_entropy --label-smoothing 0.1 \
         --save-dir "$root/$name" --finetune-from-model "$init" \
-        "$@" --bcq-include "$parts"
+        "$@" --quant-include "$parts"
     init="$root/$name/${FROM:-checkpoint_best.pt}"
 done
 log "done: $init"

@@ -87,7 +87,7 @@ def test_block_and_sub_layer_bits_take_precedence_in_order(dict_dir):
 
 
 def test_staged_include_quantizes_only_the_stage(dict_dir):
-    model, _, _ = build(dict_dir, "--bcq-include", "embeddings,output_projection,decoder_layers")
+    model, _, _ = build(dict_dir, "--quant-include", "embeddings,output_projection,decoder_layers")
     assert isinstance(model.decoder.output_projection, QuantLinear)
     assert isinstance(model.decoder.layers[0].fc1, QuantLinear)
     assert not isinstance(model.encoder.layers[0].fc1, QuantLinear)
@@ -297,11 +297,26 @@ def test_training_forward_quantizes_a_tied_weight_once(dict_dir):
      "--bcq-embed-groups and --bcq-embed-freq-ratio both size the word groups: give one"),
     (("--bcq-group-size", 96), "--bcq-group-size 96 does not divide the 128 input columns of"),
     (("--bcq-rounds", 0), "--bcq-rounds must be >= 1"),
-    (("--bcq-include", "encoder_attn"), "--bcq-include 'encoder_attn' matches no quantizable module"),
+    (("--quant-include", "encoder_attn"), "--quant-include 'encoder_attn' matches no quantizable module"),
+    (("--bcq-search", "greedy", "--bcq-rounds", 3), "--bcq-rounds 3 applies to --bcq-search alternating only; "
+                                                    "leave --bcq-rounds out"),
+    (("--quant-act-bits", 4), "--quant-act-bits 4 applies with --quant-act input or output only; "
+                                "leave --quant-act-bits out"),
 ])
 def test_bad_flags_name_the_flag(dict_dir, flags, match):
     with pytest.raises(QuantConfigError, match=match):
         build(dict_dir, *flags)
+
+
+def test_checkpoints_of_older_releases_keep_their_include_flags():
+    """transformer_bcq had --bcq-include / --bcq-exclude: the configs of checkpoints made with them still apply."""
+    from argparse import Namespace
+
+    from fairseq.models import ARCH_CONFIG_REGISTRY
+
+    args = Namespace(bcq_include="decoder_layers", bcq_exclude="decoder.layers.0.fc1")
+    ARCH_CONFIG_REGISTRY["transformer_bcq"](args)
+    assert (args.quant_include, args.quant_exclude) == ("decoder_layers", "decoder.layers.0.fc1")
 
 
 def test_bad_pnr_flags_name_the_flag(dict_dir):

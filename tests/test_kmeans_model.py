@@ -161,6 +161,14 @@ def test_checkpoint_of_another_bit_width_is_reclustered(dict_dir):
     (("--quant-method", "bsflex", "--quant-layer-bits", "encoder_ffn:2"),
      "--quant-layer-bits 'encoder_ffn:2': bsflex quantization takes 1 to 1 bits"),
     (("--prune-ranking", "global"), "--prune-ranking global applies to pruning: give a --prune-schedule"),
+    (("--quant-method", "bsflex", "--kmeans-iters", "20"), "--kmeans-iters 20 applies to --quant-method kmeans only; "
+                                                           "leave --kmeans-iters out"),
+    (("--quant-method", "none", "--prune-schedule", "0.5", "--quant-bits", "4"),
+     r"--quant-bits 4 applies to weight sharing \(--quant-method kmeans or bsflex\); leave --quant-bits out"),
+    (("--quant-method", "none", "--prune-schedule", "0.5", "--quant-granularity", "channel"),
+     "--quant-granularity channel applies to weight sharing"),
+    (("--quant-act-bits", "4"), "--quant-act-bits 4 applies with --quant-act input or output only; "
+                                "leave --quant-act-bits out"),
 ])
 def test_bad_flags_name_the_flag(dict_dir, flags, match):
     with pytest.raises(QuantConfigError, match=match):

@@ -145,6 +145,28 @@ def test_incompatible_checkpoint_names_the_tensors(dict_dir):
         model.load_state_dict(bigger.state_dict())
 
 
+@pytest.mark.parametrize("arch", ["transformer_int8", "transformer_bcq", "transformer_kmeans"])
+def test_every_architecture_quantizes_activations_and_sets_the_temperature(dict_dir, arch):
+    """The flags of the shared config base act the same in every architecture (not read by one only)."""
+    model = build(dict_dir, "--quant-act", "input", "--quant-act-bits", "6", "--attn-temperature", "200",
+                  "--quant-exclude", "decoder.layers.0.fc2", arch=arch)
+    layer = model.decoder.layers[0]
+    assert isinstance(layer.fc1.act_in, ActQuantizer) and layer.fc1.act_in.bits == 6 and layer.fc1.act_out is None
+    assert type(layer.fc2) is nn.Linear
+    attn = model.encoder.layers[0].self_attn
+    assert attn.scaling == pytest.approx(attn.head_dim**-0.5 / 200)
+
+
+@pytest.mark.parametrize("arch,flags", [("transformer_int8", ["--bcq-bits", "2"]),
+                                        ("transformer_bcq", ["--quant-bits", "4"]),
+                                        ("transformer_bcq", ["--bcq-include", "decoder"]),
+                                        ("transformer_kmeans", ["--quant-scheme", "asym"])])
+def test_another_architectures_flag_is_refused(dict_dir, arch, flags, capsys):
+    with pytest.raises(SystemExit):
+        build(dict_dir, *flags, arch=arch)
+    assert f"unrecognized arguments: {' '.join(flags)}" in capsys.readouterr().err
+
+
 def test_attention_temperature(dict_dir):
     model = build(dict_dir, "--attn-temperature", "200")
     attn = model.encoder.layers[0].self_attn
@@ -169,6 +191,10 @@ def test_layer_bits_override_quant_bits_later_entries_winning(dict_dir):
     (("--quant-layer-bits", "decoder_ffn:9"), "--quant-layer-bits 'decoder_ffn:9': int quantization takes 1 to 8 bits"),
     (("--quant-layer-bits", "decoder_fn:2"), "--quant-layer-bits 'decoder_fn' matches no quantizable module"),
     (("--quant-layer-bits", "decoder_ffn"), "--quant-layer-bits 'decoder_ffn': write PART:BITS"),
+    (("--quant-act-bits", "4"), "--quant-act-bits 4 applies with --quant-act input or output only; "
+                                "leave --quant-act-bits out"),
+    (("--quant-bits", "1", "--quant-scheme", "asym"), "--quant-scheme asym applies to 2-8 bits "
+                                                       r"\(1 bit is sign x mean\|W\|, no range\); leave --quant-scheme out"),
 ])
 def test_bad_flags_name_the_flag(dict_dir, flags, match):
     with pytest.raises(QuantConfigError, match=match):

@@ -104,6 +104,12 @@ BAD_FLAGS = [
     ("transformer_kmeans", ["--prune-schedule", "0:0.3,,10:0.5"],
      "--prune-schedule '0:0.3,,10:0.5': empty entry; write a sparsity such as '0.5' or update:sparsity pairs "
      "separated by single commas, such as '0:0.3,4000:0.5'"),
+    ("transformer_int8", ["--quant-act-bits", "4"],
+     "--quant-act-bits 4 applies with --quant-act input or output only; leave --quant-act-bits out"),
+    ("transformer_bcq", ["--bcq-search", "greedy", "--bcq-rounds", "3"],
+     "--bcq-rounds 3 applies to --bcq-search alternating only; leave --bcq-rounds out"),
+    ("transformer_kmeans", ["--quant-method", "bsflex", "--kmeans-iters", "20"],
+     "--kmeans-iters 20 applies to --quant-method kmeans only; leave --kmeans-iters out"),
     ("transformer_kmeans", ["--prune-schedule", "0:0.5,10:0.3"],
      "--prune-schedule '0:0.5,10:0.3': updates must increase and sparsities must not decrease (pruned weights "
      "stay pruned)"),

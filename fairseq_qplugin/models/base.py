@@ -7,12 +7,12 @@ training from a trained fp32 model.
 """
 import logging
 import math
-from dataclasses import MISSING, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Callable, Dict, List, Optional, Tuple
 
-from fairseq.dataclass import FairseqDataclass
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.dataclass.utils import gen_parser_from_dataclass
-from fairseq.models import register_model_architecture
+from fairseq.models import MODEL_REGISTRY, register_model_architecture
 from fairseq.models.transformer import TransformerModel
 from fairseq.models.transformer import transformer_legacy as fairseq_transformer
 from fairseq.modules import MultiheadAttention
@@ -27,16 +27,30 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class QuantPartsConfig(FairseqDataclass):
-    """The --quant-include / --quant-exclude flags that choose the quantized modules (modules/swap.py)."""
+class QuantConfig(FairseqDataclass):
+    """The flags every architecture's flags extend: the modules, activation quantization, temperature."""
 
     quant_include: str = field(
         default="all",
         metadata={"help": "comma list of parts to quantize: all, embeddings, encoder, decoder, self_attn, "
-                          "cross_attn, ffn, output_projection, or globs over module names "
-                          "(e.g. 'encoder.layers.*.self_attn.*')"},
+                          "cross_attn, ffn, output_projection, encoder_layers, decoder_layers, or globs over module "
+                          "names (e.g. 'encoder.layers.*.self_attn.*')"},
     )
     quant_exclude: str = field(default="", metadata={"help": "parts or globs to leave in full precision"})
+    quant_act: ChoiceEnum(["none", "input", "output"]) = field(
+        default="none", metadata={"help": "also quantize the inputs or outputs of the quantized linear layers"}
+    )
+    quant_act_bits: int = field(default=8, metadata={"help": "bits for activations (2-8) with --quant-act"})
+    attn_temperature: float = field(
+        default=1.0, metadata={"help": "attention temperature tau: softmax(QK^T / (tau sqrt(d_k))); values > 1 flatten "
+                                       "attention; the Quantized Transformer paper (2019) used 200 with 1-bit weights"}
+    )
+
+
+@dataclass
+class LayerBitsConfig(QuantConfig):
+    """--quant-layer-bits: bits per part over one --quant-bits (transformer_int8, transformer_kmeans)."""
+
     quant_layer_bits: str = field(
         default="",
         metadata={"help": "bits per part over --quant-bits, later entries winning: comma list of PART:BITS, PART a "
@@ -45,7 +59,12 @@ class QuantPartsConfig(FairseqDataclass):
     )
 
 
-def parse_part_bits(text: str, flag: str, check: Callable[[str, int], int]) -> List[Tuple[str, int]]:
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def parse_part_bits(text: str, flag: str, check: Callable[[str, int], int], form="PART:BITS",
+                    example="decoder_ffn:1,encoder_ffn:4") -> List[Tuple[str, int]]:
     """'decoder_ffn:1,encoder.layers.0.*:4' -> [('decoder_ffn', 1), ('encoder.layers.0.*', 4)];
     ``check(what, bits)`` validates the bits of each entry."""
     entries = []
@@ -53,57 +72,13 @@ def parse_part_bits(text: str, flag: str, check: Callable[[str, int], int]) -> L
         return entries
     for entry in (e.strip() for e in text.split(",")):
         if not entry:
-            raise QuantConfigError(f"{flag} {text!r}: empty entry; write PART:BITS pairs separated by "
-                                   "single commas, e.g. 'decoder_ffn:1,encoder_ffn:4'")
+            raise QuantConfigError(f"{flag} {text!r}: empty entry; write {form} pairs separated by single commas, "
+                                   f"e.g. '{example}'")
         part, sep, bits = entry.rpartition(":")
         if not sep or not part or not bits.strip().isdigit():
-            raise QuantConfigError(f"{flag} {entry!r}: write PART:BITS, e.g. 'decoder_ffn:1'")
+            raise QuantConfigError(f"{flag} {entry!r}: write {form}, e.g. '{example.split(',')[0]}'")
         entries.append((part.strip(), check(f"{flag} {entry!r}", int(bits))))
     return entries
-
-
-def layer_bits_spec_fn(args, all_names: List[str], spec: QuantSpec) -> Callable[[List[str]], Optional[QuantSpec]]:
-    """--quant-include / --quant-exclude choose the modules; --quant-layer-bits overrides ``spec``'s bits."""
-    def check(what, bits):
-        try:
-            replace(spec, bits=bits)
-        except QuantConfigError as e:
-            raise QuantConfigError(f"{what}: {e}") from None
-        return bits
-
-    rules = [(select(all_names, [part], "--quant-layer-bits"), bits)
-             for part, bits in parse_part_bits(args.quant_layer_bits, "--quant-layer-bits", check)]
-    chosen = pattern_selector(all_names, args.quant_include, args.quant_exclude)
-    return rules_spec_fn(chosen, rules, spec.bits, lambda bits: replace(spec, bits=bits))
-
-
-def rules_spec_fn(chosen, rules, default_bits: int, make_spec) -> Callable[[List[str]], Optional[QuantSpec]]:
-    """The spec function of a model: None for the modules ``chosen`` rejects, else ``make_spec(bits)``, where
-    ``bits`` comes from the last of ``rules`` ([(selected names, bits)], lowest precedence first) that selects
-    any of the module's names, or is ``default_bits``."""
-    def spec_for(names):
-        if not chosen(names):
-            return None
-        bits = default_bits
-        for selected, rule_bits in rules:
-            if any(n in selected for n in names):
-                bits = rule_bits
-        return make_spec(bits)
-
-    return spec_for
-
-
-def add_dataclass_args(parser, config_cls):
-    """Add a flags dataclass to the parser without defaults, so architecture presets can fill them."""
-    gen_parser_from_dataclass(parser, config_cls(), delete_default=True)
-
-
-def fill_defaults(args, config_cls):
-    """Give every flag of ``config_cls`` that the command line left out its dataclass default."""
-    for f in fields(config_cls):
-        if getattr(args, f.name, None) is None:
-            default = f.default if f.default is not MISSING else f.default_factory()
-            setattr(args, f.name, default)
 
 
 # fairseq's transformer sizes, mirrored by every quantized architecture as ``<model>_<suffix>``.
@@ -115,31 +90,31 @@ SIZE_PRESETS = {
 }
 
 
-def register_preset(model_name: str, arch_name: str, config_cls, validate: Callable, size_fn, **defaults):
-    """Register ``arch_name`` for ``model_name``: fill ``defaults`` then the flags' dataclass defaults
-    where the command line left them out, validate them, then fill the size of ``size_fn``."""
+def register_preset(model_name: str, arch_name: str, size_fn, **preset):
+    """Register ``arch_name`` for ``model_name``: where the command line left a flag out, fill the value
+    of ``preset``, else its dataclass default; validate the flags (once); fill the size of ``size_fn``."""
+    model = MODEL_REGISTRY[model_name]
+    flags = model.config_cls()
+    defaults = {**{f.name: getattr(flags, f.name) for f in fields(flags)}, **preset}
 
     @register_model_architecture(model_name, arch_name)
     def arch(args):
+        for old, new in model.renamed_flags.items():  # in checkpoints of older releases
+            if getattr(args, new, None) is None:
+                setattr(args, new, getattr(args, old, None))
         for key, value in defaults.items():
             if getattr(args, key, None) is None:
                 setattr(args, key, value)
-        fill_defaults(args, config_cls)
-        validate(args)
+        model.validate(args)
         size_fn(args)
 
     return arch
 
 
-def register_size_presets(model_name: str, config_cls, validate: Callable, prefix: str = "", **defaults):
+def register_size_presets(model_name: str, prefix: str = "", **defaults):
     """``<model_name><prefix>`` plus one architecture per fairseq size in ``SIZE_PRESETS``."""
     for suffix, size_fn in SIZE_PRESETS.items():
-        register_preset(model_name, model_name + prefix + suffix, config_cls, validate, size_fn, **defaults)
-
-
-def check_temperature(tau: float):
-    if not (math.isfinite(tau) and tau > 0):
-        raise QuantConfigError(f"--attn-temperature must be a finite number > 0 (1 = plain attention), got {tau}")
+        register_preset(model_name, model_name + prefix + suffix, size_fn, **defaults)
 
 
 def set_attention_temperature(model, tau: float):
@@ -148,7 +123,6 @@ def set_attention_temperature(model, tau: float):
     Also turns off fairseq's fused attention path, which reads the projection weights directly
     (bypassing the quantized modules) and recomputes the scaling itself.
     """
-    check_temperature(tau)
     for module in model.modules():
         if isinstance(module, MultiheadAttention):
             module.skip_embed_dim_check = True
@@ -223,22 +197,79 @@ def check_compatible(model, state_dict, optional_suffixes=ACT_RANGE_STATE):
 
 
 class QuantizedTransformerModel(TransformerModel):
-    """Base class: subclasses define ``config_cls`` (their flags) and ``spec_fn(args, names)``, and
-    may define ``quantizer_fn(args, task)`` and extend ``optional_state`` (checkpoint keys their
-    quantizers rebuild when absent)."""
+    """Base class: subclasses define ``config_cls`` (their flags, extending QuantConfig), extend
+    ``validate(args)``, define ``weight_spec(args)`` or ``spec_fn(args, names)``, and may define
+    ``quantizer_fn(args, task)`` and extend ``optional_state`` (checkpoint keys their quantizers
+    rebuild when absent) and ``renamed_flags`` ({old name: new name} of flags in older checkpoints)."""
 
-    config_cls = None
+    config_cls = QuantConfig
     optional_state = ACT_RANGE_STATE
+    renamed_flags: Dict[str, str] = {}
 
     @classmethod
     def add_args(cls, parser):
         super().add_args(parser)
-        add_dataclass_args(parser, cls.config_cls)
+        gen_parser_from_dataclass(parser, cls.config_cls(), delete_default=True)  # no defaults: presets fill them
+
+    @classmethod
+    def validate(cls, args):
+        """Check the flags (all filled in) before anything is built; a bad one raises QuantConfigError naming it."""
+        if args.quant_act == "none":
+            cls.refuse_unused(args, "quant_act_bits", "with --quant-act input or output only")
+        elif not 2 <= args.quant_act_bits <= 8:
+            raise QuantConfigError(f"--quant-act-bits must be 2-8 for --quant-act {args.quant_act}, "
+                                   f"got {args.quant_act_bits}")
+        tau = args.attn_temperature
+        if not (math.isfinite(tau) and tau > 0):
+            raise QuantConfigError(f"--attn-temperature must be a finite number > 0 (1 = plain attention), got {tau}")
+        cls.weight_spec(args)
+        cls.bit_rules(args)  # the module names they select are checked when the model is built
+
+    @classmethod
+    def refuse_unused(cls, args, name: str, applies: str):
+        """A flag set away from its default where it would change nothing is an error naming the flag
+        (``applies`` says when it does apply), not silently ignored."""
+        if getattr(args, name) != getattr(cls.config_cls, name):
+            raise QuantConfigError(f"{flag(name)} {getattr(args, name)} applies {applies}; leave {flag(name)} out")
+
+    @classmethod
+    def weight_spec(cls, args) -> QuantSpec:
+        """The spec of every quantized weight, at the bits that no rule of ``bit_rules`` overrides."""
+        raise NotImplementedError
+
+    @classmethod
+    def bit_rules(cls, args) -> List[Tuple[List[str], str, int]]:
+        """[(parts or globs, flag, bits)] over the spec's bits, lowest precedence first: --quant-layer-bits."""
+        spec = cls.weight_spec(args)
+
+        def check(what, bits):
+            try:
+                return replace(spec, bits=bits).bits
+            except QuantConfigError as e:
+                raise QuantConfigError(f"{what}: {e}") from None
+
+        return [([part], "--quant-layer-bits", bits)
+                for part, bits in parse_part_bits(args.quant_layer_bits, "--quant-layer-bits", check)]
 
     @classmethod
     def spec_fn(cls, args, all_names: List[str]) -> Callable[[List[str]], Optional[QuantSpec]]:
-        """Given every quantizable module name, return the function mapping a module's names to its spec."""
-        raise NotImplementedError
+        """Given every quantizable module name, the function from a module's names to its spec: None for
+        the modules --quant-include / --quant-exclude leave out, else ``weight_spec`` at the bits of the
+        last rule that selects any of the names."""
+        spec = cls.weight_spec(args)
+        rules = [(select(all_names, parts, name), bits) for parts, name, bits in cls.bit_rules(args)]
+        chosen = pattern_selector(all_names, args.quant_include, args.quant_exclude)
+
+        def spec_for(names):
+            if not chosen(names):
+                return None
+            bits = spec.bits
+            for selected, rule_bits in rules:
+                if any(n in selected for n in names):
+                    bits = rule_bits
+            return replace(spec, bits=bits)
+
+        return spec_for
 
     @classmethod
     def quantizer_fn(cls, args, task) -> Optional[Callable[[QuantSpec, List[str], Parameter], WeightQuantizer]]:
@@ -250,9 +281,9 @@ class QuantizedTransformerModel(TransformerModel):
         model = super().build_model(args, task)
         all_names = [n for names in quantizable_modules(model).values() for n in names]
         done = swap_modules(model, cls.spec_fn(args, all_names),
-                            act_bits=getattr(args, "quant_act_bits", 0), act_where=getattr(args, "quant_act", "none"),
+                            act_bits=args.quant_act_bits, act_where=args.quant_act,
                             make_quantizer=cls.quantizer_fn(args, task))
-        set_attention_temperature(model, getattr(args, "attn_temperature", 1.0))
+        set_attention_temperature(model, args.attn_temperature)
         s = quantization_summary(model)
         logger.info(
             "quantized %d modules: %d weights at %.2f average bits (%.2f with scales); %d parameters left in "

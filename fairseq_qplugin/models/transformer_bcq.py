@@ -13,20 +13,20 @@ from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Tuple
 
 import torch
-from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+from fairseq.dataclass import ChoiceEnum
 from fairseq.models import register_model
 from fairseq.models.transformer import transformer_legacy as fairseq_transformer
 from torch import nn
 
 from ..errors import QuantConfigError
-from ..modules import QuantEmbedding, QuantLinear, RowBitsQuantizer, WeightQuantizer, pattern_selector, select
-from ..quant import QuantSpec, frequency_row_bits, group_sizes, ranked_row_bits
-from .base import (QuantizedTransformerModel, parse_part_bits, register_preset, register_size_presets,
-                   rules_spec_fn)
+from ..modules import QuantEmbedding, QuantLinear, RowBitsQuantizer, WeightQuantizer
+from ..quant import METHODS, QuantSpec, group_sizes, ranked_row_bits
+from .base import (QuantConfig, QuantizedTransformerModel, flag, parse_part_bits, register_preset,
+                   register_size_presets)
 
 logger = logging.getLogger(__name__)
 
-BITS = (1, 4)
+BITS = METHODS["bcq"].bits
 # block flag -> the parts it covers
 BLOCKS = [
     ("bcq_embed_bits", ["embeddings", "output_projection"]),
@@ -38,7 +38,7 @@ PAPER_LAYER_BITS = "encoder_self_attn:3,encoder_ffn:4,decoder_self_attn:2,decode
 
 
 @dataclass
-class BCQConfig(FairseqDataclass):
+class BCQConfig(QuantConfig):
     bcq_bits: int = field(default=3, metadata={"help": "bits (1-4) of every quantized weight the flags below leave unset"})
     bcq_embed_bits: Optional[int] = field(
         default=None, metadata={"help": "bits of the embedding block: token embeddings and output projection (with "
@@ -66,10 +66,6 @@ class BCQConfig(FairseqDataclass):
     bcq_rounds: int = field(default=10, metadata={"help": "the most alternating rounds per quantization"})
     bcq_group_size: int = field(
         default=0, metadata={"help": "input columns sharing one scale per bit (0: one per output row); must divide them"})
-    bcq_include: str = field(
-        default="all", metadata={"help": "parts to quantize (as --quant-include of transformer_int8; e.g. "
-                                         "'embeddings,output_projection,decoder_layers' for staged retraining)"})
-    bcq_exclude: str = field(default="", metadata={"help": "parts or globs to leave in full precision"})
 
 
 def check_bits(what: str, bits) -> int:
@@ -85,71 +81,33 @@ def parse_layer_bits(text: str) -> List[Tuple[str, int]]:
 
 def parse_embed_groups(text: str) -> List[Tuple[int, int]]:
     """'100:4,300:2' -> [(100, 4), (300, 2)]: word-group sizes (most frequent first) and their bits."""
-    groups = []
-    for entry in (e.strip() for e in (text or "").split(",") if (text or "").strip()):
-        size, sep, bits = entry.partition(":")
-        if not sep or not size.strip().isdigit() or not bits.strip().isdigit() or int(size) < 1:
-            raise QuantConfigError(f"--bcq-embed-groups {entry!r}: write SIZE:BITS with SIZE >= 1 words, "
+    groups = parse_part_bits(text, "--bcq-embed-groups", check_bits, "SIZE:BITS", "100:4,300:2,600:1")
+    for size, bits in groups:
+        if not size.isdigit() or int(size) < 1:
+            raise QuantConfigError(f"--bcq-embed-groups '{size}:{bits}': write SIZE:BITS with SIZE >= 1 words, "
                                    "e.g. '100:4,300:2,600:1'")
-        groups.append((int(size), check_bits(f"--bcq-embed-groups {entry!r}", int(bits))))
-    return groups
-
-
-def validate(args):
-    check_bits(f"--bcq-bits {args.bcq_bits}", args.bcq_bits)
-    for attr, _ in BLOCKS:
-        value = getattr(args, attr)
-        if value is not None:
-            check_bits(f"--{attr.replace('_', '-')} {value}", value)
-    parse_layer_bits(args.bcq_layer_bits)
-    r = args.bcq_embed_freq_ratio
-    if r is not None and not r > 0:
-        raise QuantConfigError(f"--bcq-embed-freq-ratio must be > 0 (the ratio of successive group sizes), got {r}")
-    if parse_embed_groups(args.bcq_embed_groups) and r is not None:
-        raise QuantConfigError("--bcq-embed-groups and --bcq-embed-freq-ratio both size the word groups: give one")
-    if args.bcq_rounds < 1:
-        raise QuantConfigError(f"--bcq-rounds must be >= 1, got {args.bcq_rounds}")
-    if args.bcq_group_size < 0:
-        raise QuantConfigError(f"--bcq-group-size must be >= 0 (0: one scale per row), got {args.bcq_group_size}")
-
-
-def base_spec(args, bits: int) -> QuantSpec:
-    return QuantSpec(method="bcq", bits=bits, group_size=args.bcq_group_size, search=args.bcq_search,
-                     rounds=args.bcq_rounds)
+    return [(int(size), bits) for size, bits in groups]
 
 
 def is_vocabulary_rows(names: List[str]) -> bool:
     return any(n.endswith("embed_tokens") or n == "decoder.output_projection" for n in names)
 
 
-def frequency_quantizer(spec: QuantSpec, dictionary, ratio: float, names: List[str]) -> RowBitsQuantizer:
-    """Bits per word from the dictionary's training counts; the special symbols (bos, pad, eos, unk,
-    whose counts a loaded dictionary does not keep) rank first, in the top group."""
-    counts = torch.tensor(dictionary.count, dtype=torch.float64)
-    row_bits = frequency_row_bits(counts, spec.bits, ratio, first=range(dictionary.nspecial))
-    top = (row_bits == spec.bits) & (torch.arange(len(counts)) >= dictionary.nspecial)
-    coverage = counts[top].sum() / max(counts[dictionary.nspecial:].sum(), 1)
-    sizes = group_sizes(len(counts), spec.bits, ratio)
-    logger.info(
-        "%s: %d words by training frequency in groups of %s words at %s bits (r = %g): %.2f average bits; "
-        "the %d-bit words cover %.1f%% of the training tokens",
-        ", ".join(names), len(counts), "/".join(map(str, sizes)), "/".join(str(spec.bits - i) for i in range(spec.bits)),
-        ratio, row_bits.float().mean().item(), spec.bits, 100 * coverage,
-    )
-    return RowBitsQuantizer(spec, row_bits)
-
-
-def explicit_groups_quantizer(spec: QuantSpec, dictionary, groups, names: List[str]) -> RowBitsQuantizer:
-    """--bcq-embed-groups: the words ranked as ``frequency_quantizer`` ranks them, in groups of the given sizes."""
-    sizes, bits = [g[0] for g in groups], [g[1] for g in groups]
+def word_groups_quantizer(spec: QuantSpec, dictionary, sizes, bits, names: List[str], note="") -> RowBitsQuantizer:
+    """Bits per vocabulary row: the words ranked by their training counts (the special symbols -- bos,
+    pad, eos, unk, whose counts a loaded dictionary does not keep -- first) in groups of ``sizes`` words
+    at ``bits``."""
     if sum(sizes) != len(dictionary):
         raise QuantConfigError(f"--bcq-embed-groups sizes sum to {sum(sizes)} words but the dictionary of "
                                f"{names[0]} has {len(dictionary)}; make them sum to {len(dictionary)}")
     counts = torch.tensor(dictionary.count, dtype=torch.float64)
     row_bits = ranked_row_bits(counts, sizes, bits, first=range(dictionary.nspecial))
-    logger.info("%s: %d words by training frequency in groups of %s words at %s bits: %.2f average bits",
-                ", ".join(names), len(counts), "/".join(map(str, sizes)), "/".join(map(str, bits)),
-                row_bits.float().mean().item())
+    top = (row_bits == max(bits)) & (torch.arange(len(counts)) >= dictionary.nspecial)
+    coverage = counts[top].sum() / max(counts[dictionary.nspecial:].sum(), 1)
+    logger.info("%s: %d words by training frequency in groups of %s words at %s bits%s: %.2f average bits; the "
+                "%d-bit words cover %.1f%% of the training tokens", ", ".join(names), len(counts),
+                "/".join(map(str, sizes)), "/".join(map(str, bits)), note, row_bits.float().mean().item(), max(bits),
+                100 * coverage)
     return RowBitsQuantizer(replace(spec, bits=max(bits)), row_bits)
 
 
@@ -175,18 +133,36 @@ def average_bits(model) -> Dict[str, float]:
 @register_model("transformer_bcq")
 class TransformerBCQModel(QuantizedTransformerModel):
     config_cls = BCQConfig
+    renamed_flags = {"bcq_include": "quant_include", "bcq_exclude": "quant_exclude"}  # in older checkpoints
 
     @classmethod
-    def spec_fn(cls, args, all_names):
-        validate(args)
-        rules = []  # (selected names, bits), lowest precedence first
-        for attr, parts in BLOCKS:
+    def validate(cls, args):
+        for attr in ("bcq_bits", *(attr for attr, _ in BLOCKS)):
             if getattr(args, attr) is not None:
-                rules.append((select(all_names, parts, f"--{attr.replace('_', '-')}"), getattr(args, attr)))
-        for pattern, bits in parse_layer_bits(args.bcq_layer_bits):
-            rules.append((select(all_names, [pattern], "--bcq-layer-bits"), bits))
-        chosen = pattern_selector(all_names, args.bcq_include, args.bcq_exclude, flags=("--bcq-include", "--bcq-exclude"))
-        return rules_spec_fn(chosen, rules, args.bcq_bits, lambda bits: base_spec(args, bits))
+                check_bits(f"{flag(attr)} {getattr(args, attr)}", getattr(args, attr))
+        r = args.bcq_embed_freq_ratio
+        if r is not None and not r > 0:
+            raise QuantConfigError(f"--bcq-embed-freq-ratio must be > 0 (the ratio of successive group sizes), got {r}")
+        if parse_embed_groups(args.bcq_embed_groups) and r is not None:
+            raise QuantConfigError("--bcq-embed-groups and --bcq-embed-freq-ratio both size the word groups: give one")
+        if args.bcq_rounds < 1:
+            raise QuantConfigError(f"--bcq-rounds must be >= 1, got {args.bcq_rounds}")
+        if args.bcq_search == "greedy":
+            cls.refuse_unused(args, "bcq_rounds", "to --bcq-search alternating only")
+        if args.bcq_group_size < 0:
+            raise QuantConfigError(f"--bcq-group-size must be >= 0 (0: one scale per row), got {args.bcq_group_size}")
+        super().validate(args)
+
+    @classmethod
+    def weight_spec(cls, args) -> QuantSpec:
+        return QuantSpec(method="bcq", bits=args.bcq_bits, group_size=args.bcq_group_size, search=args.bcq_search,
+                         rounds=args.bcq_rounds)
+
+    @classmethod
+    def bit_rules(cls, args):
+        """The block flags, then --bcq-layer-bits."""
+        blocks = [(parts, flag(attr), getattr(args, attr)) for attr, parts in BLOCKS if getattr(args, attr) is not None]
+        return blocks + [([part], "--bcq-layer-bits", bits) for part, bits in parse_layer_bits(args.bcq_layer_bits)]
 
     @classmethod
     def quantizer_fn(cls, args, task):
@@ -202,8 +178,9 @@ class TransformerBCQModel(QuantizedTransformerModel):
             encoder_side = any(n.startswith("encoder.") for n in names)
             dictionary = task.source_dictionary if encoder_side else task.target_dictionary
             if groups:
-                return explicit_groups_quantizer(spec, dictionary, groups, names)
-            return frequency_quantizer(spec, dictionary, ratio, names)
+                return word_groups_quantizer(spec, dictionary, *zip(*groups), names)
+            sizes = group_sizes(len(dictionary), spec.bits, ratio)
+            return word_groups_quantizer(spec, dictionary, sizes, range(spec.bits, 0, -1), names, f" (r = {ratio:g})")
 
         return make
 
@@ -220,8 +197,7 @@ class TransformerBCQModel(QuantizedTransformerModel):
 
 
 PAPER = dict(bcq_embed_bits=4, bcq_embed_freq_ratio=1.0, bcq_layer_bits=PAPER_LAYER_BITS)
-register_size_presets("transformer_bcq", BCQConfig, validate)
-register_preset("transformer_bcq", "transformer_bcq_paper", BCQConfig, validate,
-                fairseq_transformer.base_architecture, **PAPER)
-register_preset("transformer_bcq", "transformer_bcq_paper_iwslt_de_en", BCQConfig, validate,
-                fairseq_transformer.transformer_iwslt_de_en, **PAPER)
+register_size_presets("transformer_bcq")
+register_preset("transformer_bcq", "transformer_bcq_paper", fairseq_transformer.base_architecture, **PAPER)
+register_preset("transformer_bcq", "transformer_bcq_paper_iwslt_de_en", fairseq_transformer.transformer_iwslt_de_en,
+                **PAPER)

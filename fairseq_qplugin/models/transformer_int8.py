@@ -12,12 +12,11 @@ from fairseq.models import register_model
 
 from ..errors import QuantConfigError
 from ..quant import QuantSpec
-from .base import (QuantizedTransformerModel, QuantPartsConfig, check_temperature, layer_bits_spec_fn,
-                   register_size_presets)
+from .base import LayerBitsConfig, QuantizedTransformerModel, register_size_presets
 
 
 @dataclass
-class Int8Config(QuantPartsConfig):
+class Int8Config(LayerBitsConfig):
     quant_bits: int = field(
         default=8, metadata={"help": "bits per weight: 2-8 range-based linear quantization, 1 = binarize (sign x mean|W|)"}
     )
@@ -27,28 +26,6 @@ class Int8Config(QuantPartsConfig):
     quant_granularity: ChoiceEnum(["channel", "tensor"]) = field(
         default="channel", metadata={"help": "one scale per output channel (row) or per tensor"}
     )
-    quant_act: ChoiceEnum(["none", "input", "output"]) = field(
-        default="none", metadata={"help": "also quantize the inputs or outputs of the quantized linear layers"}
-    )
-    quant_act_bits: int = field(default=8, metadata={"help": "bits for activations (2-8) with --quant-act"})
-    attn_temperature: float = field(
-        default=1.0, metadata={"help": "attention temperature tau: softmax(QK^T / (tau sqrt(d_k))); values > 1 flatten attention; the Quantized Transformer paper (2019) used 200 with 1-bit weights"}
-    )
-
-
-def weight_spec(args) -> QuantSpec:
-    try:
-        return QuantSpec(method="int", bits=args.quant_bits, scheme=args.quant_scheme,
-                         granularity=args.quant_granularity)
-    except QuantConfigError as e:
-        raise QuantConfigError(f"--quant-bits {args.quant_bits}: {e}; use 1 (binarize) or 2-8") from None
-
-
-def validate(args):
-    weight_spec(args)
-    if args.quant_act != "none" and not 2 <= args.quant_act_bits <= 8:
-        raise QuantConfigError(f"--quant-act-bits must be 2-8 for --quant-act {args.quant_act}, got {args.quant_act_bits}")
-    check_temperature(args.attn_temperature)
 
 
 @register_model("transformer_int8")
@@ -56,9 +33,18 @@ class TransformerInt8Model(QuantizedTransformerModel):
     config_cls = Int8Config
 
     @classmethod
-    def spec_fn(cls, args, all_names):
-        return layer_bits_spec_fn(args, all_names, weight_spec(args))
+    def weight_spec(cls, args) -> QuantSpec:
+        try:
+            return QuantSpec(method="int", bits=args.quant_bits, scheme=args.quant_scheme,
+                             granularity=args.quant_granularity)
+        except QuantConfigError as e:
+            raise QuantConfigError(f"--quant-bits {args.quant_bits}: {e}; use 1 (binarize) or 2-8") from None
+
+    @classmethod
+    def validate(cls, args):
+        super().validate(args)
+        if args.quant_bits == 1:
+            cls.refuse_unused(args, "quant_scheme", "to 2-8 bits (1 bit is sign x mean|W|, no range)")
 
 
-
-register_size_presets("transformer_int8", Int8Config, validate)
+register_size_presets("transformer_int8")

@@ -18,7 +18,7 @@ from ..errors import QuantConfigError
 from ..modules import BSFlexQuantizer, KMeansQuantizer, MaskedWeightQuantizer, PruneQuantizer
 from ..quant import PruneSchedule, QuantSpec, magnitude_masks
 from ..quant.pruning import pruned_count
-from .base import QuantizedTransformerModel, QuantPartsConfig, layer_bits_spec_fn, register_size_presets
+from .base import LayerBitsConfig, QuantizedTransformerModel, register_size_presets
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ QUANTIZER_STATE = tuple(f"wq.{n}" for n in ("mask", "centroids", "indices", "cen
 
 
 @dataclass
-class KMeansConfig(QuantPartsConfig):
+class KMeansConfig(LayerBitsConfig):
     quant_method: ChoiceEnum(METHOD_CHOICES) = field(
         default="kmeans",
         metadata={"help": "kmeans: 2^b shared values per tensor (or row), fixed assignments, trained centroids; "
@@ -63,45 +63,44 @@ class KMeansConfig(QuantPartsConfig):
     )
 
 
-def weight_spec(args) -> QuantSpec:
-    method = args.quant_method
-    if method == "none":
-        return QuantSpec(method="sparse", bits=32)
-    bits = DEFAULT_BITS[method] if args.quant_bits is None else args.quant_bits
-    if method != "kmeans" and bits != 1:
-        raise QuantConfigError(f"--quant-bits {bits}: --quant-method {method} is a 1-bit scheme; use 1 or leave it out")
-    try:
-        return QuantSpec(method="kmeans" if method == "kmeans" else "bsflex", bits=bits,
-                         granularity=args.quant_granularity)
-    except QuantConfigError as e:
-        raise QuantConfigError(f"--quant-bits {bits}: {e}; use 1-8") from None
-
-
-def validate(args):
-    weight_spec(args)
-    schedule = PruneSchedule.parse(args.prune_schedule)
-    if args.quant_method == "none" and schedule is None:
-        raise QuantConfigError(
-            "--quant-method none shares no weights: give a --prune-schedule (e.g. 0.5) or pick a method"
-        )
-    if args.prune_ranking != "tensor" and schedule is None:
-        raise QuantConfigError(f"--prune-ranking {args.prune_ranking} applies to pruning: give a --prune-schedule")
-    if args.kmeans_iters < 1:
-        raise QuantConfigError(f"--kmeans-iters must be >= 1, got {args.kmeans_iters}")
-    if args.kmeans_recluster_interval < 0:
-        raise QuantConfigError(f"--kmeans-recluster-interval must be >= 0, got {args.kmeans_recluster_interval}")
-    if args.kmeans_recluster_interval and args.quant_method != "kmeans":
-        raise QuantConfigError("--kmeans-recluster-interval applies to --quant-method kmeans only")
-
-
 @register_model("transformer_kmeans")
 class TransformerKMeansModel(QuantizedTransformerModel):
     config_cls = KMeansConfig
     optional_state = QuantizedTransformerModel.optional_state + QUANTIZER_STATE
 
     @classmethod
-    def spec_fn(cls, args, all_names):
-        return layer_bits_spec_fn(args, all_names, weight_spec(args))
+    def weight_spec(cls, args) -> QuantSpec:
+        method = args.quant_method
+        if method == "none":
+            return QuantSpec(method="sparse", bits=32)
+        bits = DEFAULT_BITS[method] if args.quant_bits is None else args.quant_bits
+        if method != "kmeans" and bits != 1:
+            raise QuantConfigError(f"--quant-bits {bits}: --quant-method {method} is a 1-bit scheme; use 1 or leave it out")
+        try:
+            return QuantSpec(method="kmeans" if method == "kmeans" else "bsflex", bits=bits,
+                             granularity=args.quant_granularity)
+        except QuantConfigError as e:
+            raise QuantConfigError(f"--quant-bits {bits}: {e}; use 1-8") from None
+
+    @classmethod
+    def validate(cls, args):
+        super().validate(args)
+        schedule = PruneSchedule.parse(args.prune_schedule)
+        if args.quant_method == "none":
+            if schedule is None:
+                raise QuantConfigError(
+                    "--quant-method none shares no weights: give a --prune-schedule (e.g. 0.5) or pick a method")
+            for name in ("quant_bits", "quant_granularity", "quant_layer_bits"):
+                cls.refuse_unused(args, name, "to weight sharing (--quant-method kmeans or bsflex)")
+        if args.prune_ranking != "tensor" and schedule is None:
+            raise QuantConfigError(f"--prune-ranking {args.prune_ranking} applies to pruning: give a --prune-schedule")
+        if args.kmeans_iters < 1:
+            raise QuantConfigError(f"--kmeans-iters must be >= 1, got {args.kmeans_iters}")
+        if args.kmeans_recluster_interval < 0:
+            raise QuantConfigError(f"--kmeans-recluster-interval must be >= 0, got {args.kmeans_recluster_interval}")
+        if args.quant_method != "kmeans":
+            for name in ("kmeans_iters", "kmeans_recluster_interval"):
+                cls.refuse_unused(args, name, "to --quant-method kmeans only")
 
     @classmethod
     def quantizer_fn(cls, args, task):
@@ -171,4 +170,4 @@ class TransformerKMeansModel(QuantizedTransformerModel):
 
 
 
-register_size_presets("transformer_kmeans", KMeansConfig, validate)
+register_size_presets("transformer_kmeans")
