@@ -5,10 +5,13 @@
 Sources: csrc/engine.cpp and the project's packed-weight kernels (fairseq_qplugin/pack/csrc:
 scalar.cpp, avx2.cpp, avx512.cpp; the last two only on x86-64, where they are chosen at run time).
 Compiler: $CXX or g++, flags -O3 -fopenmp (OpenMP is optional: without it the engine runs on one
-thread). setup.py calls ``build`` at install; the loader (engine.py) calls it on first use when no
-library is found and the sources are there. This module imports nothing outside the standard library
-so that setup.py can load it by path.
+thread). setup.py calls ``build`` at install; the loader (model.py) calls it on first use when no
+library is found, or when the sources are there and differ from those it was built from: ``build``
+writes their sha256 next to the library (``_engine.so.sources``; file times are no guide, since pip
+gives every installed file the time it unpacked it). This module imports nothing outside the
+standard library so that setup.py can load it by path.
 """
+import hashlib
 import os
 import platform
 import shutil
@@ -30,6 +33,21 @@ def sources():
     return [os.path.join(HERE, "csrc", "engine.cpp")] + [os.path.join(kernel_dir(), k) for k in kernels]
 
 
+def source_digest() -> str:
+    """sha256 of the engine's sources, or "" when any is absent (an install without them)."""
+    h = hashlib.sha256()
+    for src in sources():
+        if not os.path.isfile(src):
+            return ""
+        with open(src, "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()
+
+
+def stamp_path(library: str) -> str:
+    return library + ".sources"
+
+
 def build(output: str = os.path.join(HERE, LIBNAME), verbose: bool = False) -> str:
     """Compile the library to ``output`` (written atomically); raises RuntimeError with the compiler's
     message if it fails."""
@@ -37,6 +55,7 @@ def build(output: str = os.path.join(HERE, LIBNAME), verbose: bool = False) -> s
     missing = [s for s in sources() if not os.path.isfile(s)]
     if missing:
         raise RuntimeError(f"engine sources missing: {missing}")
+    digest = source_digest()  # of the sources as compiled (read before the compiler runs)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(os.path.abspath(output)))
     os.close(fd)
     base = [cxx, "-O3", "-std=c++17", "-fPIC", "-shared", f"-I{kernel_dir()}", *sources(), "-o", tmp]
@@ -44,6 +63,9 @@ def build(output: str = os.path.join(HERE, LIBNAME), verbose: bool = False) -> s
         proc = subprocess.run(base[:1] + flags + base[1:], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         if proc.returncode == 0:
             os.replace(tmp, output)
+            with open(stamp_path(output) + ".tmp", "w") as f:
+                f.write(digest + "\n")
+            os.replace(stamp_path(output) + ".tmp", stamp_path(output))
             if verbose:
                 print(f"built {output} with {cxx} {' '.join(flags)}", file=sys.stderr)
             return output

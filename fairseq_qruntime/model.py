@@ -81,11 +81,18 @@ def load_library(build_if_missing: bool = True):
 
 
 def _stale(path: str) -> bool:
-    """Whether an engine source (when present, as in a checkout) is newer than the built library."""
-    from .build import sources
+    """Whether the engine's sources (when present, as in a checkout or an install) differ from those
+    the library was built from (their sha256, written by build.py next to it; none: unknown, stale)."""
+    from .build import source_digest, stamp_path
 
-    built = os.path.getmtime(path)
-    return any(os.path.isfile(src) and os.path.getmtime(src) > built for src in sources())
+    digest = source_digest()
+    if not digest:
+        return False
+    try:
+        with open(stamp_path(path)) as f:
+            return f.read().strip() != digest
+    except OSError:
+        return True
 
 
 def _call(fn, *args):
