@@ -7,7 +7,7 @@ import logging
 import platform
 import sys
 
-from setuptools import setup
+from setuptools import Distribution, setup
 
 CSRC = "fairseq_qplugin/pack/csrc"
 
@@ -64,6 +64,7 @@ def runtime_engine(cmdclass):
     build.py compiles csrc/engine.cpp with the kernels above), after build_py. Optional like the
     kernels: a failed build warns, unless QPLUGIN_REQUIRE_NATIVE=1 (CI), where it fails the install.
     Without it the runtime builds the library on first use (and the tests do)."""
+    import glob
     import importlib.util
     import os
 
@@ -77,6 +78,9 @@ def runtime_engine(cmdclass):
         def run(self):
             super().run()
             root = "." if getattr(self, "editable_mode", False) else self.build_lib
+            if not self.distribution.ext_modules and root != ".":  # no kernels: none left by an earlier build
+                for stale in glob.glob(os.path.join(root, "fairseq_qplugin", "pack", "_qkernels*.so")):
+                    os.unlink(stale)
             try:
                 builder.build(os.path.join(root, "fairseq_qruntime", builder.LIBNAME))
             except Exception as e:  # noqa: BLE001
@@ -89,5 +93,30 @@ def runtime_engine(cmdclass):
 
 cmdclass = runtime_engine(cmdclass)
 
+
+class EngineDistribution(Distribution):
+    """A wheel that holds the engine is tied to the platform: ``py3-none-linux_x86_64`` (the engine
+    uses no Python ABI, it is loaded with ctypes), or ``cp311-cp311-...`` with the torch kernels."""
+
+    def has_ext_modules(self):
+        return True
+
+
+def platform_wheel(cmdclass):
+    try:
+        from setuptools.command.bdist_wheel import bdist_wheel  # setuptools >= 70.1
+    except ImportError:
+        from wheel.bdist_wheel import bdist_wheel
+
+    class PlatformWheel(bdist_wheel):
+        def get_tag(self):
+            python, abi, plat = super().get_tag()
+            return (python, abi, plat) if self.distribution.ext_modules else ("py3", "none", plat)
+
+    return {**cmdclass, "bdist_wheel": PlatformWheel}
+
+
+cmdclass = platform_wheel(cmdclass)
+
 # Metadata, dependencies and extras are in pyproject.toml; setup.py only adds the compiled code.
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+setup(ext_modules=ext_modules, cmdclass=cmdclass, distclass=EngineDistribution)

@@ -25,6 +25,7 @@ Pure-torch kernels:
 
 Shapes: x float [n, cols] -> y float [n, rows]; tokens long [...] -> float [..., cols].
 """
+import glob
 import logging
 import os
 
@@ -41,7 +42,11 @@ try:
     _IMPORT_ERROR = None
     _ISAS = list(_qkernels.isas())
 except (ImportError, OSError) as e:  # not built (no compiler, failed build, checkout without build_ext)
-    _qkernels, _IMPORT_ERROR, _ISAS = None, e, []
+    built = glob.glob(os.path.join(os.path.dirname(os.path.abspath(__file__)), "_qkernels*.so"))
+    _qkernels, _ISAS = None, []
+    _IMPORT_ERROR = f"{built[0]}: {e}" if built else (
+        "the install did not build them: an isolated `pip install` cannot see torch; "
+        "`pip install --no-build-isolation .` next to torch builds them")
 
 BACKENDS = ("auto", "torch", "avx512", "avx2", "scalar")
 _logged = set()
