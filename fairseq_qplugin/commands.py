@@ -5,10 +5,12 @@ fairseq command that imports the plugin (``--user-dir``) installs these hooks, a
 commands (``fairseq-qpack``, ``fairseq-qallocate``, ``python -m fairseq_qplugin.results``) when they start.
 """
 import functools
+import glob
 import os
 import sys
 
 from fairseq import checkpoint_utils
+from fairseq.distributed import utils as distributed_utils
 from fairseq.file_io import PathManager
 
 from .checkpoint import unreadable
@@ -44,6 +46,17 @@ def _wrap(owner, name, make):
         wrapper = functools.wraps(original)(make(original))
         wrapper._qplugin = True
         setattr(owner, name, wrapper)
+
+
+def check_finetune_file(cfg):
+    """A missing ``--finetune-from-model`` file, as a one-line error before fairseq-train loads data and
+    builds the model. Only where fairseq would load it: no ``checkpoint_last*.pt`` to resume from."""
+    ckpt = getattr(cfg, "checkpoint", None)
+    path = getattr(ckpt, "finetune_from_model", None)
+    if not path or PathManager.exists(path) or ckpt.restore_file != "checkpoint_last.pt":
+        return
+    if not glob.glob(os.path.join(glob.escape(ckpt.save_dir), "checkpoint_last*.pt")):
+        raise QuantConfigError(f"--finetune-from-model {path}: no such file")
 
 
 def install_command_hooks():
@@ -90,7 +103,14 @@ def install_command_hooks():
                 raise
         return load
 
+    def call_main(original):  # fairseq-train (and fairseq-validate) call it right after parsing arguments
+        def call(cfg, main, **kwargs):
+            check_finetune_file(cfg)
+            return original(cfg, main, **kwargs)
+        return call
+
     _wrap(sys, "excepthook", excepthook)
     _wrap(checkpoint_utils, "load_checkpoint_to_cpu", load_checkpoint_to_cpu)
     _wrap(checkpoint_utils, "load_model_ensemble_and_task", load_model_ensemble_and_task)
     _wrap(checkpoint_utils, "load_checkpoint", load_checkpoint)
+    _wrap(distributed_utils, "call_main", call_main)

@@ -362,3 +362,18 @@ def test_console_scripts_exit_codes(tiny_data, fp32_checkpoint, tmp_path):
                  "--max-update", 1, "--save-dir", tmp_path / "ft", "--finetune-from-model", missing], check=False)
     assert_one_error_line(train, 1, f"--finetune-from-model {missing}: no such file")
     assert not (tmp_path / "ft" / "checkpoint_last.pt").exists()
+
+
+def test_missing_finetune_file_is_reported_before_data_is_read(tmp_path):
+    """Right after the arguments are parsed: the data directory is not even looked at; but not when a
+    checkpoint_last.pt in --save-dir resumes the training (fairseq then ignores --finetune-from-model)."""
+    missing, no_data = tmp_path / "missing.pt", tmp_path / "no-data"
+    args = ["fairseq-train", no_data, "--user-dir", PLUGIN, "--arch", "transformer_int8", *TINY_MODEL,
+            "--optimizer", "adam", "--lr", "0.001", "--max-tokens", 2000, "--max-update", 1,
+            "--save-dir", tmp_path / "ft", "--finetune-from-model", missing]
+    assert_one_error_line(run(args, check=False), 1, f"--finetune-from-model {missing}: no such file")
+    (tmp_path / "ft").mkdir()
+    (tmp_path / "ft" / "checkpoint_last.pt").write_bytes(b"")
+    resumed = run(args, check=False)
+    assert resumed.returncode != 0 and "--finetune-from-model" not in resumed.stdout
+    assert str(no_data) in resumed.stdout, resumed.stdout[-3000:]
