@@ -79,7 +79,7 @@ require_file "$REF" "--raw-ref reference"
 [[ -s $REF ]] || die "--raw-ref $REF is empty"
 python -c 'import sacrebleu, sacremoses' 2>/dev/null ||
     die "the sacrebleu and sacremoses Python modules are needed (pip install sacrebleu sacremoses)"
-SCORING="$RECIPES_DIR/../fairseq_qplugin/scoring.py"
+SCORING="$QPLUGIN_USER_DIR/scoring.py"  # the plugin whose model is scored
 
 # How the data was prepared (prepare_corpus.sh writes BIN/preprocessing.txt; older data: sentencepiece).
 SUBWORD=spm TOKENIZE=none DATA_TGT=""
