@@ -63,9 +63,11 @@ def build(output: str = os.path.join(HERE, LIBNAME), verbose: bool = False) -> s
         proc = subprocess.run(base[:1] + flags + base[1:], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         if proc.returncode == 0:
             os.replace(tmp, output)
-            with open(stamp_path(output) + ".tmp", "w") as f:
+            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(output)))
+            with os.fdopen(fd, "w") as f:
                 f.write(digest + "\n")
-            os.replace(stamp_path(output) + ".tmp", stamp_path(output))
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, stamp_path(output))
             if verbose:
                 print(f"built {output} with {cxx} {' '.join(flags)}", file=sys.stderr)
             return output
