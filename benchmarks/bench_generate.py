@@ -45,7 +45,8 @@ order (round 1 in table order, round 2 reversed, ...), and reports the median to
 second table of ratios: each runtime row over CTranslate2 int8 (the median over the rounds of the
 ratio within a round) and over fairseq fp32. The fairseq-generate rows, much slower, run once per
 setting (before the rounds); ``--no-fairseq-packed`` leaves out the fairseq-generate rows of the
-packed files (and with them the check that the runtime translates as they do).
+packed files (and with them the check that the runtime translates as they do), ``--no-fairseq`` all
+fairseq-generate rows.
 """
 import argparse
 import json
@@ -174,7 +175,8 @@ def prepare_models(args, out: Path):
     if args.redo or not fp32.exists():
         log(f"fp32: {args.fp32} without optimizer state -> {fp32}")
         strip_optimizer(args.fp32, fp32)
-    rows.append(("fp32", fp32, [], fp32.stat().st_size))
+    if args.fairseq:
+        rows.append(("fp32", fp32, [], fp32.stat().st_size))
     packs = [(name, ckpt, []) for name, ckpt in args.qat.items()]
     packs += [(name, args.fp32, ["--method", method, "--bits", bits]) for name, (method, bits) in args.ptq.items()]
     for name, ckpt, ptq in packs:
@@ -183,7 +185,7 @@ def prepare_models(args, out: Path):
             log(f"{name}: fairseq-qpack {ckpt} {packed} {' '.join(ptq)}")
             run_checked([sys.executable, "-m", "fairseq_qplugin.pack.cli", ckpt, packed, "--data", args.data_bin,
                          "--report", models / f"{name}.report.md", *ptq], f"fairseq-qpack {ckpt}")
-        if args.fairseq_packed:
+        if args.fairseq and args.fairseq_packed:
             rows.append((name, packed, [], packed.stat().st_size))
         if args.runtime:
             rt = models / f"{name}.runtime"
@@ -347,6 +349,8 @@ def get_parser():
     p.add_argument("--no-ct2", dest="ct2", action="store_false", help="leave out CTranslate2")
     p.add_argument("--no-fairseq-packed", dest="fairseq_packed", action="store_false",
                    help="leave out the fairseq-generate rows of the packed files")
+    p.add_argument("--no-fairseq", dest="fairseq", action="store_false",
+                   help="leave out every fairseq-generate row (fp32 and packed)")
     p.add_argument("--no-runtime", dest="runtime", action="store_false",
                    help="leave out the torch-free runtime rows (fairseq-qtranslate on each packed model)")
     p.add_argument("--no-int8-dequant", dest="int8_dequant", action="store_false",
