@@ -36,9 +36,21 @@ quantization) instead of a QAT checkpoint; ``--qat none`` leaves out the default
 ``--fixed-len N`` makes every translation exactly N tokens long (fairseq ``--min-len N --max-len-b N``,
 CTranslate2 ``min/max_decoding_length``): for speed at a model size that has no trained checkpoint
 (an untrained model's outputs otherwise differ in length between rows); its BLEU means nothing.
+``--base-size`` (with ``--fixed-len``, instead of ``--fp32``) makes such a model: a transformer-base-size
+``transformer`` (6+6 layers, d=512, FFN 2048, 8 heads, embeddings shared over the data-bin's joined
+dictionary) after one ``fairseq-train`` update from random initialization, in OUT/models/base-fp32.
+
+``--rounds N`` runs the runtime and CTranslate2 rows of each setting N times, back to back, in alternating
+order (round 1 in table order, round 2 reversed, ...), and reports the median tokens/s of each row and a
+second table of ratios: each runtime row over CTranslate2 int8 (the median over the rounds of the
+ratio within a round) and over fairseq fp32. The fairseq-generate rows, much slower, run once per
+setting (before the rounds); ``--no-fairseq-packed`` leaves out the fairseq-generate rows of the
+packed files (and with them the check that the runtime translates as they do), ``--no-fairseq`` all
+fairseq-generate rows.
 """
 import argparse
 import json
+import statistics
 import os
 import re
 import shutil
@@ -140,6 +152,20 @@ def strip_optimizer(src: Path, dst: Path):
     torch.save(state, dst)
 
 
+def make_base_model(args, out: Path) -> Path:
+    """A transformer-base-size fp32 checkpoint: one fairseq-train update from random initialization."""
+    save = out / "models" / "base-fp32"
+    ckpt = save / "checkpoint_last.pt"
+    if ckpt.exists() and not args.redo:
+        return ckpt
+    log(f"base-size model: fairseq-train {args.data_bin} --arch transformer (one update) -> {ckpt}")
+    run_checked([tool("fairseq-train"), args.data_bin, "--user-dir", PLUGIN, "--arch", "transformer",
+                 "--share-all-embeddings", "--optimizer", "adam", "--lr", "1e-4", "--max-tokens", 512,
+                 "--max-update", 1, "--criterion", "cross_entropy", "--save-dir", save, "--no-epoch-checkpoints",
+                 "--disable-validation", "--seed", 1, "--num-workers", 0], "fairseq-train (base-size model)")
+    return ckpt
+
+
 def prepare_models(args, out: Path):
     """[(label, model path or CTranslate2 dir, extra fairseq-generate args, file bytes)]."""
     models = out / "models"
@@ -149,7 +175,8 @@ def prepare_models(args, out: Path):
     if args.redo or not fp32.exists():
         log(f"fp32: {args.fp32} without optimizer state -> {fp32}")
         strip_optimizer(args.fp32, fp32)
-    rows.append(("fp32", fp32, [], fp32.stat().st_size))
+    if args.fairseq:
+        rows.append(("fp32", fp32, [], fp32.stat().st_size))
     packs = [(name, ckpt, []) for name, ckpt in args.qat.items()]
     packs += [(name, args.fp32, ["--method", method, "--bits", bits]) for name, (method, bits) in args.ptq.items()]
     for name, ckpt, ptq in packs:
@@ -158,7 +185,8 @@ def prepare_models(args, out: Path):
             log(f"{name}: fairseq-qpack {ckpt} {packed} {' '.join(ptq)}")
             run_checked([sys.executable, "-m", "fairseq_qplugin.pack.cli", ckpt, packed, "--data", args.data_bin,
                          "--report", models / f"{name}.report.md", *ptq], f"fairseq-qpack {ckpt}")
-        rows.append((name, packed, [], packed.stat().st_size))
+        if args.fairseq and args.fairseq_packed:
+            rows.append((name, packed, [], packed.stat().st_size))
         if args.runtime:
             rt = models / f"{name}.runtime"
             if args.redo or not (rt / "config.json").exists():
@@ -265,15 +293,28 @@ def runtime_run(args, data: Path, model_dir: Path, batch, beam, log_path: Path):
     return out.read_text(encoding="utf-8").splitlines(), r["tokens"], r["seconds"], rss
 
 
+def ratio_cell(v) -> str:
+    return f"{v:.2f}x" if v is not None else ""
+
+
 def table(results, args) -> str:
     lines = [f"{args.sentences} test sentences, {args.threads} thread(s); tokens/s = generated target tokens "
              "(EOS included) / generation seconds (model load excluded); peak RSS of the process"
-             + (f"; every output forced to {args.fixed_len} tokens (BLEU meaningless)" if args.fixed_len else ""), "",
+             + (f"; every output forced to {args.fixed_len} tokens (BLEU meaningless)" if args.fixed_len else "")
+             + (f"; runtime and CTranslate2 rows: median of {args.rounds} rounds in alternating order"
+                if args.rounds > 1 else ""), "",
              "| model | file MB | batch | beam | tokens/s | peak RSS MB | BLEU |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         lines.append(f"| {r['model']} | {r['file_bytes'] / 1e6:.2f} | {r['batch']} | {r['beam']} | "
                      f"{r['tokens_per_s']:.1f} | {r['peak_rss_mb']:.0f} | {r['bleu']:.2f} |")
+    ratios = [r for r in results if r.get("vs_ct2") is not None or r.get("vs_fp32") is not None]
+    if ratios:
+        lines += ["", "| runtime row | batch | beam | tokens/s vs CTranslate2 int8 | vs fairseq fp32 | peak RSS vs "
+                  "CTranslate2 | file vs CTranslate2 |", "|---|---:|---:|---:|---:|---:|---:|"]
+        for r in ratios:
+            lines.append(f"| {r['model']} | {r['batch']} | {r['beam']} | {ratio_cell(r.get('vs_ct2'))} | "
+                         f"{ratio_cell(r.get('vs_fp32'))} | {ratio_cell(r.get('rss_vs_ct2'))} | {ratio_cell(r.get('file_vs_ct2'))} |")
     return "\n".join(lines)
 
 
@@ -290,6 +331,10 @@ def get_parser():
                    help="pack the fp32 model itself with fairseq-qpack --method METHOD --bits BITS (repeatable)")
     p.add_argument("--fixed-len", type=int, default=0, metavar="N",
                    help="every translation exactly N tokens (speed of untrained models; BLEU meaningless)")
+    p.add_argument("--base-size", action="store_true",
+                   help="instead of --fp32: a transformer-base-size model after one training update (needs --fixed-len)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="runs of each runtime / CTranslate2 row per setting, in alternating order (median reported)")
     p.add_argument("--data-bin", type=Path, help="fairseq data-bin with the dictionaries (default: EXP/data/bin)")
     p.add_argument("--spm", type=Path, help="sentencepiece model (default: EXP/data/spm.model)")
     p.add_argument("--raw-src", type=Path, help="raw test source (default: EXP/data/raw/test.SRC)")
@@ -302,6 +347,10 @@ def get_parser():
                    help="comma-separated BATCHxBEAM settings")
     p.add_argument("--quick", action="store_true", help="40 sentences (a smoke run of the whole table)")
     p.add_argument("--no-ct2", dest="ct2", action="store_false", help="leave out CTranslate2")
+    p.add_argument("--no-fairseq-packed", dest="fairseq_packed", action="store_false",
+                   help="leave out the fairseq-generate rows of the packed files")
+    p.add_argument("--no-fairseq", dest="fairseq", action="store_false",
+                   help="leave out every fairseq-generate row (fp32 and packed)")
     p.add_argument("--no-runtime", dest="runtime", action="store_false",
                    help="leave out the torch-free runtime rows (fairseq-qtranslate on each packed model)")
     p.add_argument("--no-int8-dequant", dest="int8_dequant", action="store_false",
@@ -314,7 +363,11 @@ def resolve(args):
     if args.quick:
         args.sentences = min(args.sentences, 40)
     exp = args.exp
-    args.fp32 = args.fp32 or checkpoint_in(exp / "fp32")
+    if args.base_size and (args.fp32 or not args.fixed_len):
+        raise SystemExit("error: --base-size makes its own fp32 model: give --fixed-len N and no --fp32")
+    if args.rounds < 1:
+        raise SystemExit(f"error: --rounds must be >= 1, got {args.rounds}")
+    args.fp32 = args.fp32 or (None if args.base_size else checkpoint_in(exp / "fp32"))
     args.data_bin = args.data_bin or exp / "data" / "bin"
     args.spm = args.spm or exp / "data" / "spm.model"
     args.raw_src = args.raw_src or exp / "data" / "raw" / f"test.{args.src}"
@@ -335,7 +388,8 @@ def resolve(args):
         ptq[name] = (method, bits)
     args.ptq = ptq
     args.settings = [tuple(map(int, s.split("x"))) for s in args.settings.split(",")]
-    for path in (args.fp32, args.data_bin, args.spm, args.raw_src, args.raw_ref, *args.qat.values()):
+    inputs = [args.data_bin, args.spm, args.raw_src, args.raw_ref, *args.qat.values()]
+    for path in ([args.fp32] if args.fp32 else []) + inputs:
         if not Path(path).exists():
             raise SystemExit(f"error: {path} does not exist")
     if args.ct2:
@@ -346,6 +400,19 @@ def resolve(args):
     return args
 
 
+def run_row(args, data: Path, out: Path, label, path, extra, batch, beam, rnd):
+    """One run of one row: (hyps, tokens, seconds, peak RSS MB)."""
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", label).strip("-")
+    tag = f".r{rnd + 1}" if args.rounds > 1 and (extra is None or extra == "runtime") else ""
+    log_path = out / "logs" / f"{slug}.b{batch}.k{beam}.n{args.sentences}.t{args.threads}{tag}.log"
+    log_path.parent.mkdir(exist_ok=True)
+    if extra is None:
+        return ct2_run(args, data, path, batch, beam, log_path)
+    if extra == "runtime":
+        return runtime_run(args, data, path, batch, beam, log_path)
+    return fairseq_run(args, data, path, extra, batch, beam, log_path)
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["ct2-worker"]:
@@ -353,36 +420,49 @@ def main(argv=None):
     args = resolve(get_parser().parse_args(argv))
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
+    if args.base_size:
+        args.fp32 = make_base_model(args, out)
     data = prepare_subset(args, out)
     refs = (data / f"raw.{args.tgt}").read_text(encoding="utf-8").splitlines()
-    results, fairseq_hyps = [], {}
-    for label, path, extra, size in prepare_models(args, out):
-        for batch, beam in args.settings:
-            slug = re.sub(r"[^A-Za-z0-9]+", "-", label).strip("-")
-            log_path = out / "logs" / f"{slug}.b{batch}.k{beam}.n{args.sentences}.t{args.threads}.log"
-            log_path.parent.mkdir(exist_ok=True)
-            same = None
-            if extra is None:
-                hyps, tokens, seconds, rss = ct2_run(args, data, path, batch, beam, log_path)
-            elif extra == "runtime":
-                hyps, tokens, seconds, rss = runtime_run(args, data, path, batch, beam, log_path)
-                ref = fairseq_hyps.get((label.replace(RUNTIME_SUFFIX, ""), batch, beam))
-                if ref is not None:  # the runtime computes what fairseq-generate computes on the same packed file
-                    same = sum(a == b for a, b in zip(hyps, ref)) / len(ref)
-                    log(f"{label} batch {batch} beam {beam}: {100 * same:.1f}% of the translations equal "
-                        "fairseq-generate's on the same packed file")
-            else:
-                hyps, tokens, seconds, rss = fairseq_run(args, data, path, extra, batch, beam, log_path)
-                fairseq_hyps[(label, batch, beam)] = hyps
+    rows = prepare_models(args, out)
+    results = []
+    for batch, beam in args.settings:
+        runs = {row[0]: [] for row in rows}
+        repeated = [row for row in rows if row[2] is None or row[2] == "runtime"]
+        for label, path, extra, _ in rows:  # fairseq-generate: once
+            if extra is not None and extra != "runtime":
+                runs[label].append(run_row(args, data, out, label, path, extra, batch, beam, 0))
+        for rnd in range(args.rounds):
+            for label, path, extra, _ in (repeated if rnd % 2 == 0 else repeated[::-1]):
+                runs[label].append(run_row(args, data, out, label, path, extra, batch, beam, rnd))
+        tps = {label: [t / s for _, t, s, _ in rs] for label, rs in runs.items()}
+        ct2 = next((row[0] for row in rows if row[2] is None), None)
+        for label, _, extra, size in rows:
+            hyps, tokens, seconds, _ = runs[label][0]
+            rss = max(r[3] for r in runs[label])
             r = {"model": label, "file_bytes": size, "batch": batch, "beam": beam, "tokens": tokens,
-                 "seconds": seconds, "tokens_per_s": tokens / seconds, "peak_rss_mb": rss, "bleu": bleu(hyps, refs),
-                 "same_as_fairseq": same}
-            log(f"{label} batch {batch} beam {beam}: {r['tokens_per_s']:.1f} tokens/s, {rss:.0f} MB, "
-                f"BLEU {r['bleu']:.2f}")
+                 "seconds": seconds, "tokens_per_s": statistics.median(tps[label]), "runs_tokens_per_s": tps[label],
+                 "peak_rss_mb": rss, "bleu": bleu(hyps, refs), "same_as_fairseq": None}
+            if extra == "runtime":
+                ref = runs.get(label.replace(RUNTIME_SUFFIX, ""))
+                if ref:  # the runtime computes what fairseq-generate computes on the same packed file
+                    r["same_as_fairseq"] = sum(a == b for a, b in zip(hyps, ref[0][0])) / len(ref[0][0])
+                    log(f"{label} batch {batch} beam {beam}: {100 * r['same_as_fairseq']:.1f}% of the translations "
+                        "equal fairseq-generate's on the same packed file")
+                if ct2:
+                    r["vs_ct2"] = statistics.median(a / b for a, b in zip(tps[label], tps[ct2]))
+                    r["rss_vs_ct2"] = rss / max(x[3] for x in runs[ct2])
+                    r["file_vs_ct2"] = size / next(row[3] for row in rows if row[0] == ct2)
+                if "fp32" in tps:
+                    r["vs_fp32"] = r["tokens_per_s"] / tps["fp32"][0]
+            log(f"{label} batch {batch} beam {beam}: {r['tokens_per_s']:.1f} tokens/s "
+                f"({', '.join(f'{v:.1f}' for v in tps[label])}), {rss:.0f} MB, BLEU {r['bleu']:.2f}")
             results.append(r)
+    order = {row[0]: i for i, row in enumerate(rows)}
+    results.sort(key=lambda r: order[r["model"]])  # stable: settings stay in order within a model
     text = table(results, args)
     (out / "results.json").write_text(json.dumps({"sentences": args.sentences, "threads": args.threads,
-                                                  "results": results}, indent=1) + "\n")
+                                                  "rounds": args.rounds, "results": results}, indent=1) + "\n")
     (out / "results.md").write_text(text + "\n")
     print(text)
 

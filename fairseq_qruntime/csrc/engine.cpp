@@ -31,6 +31,7 @@
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #ifdef _OPENMP
@@ -77,6 +78,7 @@ enum Prof { P_EMBED, P_GEMV, P_GEMM, P_DEQ, P_DENSE, P_SELF_ATTN, P_CROSS_ATTN, 
 static const char* kProfNames[P_N] = {"embed", "packed small-rows", "packed many-rows", "(of which dequantize)", "dense fp32", "self-attention",
                                       "cross-attention", "norm/act/residual", "log-softmax", "search", "encoder (all)"};
 static std::atomic<int64_t> g_prof[P_N];
+static std::atomic<int64_t> g_gemm_flop;  // floating-point operations of the many-rows packed products
 static const bool g_prof_on = [] {
   const char* v = std::getenv("QRUNTIME_PROFILE");
   return v && *v && std::string(v) != "0";
@@ -102,7 +104,7 @@ static void prof_report() {
   if (!g_prof_on) return;
   std::fprintf(stderr, "qruntime profile (s):");
   for (int i = 0; i < P_N; ++i) std::fprintf(stderr, " %s %.3f;", kProfNames[i], g_prof[i].load() * 1e-9);
-  std::fprintf(stderr, "\n");
+  std::fprintf(stderr, " packed many-rows GFLOP %.2f\n", g_gemm_flop.load() * 1e-9);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -250,6 +252,45 @@ __attribute__((target("avx2,fma"))) static void panel_avx2(const float* x, int n
   for (; i + 3 <= n; i += 3) mk256<3>(x + i * xs, xs, P, kc, y + i * ys, ys, nr, acc);
   for (; i < n; ++i) mk256<1>(x + i * xs, xs, P, kc, y + i * ys, ys, nr, acc);
 }
+
+// The GEMM panel P [kc][32] of BCQ weight rows [r, r + 32) (r a multiple of 16), columns [c0, c0 + kc),
+// dequantized straight from the direct kernel's layout (w.lut: 16 rows' 32-column words side by side): each
+// column of 16 rows is the sum over planes of +-alpha in plane order, the values bcq_deq writes. Zero past
+// the weight's rows.
+__attribute__((target("avx512f"))) static void bcq_panel_avx512(const BCQ& w, int r, int c0, int kc, float* P) {
+  const int gs = w.cols / w.groups, nrb = (w.rows + 15) / 16, q = w.q;
+  for (int h = 0; h < 2; ++h) {
+    const int rb = r / 16 + h;
+    float* Ph = P + 16 * h;
+    if (rb >= nrb) {
+      for (int k = 0; k < kc; ++k) _mm512_storeu_ps(Ph + (int64_t)k * 32, _mm512_setzero_ps());
+      continue;
+    }
+    __m512 a[8], na[8];
+    for (int k = 0, g = -1; k < kc;) {
+      const int ch = (c0 + k) / 32, kend = std::min(kc, (ch + 1) * 32 - c0);
+      __m512i wd[8];
+      for (int p = 0; p < q; ++p)
+        wd[p] = _mm512_load_si512(w.lut + (((int64_t)p * nrb + rb) * w.chunks + ch) * 16);
+      for (; k < kend; ++k) {
+        const int c = c0 + k, gc = std::min(c / gs, w.groups - 1);
+        if (gc != g) {
+          g = gc;
+          for (int p = 0; p < q; ++p) {
+            alignas(64) float t[16];
+            for (int i = 0; i < 16; ++i) t[i] = rb * 16 + i < w.rows ? *w.a(p, rb * 16 + i, g) : 0.f;
+            a[p] = _mm512_load_ps(t);
+            na[p] = _mm512_sub_ps(_mm512_setzero_ps(), a[p]);
+          }
+        }
+        const __m512i bit = _mm512_set1_epi32((int)(1u << (c & 31)));
+        __m512 v = _mm512_mask_blend_ps(_mm512_test_epi32_mask(wd[0], bit), na[0], a[0]);
+        for (int p = 1; p < q; ++p) v = _mm512_add_ps(v, _mm512_mask_blend_ps(_mm512_test_epi32_mask(wd[p], bit), na[p], a[p]));
+        _mm512_storeu_ps(Ph + (int64_t)k * 32, v);
+      }
+    }
+  }
+}
 #endif
 
 static void panel_portable(const float* x, int n, int64_t xs, const float* P, int kc, float* y, int64_t ys, int nr,
@@ -271,19 +312,25 @@ static void panel_portable(const float* x, int n, int64_t xs, const float* P, in
   }
 }
 
-// y[i][r0 + j] (+)= sum_k x[i][k] w[r0 + j][k] for a tile of weight rows [r0, r1) given as src (row stride ss)
-// over kc columns; P is scratch for one tile's panels (round up (r1 - r0) to NR) x kc floats.
-static void gemm_tile(int isa, const float* x, int n, int64_t xs, const float* src, int64_t ss, int nrows, int kc,
-                      float* P, float* y, int64_t ys, bool acc) {
+// Panel P [kc][NR] = rows [p0, p0 + nr) of src (row stride ss) transposed, zero past nr.
+static void pack_rows(const float* src, int64_t ss, int p0, int nr, int NR, int kc, float* P) {
+  for (int j = 0; j < nr; ++j) {
+    const float* wr = src + (int64_t)(p0 + j) * ss;
+    for (int k = 0; k < kc; ++k) P[(int64_t)k * NR + j] = wr[k];
+  }
+  for (int j = nr; j < NR; ++j)
+    for (int k = 0; k < kc; ++k) P[(int64_t)k * NR + j] = 0.f;
+}
+
+// y[i][j] (+)= sum_k x[i][k] w[j][k] for a tile of nrows weight rows over kc columns: pack(p0, nr, P) writes
+// the panel of tile rows [p0, p0 + nr) (P: scratch for one panel, NR x kc floats), the micro-kernels use it.
+template <typename Pack>
+static void gemm_tile(int isa, const float* x, int n, int64_t xs, int nrows, int kc, float* P, float* y, int64_t ys,
+                      bool acc, Pack pack) {
   const int NR = gemm_nr(isa);
   for (int p0 = 0; p0 < nrows; p0 += NR) {
     const int nr = std::min(NR, nrows - p0);
-    for (int j = 0; j < nr; ++j) {  // pack: P[k][j] = w[p0 + j][k]
-      const float* wr = src + (int64_t)(p0 + j) * ss;
-      for (int k = 0; k < kc; ++k) P[(int64_t)k * NR + j] = wr[k];
-    }
-    for (int j = nr; j < NR; ++j)
-      for (int k = 0; k < kc; ++k) P[(int64_t)k * NR + j] = 0.f;
+    pack(p0, nr, P);
     float* yp = y + p0;
 #if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__)
     if (isa == G_AVX512) {
@@ -299,16 +346,32 @@ static void gemm_tile(int isa, const float* x, int n, int64_t xs, const float* s
   }
 }
 
-QR_CLONES static float dot(const float* a, const float* b, int n) {
-  float s = 0.f;
+// One attention head of one query: out [hd] = sum_j softmax_j(q . k_j) v_j over n keys k_j = kp[j] + off,
+// v_j = vp[j] + off (fp32 softmax as torch's); sc: scratch [n].
+QR_CLONES static void attend(const float* q, const float* const* kp, const float* const* vp, int64_t off, int n, int hd,
+                             float* sc, float* out) {
+  float mx = -INFINITY;
+  for (int j = 0; j < n; ++j) {
+    const float* kj = kp[j] + off;
+    float s = 0.f;
 #pragma omp simd reduction(+ : s)
-  for (int c = 0; c < n; ++c) s += a[c] * b[c];
-  return s;
-}
-
-QR_CLONES static void axpy(float a, const float* x, float* y, int n) {
+    for (int c = 0; c < hd; ++c) s += q[c] * kj[c];
+    sc[j] = s;
+    mx = std::max(mx, s);
+  }
+  float sum = 0.f;
+  for (int j = 0; j < n; ++j) {
+    sc[j] = std::exp(sc[j] - mx);
+    sum += sc[j];
+  }
+  const float inv = 1.f / sum;
+  for (int c = 0; c < hd; ++c) out[c] = 0.f;
+  for (int j = 0; j < n; ++j) {
+    const float a = sc[j] * inv;
+    const float* vj = vp[j] + off;
 #pragma omp simd
-  for (int c = 0; c < n; ++c) y[c] += a * x[c];
+    for (int c = 0; c < hd; ++c) out[c] += a * vj[c];
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -430,7 +493,8 @@ struct Model {
   // With activation quantization, a value within float rounding of a rounding boundary lands one step
   // away under another fp32 summation order, and the step shows in the scores (1.5e-4 on the tests' 1-bit
   // model with the packed-panel GEMM). Such models keep the dot-product order of the parity-checked engine
-  // (gemm_nt over each row, column chunks of 512) for many rows: their speed is that engine's.
+  // (gemm_nt over each row, column chunks of 512) for many rows, and its attention (libm exp) and log-softmax
+  // sums: their speed is that engine's.
   bool exact_order = false;
 
   double get(const std::string& k) const {
@@ -604,10 +668,11 @@ struct Exec {  // threads of one call
 
 // y [n, rows] = x [n, xs] W^T over tiles of 64 weight rows x 256 columns (the many-rows path): deq(r0, r1,
 // c0, c1, buf, ws) returns the tile's rows (dequantized into buf with stride ws, or the dense weight itself)
-// as {pointer to w[r0][c0], row stride}; each tile is packed once and used for all n rows.
-template <typename Deq>
+// as {pointer to w[r0][c0], row stride}; each tile is packed once and used for all n rows. A `panel`
+// (r, c0, kc, P) instead writes the GEMM panel of weight rows [r, r + NR) itself (zero past the weight).
+template <typename Deq, typename Panel = std::nullptr_t>
 static void tiled(const Model& m, const Exec& ex, const float* x, int n, int xs, int cols, int rows, float* y, int ys,
-                  Deq deq) {
+                  Deq deq, Panel panel = nullptr) {
   constexpr int TR = 64, TC = 256;
   const int isa = gemm_isa(m);
   const int nblocks = (rows + TR - 1) / TR;
@@ -632,13 +697,35 @@ static void tiled(const Model& m, const Exec& ex, const float* x, int n, int xs,
       const int r0 = (int)b * TR, r1 = std::min(rows, r0 + TR);
       for (int c0 = 0; c0 < cols; c0 += TC) {
         const int cb = std::min(TC, cols - c0);
+        if constexpr (!std::is_same_v<Panel, std::nullptr_t>) {
+          gemm_tile(isa, x + c0, n, xs, r1 - r0, cb, P.data(), y + r0, ys, c0 > 0, [&](int p0, int, float* Pp) {
+            Timer td(P_DEQ);
+            panel(r0 + p0, c0, cb, Pp);
+          });
+          continue;
+        }
         Timer td(P_DEQ);
         const std::pair<const float*, int64_t> src = deq(r0, r1, c0, c0 + cb, buf.data(), TC);
         td.stop();
-        gemm_tile(isa, x + c0, n, xs, src.first, src.second, r1 - r0, cb, P.data(), y + r0, ys, c0 > 0);
+        gemm_tile(isa, x + c0, n, xs, r1 - r0, cb, P.data(), y + r0, ys, c0 > 0, [&](int p0, int nr, float* Pp) {
+          pack_rows(src.first, src.second, p0, nr, gemm_nr(isa), cb, Pp);
+        });
       }
     }
   });
+}
+
+// The many-rows path of a packed weight: tiles dequantized by deq(w, r0, r1, c0, c1, out, ws) (a kernel set's
+// bcq_deq / km_deq, or a panel writer, see tiled) and multiplied by the GEMM.
+template <typename W, typename DeqFn, typename Panel = std::nullptr_t>
+static void deq_gemm(const Model& m, const Exec& ex, const W& w, DeqFn deq, const float* x, int n, int xs, float* y,
+                     int ys, Panel panel = nullptr) {
+  Timer tm(P_GEMM);
+  if (g_prof_on) g_gemm_flop += 2 * (int64_t)n * w.rows * w.cols;
+  tiled(m, ex, x, n, xs, xs, w.rows, y, ys, [&](int r0, int r1, int c0, int c1, float* o, int ws) {
+    deq(w, r0, r1, c0, c1, o, ws);
+    return std::pair<const float*, int64_t>(o, ws);
+  }, panel);
 }
 
 static void bcq_product(const Model& m, const Exec& ex, const BcqPart& part, const float* x, int n, int xs, float* y,
@@ -650,11 +737,14 @@ static void bcq_product(const Model& m, const Exec& ex, const BcqPart& part, con
   const bool lut_ok = w.groups == 1 || (w.cols / w.groups) % K->bcq_group_align == 0;
   const int small_max = K->bcq_gemv ? kBcqSmallMaxDirect : kBcqSmallMaxLut;
   if (n > small_max || !lut_ok) {
-    Timer tm(P_GEMM);
-    tiled(m, ex, x, n, xs, xs, w.rows, y, ys, [&](int r0, int r1, int c0, int c1, float* o, int ws) {
-      K->bcq_deq(w, r0, r1, c0, c1, o, ws);
-      return std::pair<const float*, int64_t>(o, ws);
-    });
+#if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__)
+    if (gemm_isa(m) == G_AVX512 && w.lut) {
+      deq_gemm(m, ex, w, K->bcq_deq, x, n, xs, y, ys,
+               [&](int r, int c0, int kc, float* P) { bcq_panel_avx512(w, r, c0, kc, P); });
+      return;
+    }
+#endif
+    deq_gemm(m, ex, w, K->bcq_deq, x, n, xs, y, ys);
     return;
   }
   Timer tm(P_GEMV);
@@ -678,19 +768,30 @@ static void km_product(const Model& m, const Exec& ex, const KMeans& w, const fl
   if (w.bits > K->km_max_bits) K = &qk::scalar_kernels;
   const int small_max = K == &qk::scalar_kernels || K->km_max_bits == 8 ? kKmSmallMaxGeneric : kKmSmallMaxAvx512;
   if (n > small_max) {
-    Timer tm(P_GEMM);
-    tiled(m, ex, x, n, xs, xs, w.rows, y, ys, [&](int r0, int r1, int c0, int c1, float* o, int ws) {
-      K->km_deq(w, r0, r1, c0, c1, o, ws);
-      return std::pair<const float*, int64_t>(o, ws);
-    });
+    deq_gemm(m, ex, w, K->km_deq, x, n, xs, y, ys);
     return;
   }
   Timer tm(P_GEMV);
   ex.par(w.rows, [&](int64_t a, int64_t b) { K->km_gemv(w, x, n, xs, y, ys, (int)a, (int)b); });
 }
 
-// y [n, rows] = act_out(act_in(x) [n, cols] W^T + bias); x and y contiguous.
-static void linear(const Model& m, const Exec& ex, const Linear& L, const float* x, int n, float* y) {
+static void activate(int fn, float* x, int64_t n);
+
+// y [i] = relu(y [i] + b) (relu: whether to apply it); b may be null.
+QR_CLONES static void bias_relu(float* y, const float* b, int rows, bool relu) {
+  if (b) {
+#pragma omp simd
+    for (int r = 0; r < rows; ++r) y[r] += b[r];
+  }
+  if (relu) {
+#pragma omp simd
+    for (int r = 0; r < rows; ++r) y[r] = y[r] > 0.f ? y[r] : 0.f;
+  }
+}
+
+// y [n, rows] = fn(act_out(act_in(x) [n, cols] W^T + bias)) (fn: an ActFn, LINEAR for none); x and y contiguous.
+// Bias and relu run in one pass over each output row.
+static void linear(const Model& m, const Exec& ex, const Linear& L, const float* x, int n, float* y, int fn = LINEAR) {
   const Weight& w = *L.w;
   const int cols = w.cols, rows = w.rows;
   if (n == 0) return;
@@ -736,12 +837,13 @@ static void linear(const Model& m, const Exec& ex, const Linear& L, const float*
       km_product(m, ex, w.km, xin, n, xs, y, rows);
       break;
   }
-  if (L.bias)
-    for (int i = 0; i < n; ++i) {
-      float* yi = y + (int64_t)i * rows;
-      for (int r = 0; r < rows; ++r) yi[r] += L.bias[r];
-    }
+  const bool fused = fn == RELU && !L.act_out.on;
+  if (L.bias || fused) {
+    Timer tm(P_NORM_ACT);
+    for (int i = 0; i < n; ++i) bias_relu(y + (int64_t)i * rows, L.bias, rows, fused);
+  }
   if (L.act_out.on) quantize_act(L.act_out, y, (int64_t)n * rows);
+  if (!fused && fn != LINEAR) activate(fn, y, (int64_t)n * rows);
 }
 
 // Row r of a weight (an embedding lookup): out [cols].
@@ -763,17 +865,37 @@ static void weight_row(const Model& m, const Weight& w, int r, float* out) {
   std::memcpy(out, buf.data(), sizeof(float) * cols);
 }
 
+// Layer norm of one row (mean and variance in double, as the parity-checked engine). Baseline ISA on purpose:
+// with FMA, (x - mu) * rstd * g + b rounds once less and moves values across activation-quantization steps.
+static void norm_row(const float* g, const float* b, float* x, int dim) {
+  double mean = 0, var = 0;
+#pragma omp simd reduction(+ : mean)
+  for (int c = 0; c < dim; ++c) mean += x[c];
+  mean /= dim;
+#pragma omp simd reduction(+ : var)
+  for (int c = 0; c < dim; ++c) var += (x[c] - mean) * (x[c] - mean);
+  var /= dim;
+  const float rstd = (float)(1.0 / std::sqrt(var + 1e-5)), mu = (float)mean;
+#pragma omp simd
+  for (int c = 0; c < dim; ++c) x[c] = (x[c] - mu) * rstd * g[c] + b[c];
+}
+
 static void layer_norm(const Norm& n, float* x, int rows, int dim) {
   Timer tm(P_NORM_ACT);
+  for (int i = 0; i < rows; ++i) norm_row(n.g, n.b, x + (int64_t)i * dim, dim);
+}
+
+QR_CLONES static void add_row(float* x, const float* o, int dim) {
+#pragma omp simd
+  for (int c = 0; c < dim; ++c) x[c] += o[c];
+}
+
+// x += o, then (post-norm: norm given) the layer norm, one row at a time.
+static void residual(const Norm* norm, float* x, const float* o, int rows, int dim) {
+  Timer tm(P_NORM_ACT);
   for (int i = 0; i < rows; ++i) {
-    float* xi = x + (int64_t)i * dim;
-    double mean = 0, var = 0;
-    for (int c = 0; c < dim; ++c) mean += xi[c];
-    mean /= dim;
-    for (int c = 0; c < dim; ++c) var += (xi[c] - mean) * (xi[c] - mean);
-    var /= dim;
-    const float rstd = (float)(1.0 / std::sqrt(var + 1e-5)), mu = (float)mean;
-    for (int c = 0; c < dim; ++c) xi[c] = (xi[c] - mu) * rstd * n.g[c] + n.b[c];
+    add_row(x + (int64_t)i * dim, o + (int64_t)i * dim, dim);
+    if (norm) norm_row(norm->g, norm->b, x + (int64_t)i * dim, dim);
   }
 }
 
@@ -793,16 +915,118 @@ static void activate(int fn, float* x, int64_t n) {
   }
 }
 
-static void softmax_inplace(float* s, int n) {
+// exp(x) for x <= 0 in fp32 (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, degree-5 polynomial; within 2 ulp),
+// written so that the row loops below vectorize; below -87.3 it returns 2^-126 (negligible in a softmax sum
+// that holds exp(0) = 1).
+static inline float exp_neg(float x) {
+  x = std::max(x, -87.3f);
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  float r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  const int32_t bits = ((int32_t)n + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, 4);
+  return p * scale;
+}
+
+// The max of a row and the log of the sum of exp(x - max) (fp32 lanes): log_softmax(x) = (x - max) - that.
+QR_CLONES static void row_lse(const float* r, int V, float& mx_out, float& ls_out) {
   float mx = -INFINITY;
-  for (int j = 0; j < n; ++j) mx = std::max(mx, s[j]);
+#pragma omp simd reduction(max : mx)
+  for (int j = 0; j < V; ++j) mx = std::max(mx, r[j]);
   float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int j = 0; j < V; ++j) sum += exp_neg(r[j] - mx);
+  mx_out = mx;
+  ls_out = std::log(sum);
+}
+
+#if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__)
+// row_lse with AVX-512: 16 lanes of exp_neg.
+__attribute__((target("avx512f"))) static inline __m512 exp_neg16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
+                                        _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.f));
+  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+}
+
+__attribute__((target("avx512f"))) static void row_lse_avx512(const float* r, int V, float& mx_out, float& ls_out) {
+  __m512 mv = _mm512_set1_ps(-INFINITY);
+  int j = 0;
+  for (; j + 16 <= V; j += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(r + j));
+  const __mmask16 tail = (__mmask16)((1u << (V - j)) - 1);
+  mv = _mm512_max_ps(mv, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), tail, r + j));
+  const float mx = _mm512_reduce_max_ps(mv);
+  const __m512 m = _mm512_set1_ps(mx);
+  __m512 sv = _mm512_setzero_ps();
+  for (j = 0; j + 16 <= V; j += 16) sv = _mm512_add_ps(sv, exp_neg16(_mm512_sub_ps(_mm512_loadu_ps(r + j), m)));
+  sv = _mm512_add_ps(sv, _mm512_maskz_mov_ps(tail, exp_neg16(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, r + j), m))));
+  mx_out = mx;
+  ls_out = std::log(_mm512_reduce_add_ps(sv));
+}
+// attend with AVX-512 for heads of HB x 16 dims: scores reduced per key in registers, exponentials 16 at a
+// time (exp_neg16), the weighted sum of values in HB accumulators.
+template <int HB>
+__attribute__((target("avx512f"))) static void attend_avx512(const float* q, const float* const* kp, const float* const* vp,
+                                                             int64_t off, int n, float* sc, float* out) {
+  __m512 qv[HB], acc[HB];
+  for (int b = 0; b < HB; ++b) qv[b] = _mm512_loadu_ps(q + 16 * b), acc[b] = _mm512_setzero_ps();
+  float mx = -INFINITY;
   for (int j = 0; j < n; ++j) {
-    s[j] = std::exp(s[j] - mx);
-    sum += s[j];
+    const float* kj = kp[j] + off;
+    __m512 s = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kj));
+    for (int b = 1; b < HB; ++b) s = _mm512_fmadd_ps(qv[b], _mm512_loadu_ps(kj + 16 * b), s);
+    sc[j] = _mm512_reduce_add_ps(s);
+    mx = std::max(mx, sc[j]);
   }
-  const float inv = 1.f / sum;
-  for (int j = 0; j < n; ++j) s[j] *= inv;
+  const __m512 m = _mm512_set1_ps(mx);
+  __m512 sum = _mm512_setzero_ps();
+  for (int j = 0; j < n; j += 16) {
+    const __mmask16 k = n - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - j)) - 1);
+    const __m512 e = _mm512_maskz_mov_ps(k, exp_neg16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, sc + j), m)));
+    _mm512_mask_storeu_ps(sc + j, k, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  const float inv = 1.f / _mm512_reduce_add_ps(sum);
+  for (int j = 0; j < n; ++j) {
+    const __m512 a = _mm512_set1_ps(sc[j] * inv);
+    const float* vj = vp[j] + off;
+    for (int b = 0; b < HB; ++b) acc[b] = _mm512_fmadd_ps(a, _mm512_loadu_ps(vj + 16 * b), acc[b]);
+  }
+  for (int b = 0; b < HB; ++b) _mm512_storeu_ps(out + 16 * b, acc[b]);
+}
+#endif
+
+// attend on the model's ISA.
+static void attention(bool avx512, const float* q, const float* const* kp, const float* const* vp, int64_t off, int n,
+                      int hd, float* sc, float* out) {
+#if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__)
+  if (avx512) switch (hd) {
+      case 16: return attend_avx512<1>(q, kp, vp, off, n, sc, out);
+      case 32: return attend_avx512<2>(q, kp, vp, off, n, sc, out);
+      case 64: return attend_avx512<4>(q, kp, vp, off, n, sc, out);
+      case 128: return attend_avx512<8>(q, kp, vp, off, n, sc, out);
+      default: break;
+    }
+#endif
+  attend(q, kp, vp, off, n, hd, sc, out);
 }
 
 // Embeddings of n tokens at positions pos_idx (absolute indices into the position table).
@@ -825,11 +1049,9 @@ static void ffn_block(const Model& m, const Exec& ex, const Side& s, const Layer
   const int d = s.dim;
   std::vector<float> h(x, x + (int64_t)n * d), f((size_t)n * s.ffn), o((size_t)n * d);
   if (s.prenorm) layer_norm(l.ffn_ln, h.data(), n, d);
-  linear(m, ex, l.fc1, h.data(), n, f.data());
-  activate(m.activation, f.data(), (int64_t)n * s.ffn);
+  linear(m, ex, l.fc1, h.data(), n, f.data(), m.activation);
   linear(m, ex, l.fc2, f.data(), n, o.data());
-  for (int64_t i = 0; i < (int64_t)n * d; ++i) x[i] = x[i] + o[i];
-  if (!s.prenorm) layer_norm(l.ffn_ln, x, n, d);
+  residual(s.prenorm ? nullptr : &l.ffn_ln, x, o.data(), n, d);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -845,6 +1067,7 @@ static void encode(const Model& m, const Exec& ex, const int32_t* tokens, const 
   Timer tm(P_ENCODE);
   const Side& s = m.enc;
   const int d = s.dim, H = s.heads, hd = d / H;
+  const bool avx512 = gemm_isa(m) == G_AVX512 && !m.exact_order;
   e.bsz = bsz;
   e.off.resize(bsz);
   e.len.assign(lens, lens + bsz);
@@ -868,22 +1091,21 @@ static void encode(const Model& m, const Exec& ex, const int32_t* tokens, const 
     for (auto& t : q) t *= s.scaling;
     ex.par((int64_t)T * H, [&](int64_t lo, int64_t hi) {
       std::vector<float> sc;
+      std::vector<const float*> kp, vp;
       for (int64_t th = lo; th < hi; ++th) {
         const int t = (int)(th / H), hh = (int)(th % H);
-        int b = (int)(std::upper_bound(e.off.begin(), e.off.end(), t) - e.off.begin()) - 1;
-        const int o0 = e.off[b], n = e.len[b];
-        sc.resize(n);
-        const float* qt = q.data() + (int64_t)t * d + hh * hd;
-        for (int j = 0; j < n; ++j) sc[j] = dot(qt, k.data() + (int64_t)(o0 + j) * d + hh * hd, hd);
-        softmax_inplace(sc.data(), n);
-        float* at = a.data() + (int64_t)t * d + hh * hd;
-        std::fill(at, at + hd, 0.f);
-        for (int j = 0; j < n; ++j) axpy(sc[j], v.data() + (int64_t)(o0 + j) * d + hh * hd, at, hd);
+        if (th == lo || hh == 0) {  // the keys / values of token t's sentence
+          const int b = (int)(std::upper_bound(e.off.begin(), e.off.end(), t) - e.off.begin()) - 1;
+          const int o0 = e.off[b], n = e.len[b];
+          sc.resize(n), kp.resize(n), vp.resize(n);
+          for (int j = 0; j < n; ++j) kp[j] = k.data() + (int64_t)(o0 + j) * d, vp[j] = v.data() + (int64_t)(o0 + j) * d;
+        }
+        attention(avx512, q.data() + (int64_t)t * d + hh * hd, kp.data(), vp.data(), hh * hd, (int)kp.size(), hd,
+                  sc.data(), a.data() + (int64_t)t * d + hh * hd);
       }
     });
     linear(m, ex, l.self.o, a.data(), T, o.data());
-    for (int64_t i = 0; i < (int64_t)T * d; ++i) x[i] = x[i] + o[i];
-    if (!s.prenorm) layer_norm(l.self_ln, x.data(), T, d);
+    residual(s.prenorm ? nullptr : &l.self_ln, x.data(), o.data(), T, d);
     ffn_block(m, ex, s, l, x.data(), T);
   }
   if (s.final_ln.on()) layer_norm(s.final_ln, x.data(), T, d);
@@ -924,6 +1146,7 @@ static void decode_step(const Model& m, const Exec& ex, const Encoded& e, DecSta
                         const int* sent, const int* prow, const std::vector<std::vector<int>>& anc, float* logits) {
   const Side& s = m.dec;
   const int d = s.dim, H = s.heads, hd = d / H;
+  const bool avx512 = gemm_isa(m) == G_AVX512 && !m.exact_order;
   std::vector<int32_t> pos(n, m.pad + 1 + t);
   std::vector<float> x((size_t)n * d), h, q((size_t)n * d), k((size_t)n * d), v((size_t)n * d), a((size_t)n * d),
       o((size_t)n * d);
@@ -943,23 +1166,22 @@ static void decode_step(const Model& m, const Exec& ex, const Encoded& e, DecSta
     Timer tsa(P_SELF_ATTN);
     ex.par((int64_t)n * H, [&](int64_t lo, int64_t hi) {
       std::vector<float> sc(t + 1);
+      std::vector<const float*> kp(t + 1), vp(t + 1);
       for (int64_t ih = lo; ih < hi; ++ih) {
         const int i = (int)(ih / H), hh = (int)(ih % H);
-        const float* qi = q.data() + (int64_t)i * d + hh * hd;
-        for (int j = 0; j <= t; ++j) sc[j] = dot(qi, st.K[li][j / DecState::CHUNK].get() +
-                                                        ((int64_t)(j % DecState::CHUNK) * st.nphys + anc[i][j]) * d + hh * hd, hd);
-        softmax_inplace(sc.data(), t + 1);
-        float* ai = a.data() + (int64_t)i * d + hh * hd;
-        std::fill(ai, ai + hd, 0.f);
-        for (int j = 0; j <= t; ++j)
-          axpy(sc[j], st.V[li][j / DecState::CHUNK].get() + ((int64_t)(j % DecState::CHUNK) * st.nphys + anc[i][j]) * d + hh * hd,
-               ai, hd);
+        if (ih == lo || hh == 0)  // row i's history: step j at physical row anc[i][j]
+          for (int j = 0; j <= t; ++j) {
+            const int64_t at = ((int64_t)(j % DecState::CHUNK) * st.nphys + anc[i][j]) * d;
+            kp[j] = st.K[li][j / DecState::CHUNK].get() + at;
+            vp[j] = st.V[li][j / DecState::CHUNK].get() + at;
+          }
+        attention(avx512, q.data() + (int64_t)i * d + hh * hd, kp.data(), vp.data(), hh * hd, t + 1, hd, sc.data(),
+                  a.data() + (int64_t)i * d + hh * hd);
       }
     });
     tsa.stop();
     linear(m, ex, l.self.o, a.data(), n, o.data());
-    for (int64_t z = 0; z < (int64_t)n * d; ++z) x[z] = x[z] + o[z];
-    if (!s.prenorm) layer_norm(l.self_ln, x.data(), n, d);
+    residual(s.prenorm ? nullptr : &l.self_ln, x.data(), o.data(), n, d);
     // cross-attention over the sentence's encoder states
     h = x;
     if (s.prenorm) layer_norm(l.cross_ln, h.data(), n, d);
@@ -969,66 +1191,82 @@ static void decode_step(const Model& m, const Exec& ex, const Encoded& e, DecSta
     Timer tca(P_CROSS_ATTN);
     ex.par((int64_t)n * H, [&](int64_t lo, int64_t hi) {
       std::vector<float> sc;
+      std::vector<const float*> kp, vp;
       for (int64_t ih = lo; ih < hi; ++ih) {
         const int i = (int)(ih / H), hh = (int)(ih % H);
-        const int o0 = e.off[sent[i]], len = e.len[sent[i]];
-        sc.resize(len);
-        const float* qi = q.data() + (int64_t)i * d + hh * hd;
-        for (int j = 0; j < len; ++j) sc[j] = dot(qi, CK + (int64_t)(o0 + j) * d + hh * hd, hd);
-        softmax_inplace(sc.data(), len);
-        float* ai = a.data() + (int64_t)i * d + hh * hd;
-        std::fill(ai, ai + hd, 0.f);
-        for (int j = 0; j < len; ++j) axpy(sc[j], CV + (int64_t)(o0 + j) * d + hh * hd, ai, hd);
+        if (ih == lo || hh == 0) {  // the encoder states of row i's sentence
+          const int o0 = e.off[sent[i]], len = e.len[sent[i]];
+          sc.resize(len), kp.resize(len), vp.resize(len);
+          for (int j = 0; j < len; ++j) kp[j] = CK + (int64_t)(o0 + j) * d, vp[j] = CV + (int64_t)(o0 + j) * d;
+        }
+        attention(avx512, q.data() + (int64_t)i * d + hh * hd, kp.data(), vp.data(), hh * hd, (int)kp.size(), hd,
+                  sc.data(), a.data() + (int64_t)i * d + hh * hd);
       }
     });
     tca.stop();
     linear(m, ex, l.cross.o, a.data(), n, o.data());
-    for (int64_t z = 0; z < (int64_t)n * d; ++z) x[z] = x[z] + o[z];
-    if (!s.prenorm) layer_norm(l.cross_ln, x.data(), n, d);
+    residual(s.prenorm ? nullptr : &l.cross_ln, x.data(), o.data(), n, d);
     ffn_block(m, ex, s, l, x.data(), n);
   }
   if (s.final_ln.on()) layer_norm(s.final_ln, x.data(), n, d);
   linear(m, ex, m.out_proj, x.data(), n, logits);
 }
 
-// exp(x) for x <= 0 in fp32 (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, degree-5 polynomial; within 2 ulp),
-// written so that the row loops below vectorize; below -87.3 it returns 2^-126 (negligible in a softmax sum
-// that holds exp(0) = 1).
-static inline float exp_neg(float x) {
-  x = std::max(x, -87.3f);
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
-  float r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.f;
-  const int32_t bits = ((int32_t)n + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, 4);
-  return p * scale;
-}
-
-// Rows of x [n, V] to log-probabilities, fp32 as torch's log_softmax (the sum of exponentials in fp32
-// lanes, summed in double at the end).
-QR_CLONES static void log_softmax_rows(float* x, int n, int V) {
-  Timer tm(P_SOFTMAX);
-  for (int i = 0; i < n; ++i) {
-    float* r = x + (int64_t)i * V;
-    float mx = -INFINITY;
-#pragma omp simd reduction(max : mx)
-    for (int j = 0; j < V; ++j) mx = std::max(mx, r[j]);
-    float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-    for (int j = 0; j < V; ++j) sum += exp_neg(r[j] - mx);
-    const float ls = std::log(sum);
-#pragma omp simd
-    for (int j = 0; j < V; ++j) r[j] = (r[j] - mx) - ls;
+// One beam row's candidates: lprob_j = (x_j - max) - lse with fairseq's masks (NaN, pad -> -inf, unk penalty,
+// only EOS from max_len on, no EOS before min_len), v_j = lprob_j + base. `all` from `first` keeps the best kr
+// (v, tag + j) in descending order; rows are scanned in index order, so a later equal v never displaces one.
+struct RowScan {
+  int pad, unk, eos;
+  float unk_penalty;
+  bool only_eos, no_eos;
+  bool avx512;
+  float value(const float* r, int j, float mx, float ls, float base) const {
+    float v = (r[j] - mx) - ls;
+    if (v != v || j == pad) v = -INFINITY;
+    if (j == unk) v -= unk_penalty;
+    if ((only_eos && j != eos) || (no_eos && j == eos)) v = -INFINITY;
+    return v + base;
   }
-}
+  static void push(std::vector<std::pair<float, int>>& all, size_t first, int kr, float v, int tag) {
+    const int have = (int)(all.size() - first);
+    if (have == kr && !(v > all.back().first)) return;
+    if (have < kr) all.emplace_back();
+    size_t p = all.size() - 1;
+    for (; p > first && v > all[p - 1].first; --p) all[p] = all[p - 1];
+    all[p] = {v, tag};
+  }
+  void scan(const float* r, int V, float mx, float ls, float base, int kr, int tag,
+            std::vector<std::pair<float, int>>& all) const {
+    const size_t first = all.size();
+    int j = 0;
+#if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__)
+    if (avx512 && !only_eos) {
+      for (; j < V && (int)(all.size() - first) < kr; ++j) push(all, first, kr, value(r, j, mx, ls, base), tag + j);
+      j = scan_avx512(r, V, j, mx, ls, base, kr, tag, all, first);
+    }
+#endif
+    for (; j < V; ++j) push(all, first, kr, value(r, j, mx, ls, base), tag + j);
+  }
+#if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__)
+  // Blocks of 16 from j: only values above the current k-th best (and the blocks holding pad / unk / eos)
+  // take the scalar path. Returns where the scalar scan goes on.
+  __attribute__((target("avx512f"))) int scan_avx512(const float* r, int V, int j, float mx, float ls, float base, int kr,
+                                                     int tag, std::vector<std::pair<float, int>>& all, size_t first) const {
+    const __m512 m = _mm512_set1_ps(mx), l = _mm512_set1_ps(ls), b = _mm512_set1_ps(base);
+    for (; j + 16 <= V; j += 16) {
+      const bool special = (pad >= j && pad < j + 16) || (unk >= j && unk < j + 16) || (eos >= j && eos < j + 16);
+      const __m512 v = _mm512_add_ps(_mm512_sub_ps(_mm512_sub_ps(_mm512_loadu_ps(r + j), m), l), b);
+      unsigned hit = _mm512_cmp_ps_mask(v, _mm512_set1_ps(all.back().first), _CMP_GT_OQ);
+      if (special) hit = 0xFFFF;
+      for (; hit; hit &= hit - 1) {
+        const int jj = j + __builtin_ctz(hit);
+        push(all, first, kr, value(r, jj, mx, ls, base), tag + jj);
+      }
+    }
+    return j;
+  }
+#endif
+};
 
 // ---------------------------------------------------------------------------------------------
 // Search (fairseq's SequenceGenerator with BeamSearch).
@@ -1082,24 +1320,12 @@ static Result search(const Model& m, const Exec& ex, const int32_t* tokens, cons
     }
     lp.resize((size_t)n * V);
     decode_step(m, ex, e, st, step, n, last.data(), rsent.data(), prow.data(), anc, lp.data());
-    log_softmax_rows(lp.data(), n, V);
-    for (int i = 0; i < n; ++i) {
-      float* r = lp.data() + (int64_t)i * V;
-      for (int j = 0; j < V; ++j)
-        if (r[j] != r[j]) r[j] = -INFINITY;
-      r[m.pad] = -INFINITY;
-      r[m.unk] -= P.unk_penalty;
-      if (step >= max_len)
-        for (int j = 0; j < V; ++j)
-          if (j != m.eos) r[j] = -INFINITY;
-      if (step < P.min_len) r[m.eos] = -INFINITY;
-    }
     // candidates per sentence: top 2 * beam of (beam x vocab) cumulative scores (ties: lower index first)
     std::vector<std::vector<float>> cs(nb);
     std::vector<std::vector<int>> ci(nb), cb(nb);
     // The top k of the union is the top k of each beam row's top k (same order), so each row keeps its
-    // best k in a sorted list while it is scanned (in index order: a later equal score never displaces).
-    Timer tsel(P_SEARCH);
+    // best k in a sorted list while its log-probabilities are computed and scanned (in index order).
+    const RowScan scan{m.pad, m.unk, m.eos, P.unk_penalty, step >= max_len, step < P.min_len, gemm_isa(m) == G_AVX512};
     ex.par(nb, [&](int64_t lo, int64_t hi) {
       std::vector<std::pair<float, int>> all;
       for (int64_t s = lo; s < hi; ++s) {
@@ -1108,19 +1334,18 @@ static Result search(const Model& m, const Exec& ex, const int32_t* tokens, cons
         all.clear();
         for (int bi = 0; bi < nbeams; ++bi) {
           const int row = (int)s * beam + bi;
-          const float base = step == 0 ? 0.f : scores[row][step - 1];
           const float* r = lp.data() + (int64_t)row * V;
-          const size_t first = all.size();
-          const int kr = std::min(k, V);
-          for (int j = 0; j < V; ++j) {
-            const float v = step == 0 ? r[j] : r[j] + base;
-            const int have = (int)(all.size() - first);
-            if (have == kr && !(v > all.back().first)) continue;
-            if (have < kr) all.emplace_back();
-            size_t p = all.size() - 1;
-            for (; p > first && v > all[p - 1].first; --p) all[p] = all[p - 1];
-            all[p] = {v, bi * V + j};
-          }
+          float mx, ls;
+          Timer tsm(P_SOFTMAX);
+#if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__)
+          if (scan.avx512 && !m.exact_order)
+            row_lse_avx512(r, V, mx, ls);
+          else
+#endif
+            row_lse(r, V, mx, ls);
+          tsm.stop();
+          Timer tsel(P_SEARCH);
+          scan.scan(r, V, mx, ls, step == 0 ? 0.f : scores[row][step - 1], std::min(k, V), bi * V, all);
         }
         auto better = [](const std::pair<float, int>& a, const std::pair<float, int>& b) {
           return a.first > b.first || (a.first == b.first && a.second < b.second);
@@ -1136,7 +1361,6 @@ static Result search(const Model& m, const Exec& ex, const int32_t* tokens, cons
         }
       }
     });
-    tsel.stop();
     // finalize EOS candidates among the first `beam`
     std::vector<char> eos_mask_any(nb, 0);
     std::vector<std::vector<char>> eosm(nb);
