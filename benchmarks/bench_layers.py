@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from fairseq_qplugin.pack import int8
-from fairseq_qplugin.pack.formats import pack_weight
+from fairseq_qplugin.quant.packed import pack_weight
 from fairseq_qplugin.pack.kernels import packed_linear, resolve_backend
 from fairseq_qplugin.quant import QuantSpec, kmeans_weight, quantize
 

@@ -12,9 +12,11 @@ import sys
 from fairseq import checkpoint_utils
 from fairseq.distributed import utils as distributed_utils
 from fairseq.file_io import PathManager
+from fairseq.models import BaseFairseqModel
 
 from .checkpoint import unreadable
 from .errors import QuantConfigError, _find_config_error
+from .modules.qmodules import drop_unusable_state
 from .pack.fileformat import claims_packed, is_packed, validate_packed
 
 
@@ -110,7 +112,21 @@ def install_command_hooks():
         return call
 
     _wrap(sys, "excepthook", excepthook)
+    install_state_filter()
     _wrap(checkpoint_utils, "load_checkpoint_to_cpu", load_checkpoint_to_cpu)
     _wrap(checkpoint_utils, "load_model_ensemble_and_task", load_model_ensemble_and_task)
     _wrap(checkpoint_utils, "load_checkpoint", load_checkpoint)
     _wrap(distributed_utils, "call_main", call_main)
+
+
+def install_state_filter():
+    """Let every fairseq model, a plain ``transformer`` too, load a quantization-aware checkpoint: before
+    ``BaseFairseqModel.load_state_dict`` the quantizer entries the model cannot use (codes, latent weights,
+    another method's state) are dropped with one info line (``modules.qmodules.drop_unusable_state``), so
+    the quantized weights start fine-tuning."""
+    def load_state_dict(original):
+        def load(self, state_dict, strict=True, model_cfg=None, args=None):
+            return original(self, drop_unusable_state(self, state_dict), strict, model_cfg, args)
+        return load
+
+    _wrap(BaseFairseqModel, "load_state_dict", load_state_dict)

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from fairseq_qplugin.errors import QuantConfigError
-from fairseq_qplugin.pack.bitpack import pack_bits, packed_size, unpack_bits
-from fairseq_qplugin.pack.formats import PACKED, PackedBCQ, pack_weight, packed_from_dict
+from fairseq_qplugin.quant.bitpack import pack_bits, packed_size, unpack_bits
+from fairseq_qplugin.quant.packed import PackedBCQ, pack_weight, packed_formats, packed_from_dict
 from fairseq_qplugin.pack.kernels import bcq_lut_gemm, blocked_linear, packed_embedding, packed_linear
 from fairseq_qplugin.quant import BCQWeight, QuantSpec, kmeans_weight, magnitude_mask, quantize
 
@@ -86,7 +86,7 @@ def test_corrupted_packed_dict_is_rejected():
         packed_from_dict("int", {**d, "codes": d["codes"][:, :-1]})
     with pytest.raises(QuantConfigError, match="unknown packed method"):
         packed_from_dict("pq", d)
-    assert set(PACKED) == {"int", "bcq", "bcq_mixed", "kmeans"}
+    assert set(packed_formats()) == {"int", "bcq", "bcq_mixed", "kmeans"}
 
 
 def _rel_err(y, ref):

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from fairseq_qplugin.pack import int8
-from fairseq_qplugin.pack.formats import pack_weight
+from fairseq_qplugin.quant.packed import pack_weight
 from fairseq_qplugin.pack.modules import PackedLinear, PackedParams
 from fairseq_qplugin.quant import QuantSpec, quantize
 

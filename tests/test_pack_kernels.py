@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fairseq_qplugin.pack import kernels
-from fairseq_qplugin.pack.formats import PackedBCQ, PackedKMeans, pack_weight
+from fairseq_qplugin.quant.packed import PackedBCQ, PackedKMeans, pack_weight
 from fairseq_qplugin.pack.kernels import extension_isas, packed_linear, resolve_backend
 from fairseq_qplugin.quant import QuantSpec, kmeans_weight, magnitude_mask, quantize
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from fairseq_qplugin.errors import QuantConfigError
-from fairseq_qplugin.pack.formats import PackedMixedBCQ, pack_weight, packed_from_dict
+from fairseq_qplugin.quant.packed import PackedMixedBCQ, pack_weight, packed_from_dict
 from fairseq_qplugin.pack.kernels import packed_embedding, packed_linear
 from fairseq_qplugin.pack.modules import PackedEmbedding, PackedLinear, PackedParams
 from fairseq_qplugin.quant import BCQWeight, MixedBCQWeight, QuantSpec, frequency_row_bits, quantize_bcq_rows

@@ -21,6 +21,7 @@ from torch.nn import Parameter
 from ..errors import QuantConfigError
 from ..modules import (QuantEmbedding, QuantLinear, WeightQuantizer, pattern_selector, quantizable_modules,
                        quantize_once_per_forward, select, swap_modules, sync_pnr_weights_)
+from ..modules.qmodules import drop_unusable_state, is_schema_key
 from ..quant import QuantSpec
 
 logger = logging.getLogger(__name__)
@@ -164,9 +165,11 @@ def check_compatible(model, state_dict, optional_suffixes=ACT_RANGE_STATE):
     """Raise a QuantConfigError naming the mismatching tensors if ``state_dict`` cannot load.
 
     Keys ending in ``optional_suffixes`` are quantizer state the model rebuilds when a checkpoint
-    lacks it (or has it in another shape): they may be missing, extra or of another shape.
+    lacks it (or has it in another shape): they may be missing, extra or of another shape; so may the
+    saved codes and latent weights (``is_schema_key``). Nothing is quantized to find the model's keys.
     """
-    own = model.state_dict()
+    own = {k: v for k, v in model.state_dict(keep_vars=True).items() if not is_schema_key(k)}
+    state_dict = {k: v for k, v in state_dict.items() if not is_schema_key(k)}
     optional = [k for k in own if k.endswith(optional_suffixes)]
     missing = [k for k in own if k not in state_dict and k not in optional]
     unexpected = [k for k in state_dict if k not in own and not k.endswith(optional_suffixes)]
@@ -309,6 +312,7 @@ class QuantizedTransformerModel(TransformerModel):
         return super().train(mode)
 
     def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
+        state_dict = drop_unusable_state(self, state_dict)
         if strict:
             self.upgrade_state_dict(state_dict)
             check_compatible(self, state_dict, self.optional_state)

@@ -1,9 +1,10 @@
 """Weight quantizers for k-means weight sharing, BS-Flex and iterative magnitude pruning (docs/methods.md §2).
 
-They plug into ``QuantLinear`` / ``QuantEmbedding`` like ``WeightQuantizer`` and keep its contract:
-the module's ``weight`` is the latent fp32 tensor and its state-dict entry is the quantized value,
-so a plain ``transformer`` checkpoint loads into them and theirs is the quantized model. Their own
-state (codebook, indices, mask) is saved next to it under ``<module>.wq.*``; a checkpoint without
+They implement the ``WeightQuantizer`` protocol (``search``: the code of their current state;
+``train_value``; ``prepare``: pruning and clustering due at an update) and keep its checkpoint
+schema: the module's ``weight`` is the latent fp32 tensor and its state-dict entry is the quantized
+value, so a plain ``transformer`` checkpoint loads into them and theirs is the quantized model. Their
+own state (codebook, indices, mask) is saved next to it under ``<module>.wq.*``; a checkpoint without
 it (a plain one, or another method's) is accepted and the state is rebuilt from the loaded weight.
 
 - ``KMeansQuantizer``: ``w_hat = (centroids + centroid_delta)[indices] * mask``. Assignments stay
@@ -33,8 +34,9 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..quant import KMeansWeight, PruneSchedule, QuantSpec, SparseWeight, bsflex_init, bsflex_step, kmeans_weight
-from ..quant.kmeans import nearest
+from ..quant import (KMeansWeight, PruneSchedule, QuantSpec, SparseWeight, bsflex_init, bsflex_step, kmeans_weight,
+                     straight_through)
+from ..quant.kmeans import kmeans_decode, nearest
 from ..quant.pruning import magnitude_mask, pruned_count
 from .qmodules import WeightQuantizer
 
@@ -43,7 +45,7 @@ logger = logging.getLogger(__name__)
 
 class MaskedWeightQuantizer(WeightQuantizer):
     """Shared machinery for one weight [rows, cols]: the pruning mask and schedule, lazy
-    initialization, a cache for evaluation, and optional checkpoint state.
+    initialization and optional checkpoint state. Their work happens in a module's training mode.
 
     ``state_groups``: names of saved tensors that load all together or not at all; a group missing
     from (or mis-shaped in) a checkpoint is rebuilt instead of failing the load.
@@ -65,9 +67,6 @@ class MaskedWeightQuantizer(WeightQuantizer):
     def initialize(self, w: torch.Tensor):
         """Build the quantizer's state from the latent weight ``w`` (no gradient)."""
 
-    def value(self, w: torch.Tensor, train: bool) -> torch.Tensor:
-        raise NotImplementedError
-
     def prune_scores(self, w: torch.Tensor) -> torch.Tensor:
         """The values whose magnitudes decide what to prune (the latent weight by default)."""
         return w
@@ -77,25 +76,30 @@ class MaskedWeightQuantizer(WeightQuantizer):
         """fairseq calls ``model.set_num_updates(n)`` before every training forward."""
         self.num_updates = num_updates
 
-    # -- forward --------------------------------------------------------------------------------
-    def forward(self, w: torch.Tensor) -> torch.Tensor:
-        if self.training and torch.is_grad_enabled():
-            self._cache = None
-            with torch.no_grad():
-                self.follow_schedule(w.detach())
-                self._ensure_ready(w.detach())
-            return self.value(w, train=True)
-        with torch.no_grad():
-            self._ensure_ready(w.detach())
-            key = (w.data_ptr(), w._version, self.num_updates,
-                   *(t._version for t in (*self.parameters(), *self.buffers())))
-            if self._cache is None or self._cache[0] != key:
-                self._cache = (key, self.value(w.detach(), train=False))
-        return self._cache[1]
+    # -- the protocol ---------------------------------------------------------------------------
+    def is_training_forward(self, w: torch.Tensor) -> bool:
+        return self.training and torch.is_grad_enabled()
+
+    def prepare(self, w: torch.Tensor):
+        self.follow_schedule(w)
+        self._ensure_ready(w)
+
+    def gate(self, w: torch.Tensor) -> Optional[torch.Tensor]:
+        return self.mask
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    def storage_state(self) -> dict:
+        return {} if self.mask is None else {"kept": self.mask.numel() - self.pruned}
+
+    def load_code(self, w, fields):
+        """The code is rebuilt from the quantizer's own saved state."""
 
     def _ensure_ready(self, w):
         if not self._ready:
-            self.initialize(w)
+            self.initialize(w.detach())
             self._ready = True
 
     def masked(self, t: torch.Tensor) -> torch.Tensor:
@@ -153,7 +157,7 @@ class MaskedWeightQuantizer(WeightQuantizer):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
         own = {prefix + n for group in self.state_groups for n in group}
         missing[:] = [k for k in missing if k not in own]
-        self._pruned, self._cache, self._step = None, None, None
+        self._pruned, self._cache, self._code, self._step = None, None, None, None
         if getattr(self, "initialized", None) is not None:
             self._ready = bool(self.initialized)
 
@@ -228,23 +232,18 @@ class KMeansQuantizer(MaskedWeightQuantizer):
         self.indices.copy_(idx.reshape(self.shape))
 
     def prune_scores(self, w: torch.Tensor) -> torch.Tensor:
-        return w if self.trains_latent else self.value(w, train=False)
+        return w if self.trains_latent else kmeans_decode(self.codebook(), self.indices, self.mask)
 
-    def value(self, w: torch.Tensor, train: bool) -> torch.Tensor:
-        codebook, idx = self.codebook(), self.indices.long()
-        wq = self.masked((codebook[idx] if codebook.dim() == 1 else codebook.gather(1, idx)).to(w.dtype))
-        if train and self.trains_latent:
-            wq = wq + self.masked(w - w.detach())
-        return wq
+    def train_value(self, w: torch.Tensor) -> torch.Tensor:
+        """The trained codebook's value (its gradient: the sum of its members'), straight-through to a
+        latent weight that trains (re-clustering mode)."""
+        wq = kmeans_decode(self.codebook(), self.indices, self.mask).to(w.dtype)
+        return straight_through(w, wq, self.mask) if self.trains_latent else wq
 
-    def quantized(self, w: torch.Tensor) -> KMeansWeight:
-        self._ensure_ready(w.detach())
+    def search(self, w: torch.Tensor) -> KMeansWeight:
+        self._ensure_ready(w)
         mask = None if self.mask is None else self.mask.clone()
         return KMeansWeight(self.codebook().detach().float(), self.indices.clone(), self.spec.bits, mask)
-
-    def storage_bits(self, w: torch.Tensor) -> int:
-        kept = w.numel() - self.pruned
-        return kept * self.spec.bits + self.centroids.numel() * 16 + (0 if self.mask is None else w.numel())
 
     def extra_repr(self):
         recluster = f", recluster_interval={self.recluster_interval}" if self.recluster_interval else ""
@@ -285,26 +284,20 @@ class BSFlexQuantizer(MaskedWeightQuantizer):
             self.centroids.copy_(centroids.reshape(self.centroids.shape))
         return upper, centroids
 
-    def _dequantize(self, upper, centroids, like):
-        return self.masked(torch.where(upper, centroids[:, 1:], centroids[:, :1]).reshape(self.shape).to(like.dtype))
+    def _as_code(self, upper, centroids) -> KMeansWeight:
+        mask = None if self.mask is None else self.mask.clone()
+        return KMeansWeight(centroids.reshape(self.centroids.shape).float(), upper.reshape(self.shape).to(torch.uint8),
+                            1, mask)
 
-    def value(self, w: torch.Tensor, train: bool) -> torch.Tensor:
-        if not train:
-            return self._dequantize(*self.split(w, update=False), w)
+    def train_value(self, w: torch.Tensor) -> torch.Tensor:
         key = (w.data_ptr(), w._version, self.num_updates)  # one step per update, shared by tied modules
         if self._step is None or self._step[0] != key:
-            self._step = (key, self._dequantize(*self.split(w, update=True), w))
-        return self._step[1] + self.masked(w - w.detach())
+            self._step = (key, self._as_code(*self.split(w, update=True)).dequantize().to(w.dtype))
+        return straight_through(w, self._step[1], self.mask)
 
-    def quantized(self, w: torch.Tensor) -> KMeansWeight:
-        self._ensure_ready(w.detach())
-        upper, centroids = self.split(w, update=False)
-        codebook = centroids.reshape(self.centroids.shape).float()
-        mask = None if self.mask is None else self.mask.clone()
-        return KMeansWeight(codebook, upper.reshape(self.shape).to(torch.uint8), 1, mask)
-
-    def storage_bits(self, w: torch.Tensor) -> int:
-        return (w.numel() - self.pruned) + self.centroids.numel() * 16 + (0 if self.mask is None else w.numel())
+    def search(self, w: torch.Tensor) -> KMeansWeight:
+        self._ensure_ready(w)
+        return self._as_code(*self.split(w, update=False))
 
     def extra_repr(self):
         return super().extra_repr() + (", fixed centroids" if self.fixed else "")
@@ -313,14 +306,11 @@ class BSFlexQuantizer(MaskedWeightQuantizer):
 class PruneQuantizer(MaskedWeightQuantizer):
     """Iterative magnitude pruning alone: ``w_hat = w * mask`` in full precision."""
 
-    def value(self, w: torch.Tensor, train: bool) -> torch.Tensor:
+    def train_value(self, w: torch.Tensor) -> torch.Tensor:
         return self.masked(w)
 
-    def quantized(self, w: torch.Tensor) -> SparseWeight:
+    def search(self, w: torch.Tensor) -> SparseWeight:
         return SparseWeight(values=self.masked(w.detach()).float(), mask=self.mask.clone())
-
-    def storage_bits(self, w: torch.Tensor) -> int:
-        return (w.numel() - self.pruned) * 32 + w.numel()
 
     def extra_repr(self):
         return f"prune={list(self.schedule.steps)}"

@@ -2,41 +2,61 @@
 
 The modules keep fairseq's parameter names (``weight``, ``bias``), so a plain ``transformer``
 state dict loads into them and theirs loads into a plain ``transformer``. ``weight`` is the latent
-full-precision tensor; the forward pass uses its quantized value. ``state_dict()`` stores the
-quantized value, so a saved checkpoint *is* the quantized model.
+full-precision tensor; the forward pass uses its quantized value.
+
+Checkpoint schema of a quantized module ``M`` (``_QuantizedWeightMixin``):
+
+- ``M.weight``: the quantized value (a saved checkpoint *is* the quantized model, loadable by a plain
+  ``transformer``);
+- ``M.wq.code.<field>``: the code, bit-packed as in the packed file (quant/packed.py; float
+  parameters in fp32), so ``fairseq-qpack`` and a resumed run read it instead of searching again;
+- ``M.wq.latent``: the latent weight where it differs from ``M.weight`` (straight-through training;
+  in pNR mode the save-time sync makes them equal), so a resumed run continues bit for bit;
+- ``M.wq.spec``: the quantizer's signature (utf-8 bytes); a model loads the code and latent only of
+  its own signature, and ``drop_unusable_state`` drops those of another method or configuration
+  (with one log line): the model then starts from ``M.weight``, as a checkpoint without them does;
+- the quantizer's own state (k-means codebooks, pruning masks: modules/kmeans.py) under ``M.wq.*``.
 """
+import hashlib
+import logging
 from contextlib import contextmanager
-from typing import Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..distributed import global_range
-from ..quant import QuantizedWeight, QuantSpec, fake_quantize_range, quantize, quantize_bcq_rows
-from ..quant.base import straight_through
-from ..quant.bcq import bcq_storage_bits
-from ..quant.mixed import mixed_storage_bits
+from ..quant import (QuantizedWeight, QuantSpec, fake_quantize_range, pack_weight, packed_from_dict, quantize,
+                     quantize_bcq_rows, resolve, storage_bits, straight_through)
+from ..quant.base import binarize_gate
+
+logger = logging.getLogger(__name__)
 
 
 class WeightQuantizer(nn.Module):
-    """Maps a latent weight to its fake-quantized value (straight-through gradients in training).
+    """The quantizer protocol: maps a latent weight to its code and its fake-quantized value.
+
+    A method implements ``search(w)`` (the QuantizedWeight of a latent weight: ``quantize`` by
+    default) and, where its training differs from straight-through fake quantization,
+    ``train_value(w)``; ``storage_state()`` gives ``quant.storage_bits`` what the shape does not
+    (row bits, kept weights). The base class caches the code per weight version (``quantized``),
+    takes it from a checkpoint instead where one is saved (``load_code``), and handles evaluation,
+    pNR and the checkpoint schema for every method.
 
     Without gradients (validation, generation) the quantized weight is cached until the latent
-    weight changes (tracked by its in-place version counter). In training it is computed once per
-    forward pass inside ``quantize_once_per_forward`` (a model's training forward), however many
-    modules use it (tied embeddings and output projection), and at every use outside it.
+    weight or the quantizer's own tensors change (in-place version counters). In training it is
+    computed once per forward pass inside ``quantize_once_per_forward`` (a model's training forward),
+    however many modules use it (tied embeddings and output projection), and at every use outside it.
 
     ``pnr`` (set by the pNR optimizer wrapper, ``optim/pnr.py``): the training forward uses the
     latent weight as is, in full precision; ``sync_`` replaces it in place by its quantized value.
     Evaluation and ``state_dict`` still see the quantized weight. A BCQ search warm-starts from the
     last sync's code (its scales: ``quantize_bcq``'s ``init_alpha``), so a sync never moves the weight
-    farther than the distance to that code, and a resumed run (whose weights are codes) continues
-    from the same ones.
+    farther than the distance to that code, and a resumed run (whose weights and codes are the
+    saved ones) continues from the same ones.
 
-    Subclasses with their own training parametrization (k-means codebooks, pruning masks:
-    modules/kmeans.py) override ``forward`` and the methods below; ``trains_latent = False`` freezes
-    the latent weight (it gets no gradient).
+    ``trains_latent = False`` freezes the latent weight (it gets no gradient).
     """
 
     trains_latent = True
@@ -45,51 +65,113 @@ class WeightQuantizer(nn.Module):
         super().__init__()
         self.spec = spec
         self.pnr = False
-        self._cache = None
+        self._cache = None  # (key, fake-quantized value) for evaluation
+        self._code = None  # (key, QuantizedWeight): the code of the weight at key, searched or loaded
+        self._saved = None  # (key, checkpoint entries): shared by the names of a tied weight
         self._synced = None  # (data pointer, version) of the weight right after its last sync
         self._warm = None  # pNR, bcq: the scales of the last sync's code, the next search's starting point
+        self._stale = False  # a training forward ran since the code was made: an update (through w.data, which
+        # keeps w's version) may have changed w
         self._per_forward = None  # inside quantize_once_per_forward: {weight data pointer: quantized value}
 
-    def quantized(self, w: torch.Tensor) -> QuantizedWeight:
-        """The quantized weight object (codes and parameters) of a 2-D tensor: what the packed export stores."""
+    # -- what a method implements ----------------------------------------------------------------
+    def search(self, w: torch.Tensor) -> QuantizedWeight:
         return quantize(w.detach(), self.spec, self._warm)
 
-    def average_bits(self) -> float:
-        """Bits per weight of the codes alone (without scales)."""
-        return float(self.spec.bits)
-
-    def storage_bits(self, w: torch.Tensor) -> int:
-        """``self.quantized(w).storage_bits()``; computed from the shape alone for BCQ (no slow search)."""
-        if self.spec.method == "bcq":
-            return bcq_storage_bits(tuple(w.shape), self.spec)
-        return self.quantized(w).storage_bits()
-
-    def fake_quantize(self, w: torch.Tensor) -> torch.Tensor:
-        """The quantized value of ``w`` with a straight-through gradient (training without pNR)."""
+    def train_value(self, w: torch.Tensor) -> torch.Tensor:
+        """The training forward's value: straight-through fake quantization."""
         memo = self._per_forward
         wq = None if memo is None else memo.get(w.data_ptr())
         if wq is None:
             wq = self.quantized(w).dequantize().to(w.dtype)
             if memo is not None:
                 memo[w.data_ptr()] = wq
-        return self.straight_through(w, wq)
+        return straight_through(w, wq, self.gate(w))
 
-    def straight_through(self, w: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
-        return straight_through(w, wq, self.spec)
+    def gate(self, w: torch.Tensor) -> Optional[torch.Tensor]:
+        """Where the straight-through gradient passes (None: everywhere): |w| <= 1 at 1 bit (Eq. 7)."""
+        return binarize_gate(w, self.spec)
+
+    def storage_state(self) -> dict:
+        return {}
+
+    def prepare(self, w: torch.Tensor):
+        """Before a training forward (no gradient): state changes due at this update (pruning, clustering)."""
+
+    def is_training_forward(self, w: torch.Tensor) -> bool:
+        return torch.is_grad_enabled() and w.requires_grad
+
+    # -- the rest of the plugin reads these --------------------------------------------------------
+    def key(self, w: torch.Tensor):
+        return (w.data_ptr(), w._version, *(t._version for t in (*self.parameters(), *self.buffers())))
+
+    def quantized(self, w: torch.Tensor) -> QuantizedWeight:
+        """The code (codes and parameters) of a 2-D tensor: what the packed export stores."""
+        key = self.key(w)
+        if self._code is None or self._code[0] != key or self._stale:
+            self._code, self._stale = (key, self.search(w)), False
+        return self._code[1]
+
+    def average_bits(self) -> float:
+        """Bits per weight of the codes alone (without scales)."""
+        return float(self.spec.bits)
+
+    def storage_bits(self, w: torch.Tensor) -> int:
+        """The packed size of ``w``'s code in bits (``quant.storage_bits``: from the shape, no search)."""
+        return storage_bits(self.spec, w.shape, **self.storage_state())
 
     def state_dict_weight(self, w: torch.Tensor) -> torch.Tensor:
         """The value saved as the module's ``weight`` in state dicts: the quantized weight."""
         return self(w)
 
+    def signature(self) -> str:
+        return f"{type(self).__name__}({self.spec})"
+
+    def code_method(self) -> str:
+        return resolve(self.spec).method
+
+    def checkpoint_entries(self, w: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """The saved ``weight`` and the ``spec``, ``code.<field>`` and ``latent`` entries of the checkpoint
+        schema (module doc) of the latent weight ``w``; the same tensors for every name of a tied weight."""
+        key = self.key(w)
+        if self._saved is None or self._saved[0] != key:
+            view = self.state_dict_weight(w)
+            entries = {"spec": torch.tensor(list(self.signature().encode()), dtype=torch.uint8)}
+            if self.ready:
+                try:
+                    packed = pack_weight(self.quantized(w), torch.float32)
+                    entries.update({f"code.{k}": v for k, v in packed.as_dict().items()})
+                except ValueError:  # no packed format (pruning alone): the weight stays float
+                    pass
+            if not self.pnr and not torch.equal(view, w):
+                entries["latent"] = w.clone()
+            self._saved = (self.key(w), (view.clone(), entries))
+        return self._saved[1]
+
+    @property
+    def ready(self) -> bool:
+        return True
+
+    def load_code(self, w: torch.Tensor, fields: Dict[str, torch.Tensor]):
+        """Take the saved code of the loaded weight ``w`` (its signature checked by ``drop_unusable_state``)."""
+        self._code, self._stale = (self.key(w), packed_from_dict(self.code_method(), fields).unpack()), False
+
+    # -- forward and pNR ---------------------------------------------------------------------------
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and w.requires_grad:
-            self._cache = self._synced = None  # a training step follows (which may update w through w.data)
-            if self.pnr and self._warm is None and self.spec.method == "bcq":
-                self._warm = self.quantized(w).alpha  # of the starting weight's code (exactly it after a resume)
-            return w if self.pnr else self.fake_quantize(w)
-        key = (w.data_ptr(), w._version)
-        if self._cache is None or self._cache[0] != key:
-            self._cache = (key, self.quantized(w).dequantize().to(w.dtype))
+        if self.is_training_forward(w):
+            self._cache = self._synced = self._saved = None  # a training step follows (which may update w
+            with torch.no_grad():  # through w.data, keeping its version): the code is stale after this forward
+                self.prepare(w.detach())
+            if not self.pnr:
+                out = self.train_value(w)
+            elif self._warm is None and self.spec.method == "bcq":
+                self._warm = self.quantized(w).alpha  # of the starting weight's code (the saved one after a resume)
+            self._stale = True
+            return w if self.pnr else out
+        with torch.no_grad():
+            key = self.key(w)
+            if self._cache is None or self._cache[0] != key:
+                self._cache = (key, self.quantized(w).dequantize().to(w.dtype))
         return self._cache[1]
 
     @torch.no_grad()
@@ -103,7 +185,8 @@ class WeightQuantizer(nn.Module):
         if self._warm is not None:  # a bcq quantizer in pNR mode, set up by its first training forward
             self._warm = qw.alpha
         self._synced = (w.data_ptr(), w._version)
-        self._cache = (self._synced, w.detach())
+        self._code, self._stale = (self.key(w), qw), False
+        self._cache = (self.key(w), w.detach())
 
     def extra_repr(self):
         s = self.spec
@@ -126,17 +209,23 @@ class RowBitsQuantizer(WeightQuantizer):
         super().__init__(spec)
         self.register_buffer("row_bits", row_bits.to(torch.int8), persistent=False)
 
-    def quantized(self, w: torch.Tensor) -> QuantizedWeight:
+    def search(self, w: torch.Tensor) -> QuantizedWeight:
         return quantize_bcq_rows(w.detach(), self.row_bits, self.spec, self._warm)
+
+    def gate(self, w: torch.Tensor) -> Optional[torch.Tensor]:
+        return None
+
+    def storage_state(self) -> dict:
+        return {"row_bits": self.row_bits}
+
+    def code_method(self) -> str:
+        return "bcq_mixed"
+
+    def signature(self) -> str:
+        return f"{super().signature()}, row bits {hashlib.sha256(self.row_bits.cpu().numpy().tobytes()).hexdigest()[:16]}"
 
     def average_bits(self) -> float:
         return self.row_bits.float().mean().item()
-
-    def storage_bits(self, w: torch.Tensor) -> int:
-        return mixed_storage_bits(self.row_bits, w.shape[1], self.spec.group_size)
-
-    def straight_through(self, w: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
-        return wq + (w - w.detach()) if w.requires_grad else wq
 
     def extra_repr(self):
         counts = torch.bincount(self.row_bits.long(), minlength=self.spec.bits + 1).tolist()
@@ -225,8 +314,14 @@ class ActQuantizer(nn.Module):
         return f"bits={self.bits}"
 
 
+def is_schema_key(key: str) -> bool:
+    """Whether ``key`` is a ``<module>.wq.spec / latent / code.*`` entry of the checkpoint schema."""
+    _, sep, rest = key.rpartition(".wq.")
+    return bool(sep) and (rest in ("spec", "latent") or rest.startswith("code."))
+
+
 class _QuantizedWeightMixin:
-    """Forward uses ``self.wq(self.weight)``; ``state_dict`` saves the quantized weight."""
+    """Forward uses ``self.wq(self.weight)``; ``state_dict`` saves the checkpoint schema (module doc)."""
 
     def _attach(self, wq: WeightQuantizer):
         self.wq = wq
@@ -236,9 +331,52 @@ class _QuantizedWeightMixin:
         return self.wq(self.weight)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
+        """``keep_vars`` (the keys and Parameters only, as ``check_compatible`` asks): nothing is quantized."""
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        with torch.no_grad():
-            destination[prefix + "weight"] = self.wq.state_dict_weight(self.weight.detach()).clone()
+        if not keep_vars:
+            with torch.no_grad():
+                view, entries = self.wq.checkpoint_entries(self.weight.detach())
+            destination[prefix + "weight"] = view
+            destination.update({f"{prefix}wq.{k}": v for k, v in entries.items()})
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        """The latent weight where saved, then the saved code (entries that do not fit this quantizer were
+        dropped by ``drop_unusable_state``)."""
+        saved = {k[len(prefix) + 3:]: state_dict.pop(k) for k in list(state_dict)
+                 if k.startswith(prefix + "wq.") and is_schema_key(k)}
+        latent = saved.pop("latent", None)
+        if latent is not None and prefix + "weight" in state_dict:
+            state_dict[prefix + "weight"] = latent
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
+        code = {k[5:]: v for k, v in saved.items() if k.startswith("code.")}
+        if code and prefix + "weight" in state_dict:
+            self.wq.load_code(self.weight.detach(), code)
+
+
+def drop_unusable_state(model: nn.Module, state_dict: dict) -> dict:
+    """``state_dict`` without the quantizer entries (``<module>.wq.*``) that ``model`` cannot use: all of them
+    for a model without that quantizer (a plain ``transformer``, a part left in float), and the
+    saved code and latent weight of another method or configuration (another ``wq.spec``), or state the
+    module's quantizer does not have. One info line says what was dropped; the quantized ``weight``
+    values then start the model, as from a checkpoint without codes."""
+    modules = dict(model.named_modules(remove_duplicate=False))
+
+    def usable(key):
+        name, _, rest = key.rpartition(".wq.")
+        wq = modules.get(name + ".wq")
+        if wq is None:
+            return False
+        if isinstance(modules[name], _QuantizedWeightMixin) and is_schema_key(key):
+            spec = state_dict.get(f"{name}.wq.spec")
+            return spec is not None and bytes(spec.tolist()).decode(errors="replace") == wq.signature()
+        return rest.split(".")[0] in {*wq._parameters, *wq._buffers, *wq._modules}
+
+    dropped = {k for k in state_dict if ".wq." in k and not usable(k)}
+    if dropped:
+        logger.info("loading a checkpoint of another quantization method or configuration: dropped its %d "
+                    "quantizer entries this model cannot use (e.g. %s); the saved quantized weights start it",
+                    len(dropped), min(dropped))
+    return {k: v for k, v in state_dict.items() if k not in dropped}
 
 
 class QuantLinear(_QuantizedWeightMixin, nn.Module):

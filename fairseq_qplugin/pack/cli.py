@@ -32,7 +32,7 @@ from ..modules import QuantEmbedding, QuantLinear, pattern_selector, quantizable
 from ..quant import QuantSpec, check_weight
 from .card import read_bleu, write_model_card
 from .fileformat import FORMAT, VERSION, dictionary_checksum, header_sha256, tensors_sha256
-from .formats import FLOAT_DTYPES, pack_weight
+from ..quant.packed import FLOAT_DTYPES, pack_weight
 from .int8 import KERNELS as INT8_KERNELS
 
 logger = logging.getLogger("fairseq_qplugin.pack")

@@ -30,7 +30,7 @@ from typing import Optional
 
 import torch
 
-from .formats import PackedInt, PackedWeight
+from ..quant.packed import PackedInt, PackedWeight
 
 logger = logging.getLogger(__name__)
 KERNELS = ("fbgemm", "dequant")  # --int8-kernel choices; fbgemm = torch's quantized engine

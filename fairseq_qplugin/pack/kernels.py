@@ -18,7 +18,7 @@ Pure-torch kernels:
 - ``blocked_linear``: for many activation rows (beam search, the encoder), dequantizes a block of
   ``block_rows`` weight rows at a time into fp32 and multiplies it with BLAS: one weight read
   serves all activation rows and at most one block is ever materialized. Its block values equal
-  ``QuantizedWeight.dequantize()`` bit for bit, so outputs match the fake-quant model.
+  ``QuantizedWeight.dequantize()`` bit for bit (both apply the format's one rule, quant/packed.py), so outputs match the fake-quant model.
 - ``packed_embedding``: dequantizes only the looked-up rows.
 - Frequency-mixed BCQ (``PackedMixedBCQ``, a bit count per row): both entry points run the BCQ
   kernels once per bit group (``by_bits``), so work follows ``sum(row_bits)``.
@@ -32,8 +32,8 @@ import os
 import torch
 import torch.nn.functional as F
 
-from .bitpack import unpack_bits
-from .formats import PackedBCQ, PackedInt, PackedKMeans, PackedMixedBCQ, PackedWeight, expand_groups
+from ..quant.linear import int_decode
+from ..quant.packed import PackedBCQ, PackedInt, PackedKMeans, PackedMixedBCQ, PackedWeight
 
 logger = logging.getLogger(__name__)
 
@@ -65,34 +65,15 @@ def _sign_table() -> torch.Tensor:
 SIGNS = _sign_table()
 
 
-def dequantize_rows(pw: PackedWeight, rows: torch.Tensor) -> torch.Tensor:
-    """fp32 [len(rows), cols] of the weight rows ``rows`` (long [m]), equal to ``pw.dequantize()[rows]``."""
-    cols = pw.cols
-    if isinstance(pw, PackedInt):
-        codes = unpack_bits(pw.codes[rows], pw.bits, cols)
-        scale, zp = (pw.scale, pw.zero_point) if pw.scale.shape[0] == 1 else (pw.scale[rows], pw.zero_point[rows])
-        return (codes.float() - zp.float()) * scale.float()
-    if isinstance(pw, PackedBCQ):
-        signs = unpack_bits(pw.planes[:, rows], 1, cols).float() * 2 - 1
-        alpha = pw.alpha if pw.alpha.shape[1] == 1 else pw.alpha[:, rows]
-        return (signs * expand_groups(alpha.float(), cols)).sum(0)
-    if isinstance(pw, PackedKMeans):
-        idx = unpack_bits(pw.indices[rows], pw.bits, cols).long()
-        codebook = pw.codebook.float()
-        w = codebook[idx] if codebook.dim() == 1 else codebook[rows].gather(1, idx)
-        return w if pw.mask is None else w * unpack_bits(pw.mask[rows], 1, cols).bool()
-    raise TypeError(f"no kernel for {type(pw).__name__}")
-
-
 def blocked_linear(x: torch.Tensor, pw: PackedWeight, bias=None, block_rows: int = BLOCK_ROWS) -> torch.Tensor:
     """``F.linear(x, pw.dequantize(), bias)`` dequantizing ``block_rows`` weight rows at a time."""
     rows = pw.shape[0]
     if rows <= block_rows:
-        return F.linear(x, dequantize_rows(pw, torch.arange(rows)), bias)
+        return F.linear(x, pw.dequantize_rows(torch.arange(rows)), bias)
     out = []
     for r0 in range(0, rows, block_rows):
         r = torch.arange(r0, min(r0 + block_rows, rows))
-        out.append(F.linear(x, dequantize_rows(pw, r), None if bias is None else bias[r]))
+        out.append(F.linear(x, pw.dequantize_rows(r), None if bias is None else bias[r]))
     return torch.cat(out, -1)
 
 
@@ -174,7 +155,7 @@ def _int_codebook(pw: PackedInt) -> torch.Tensor:
     2^bits values per row (or one shared table), computed in fp32 exactly as ``dequantize()`` does,
     so the k-means kernels run int weights."""
     def make():
-        cb = (torch.arange(1 << pw.bits, dtype=torch.float32) - pw.zero_point.float()) * pw.scale.float()
+        cb = int_decode(torch.arange(1 << pw.bits), pw.scale, pw.zero_point)
         return cb[0].contiguous() if cb.shape[0] == 1 else cb  # [2^bits] or [rows, 2^bits]
     return _derived(pw, "_codebook", make)
 
@@ -236,7 +217,7 @@ def packed_embedding(tokens: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
         for _, group in pw.by_bits:
             sel = (bits == group.bits).nonzero().squeeze(1)
             if len(sel):
-                rows[sel] = dequantize_rows(group, pw.position[uniq[sel]])
+                rows[sel] = group.dequantize_rows(pw.position[uniq[sel]])
     else:
-        rows = dequantize_rows(pw, uniq)
+        rows = pw.dequantize_rows(uniq)
     return rows[inverse].reshape(*tokens.shape, pw.cols)

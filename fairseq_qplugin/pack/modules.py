@@ -15,7 +15,7 @@ from torch import nn
 from ..errors import QuantConfigError
 from ..modules import ActQuantizer
 from . import int8
-from .formats import PACKED, PackedWeight, packed_from_dict
+from ..quant.packed import PackedWeight, packed_formats, packed_from_dict
 from .kernels import LUT_MAX_ROWS, packed_embedding, packed_linear
 
 
@@ -28,11 +28,12 @@ class PackedParams(nn.Module):
 
     def __init__(self, method: str, shape):
         super().__init__()
-        if method not in PACKED:
-            raise QuantConfigError(f"unknown packed method {method!r}; known: {sorted(PACKED)}")
+        formats = packed_formats()
+        if method not in formats:
+            raise QuantConfigError(f"unknown packed method {method!r}; known: {sorted(formats)}")
         self.method, self.shape = method, tuple(shape)
-        self.names = [f.name for f in fields(PACKED[method])]
-        self.required = [f.name for f in fields(PACKED[method]) if f.default is MISSING]
+        self.names = [f.name for f in fields(formats[method])]
+        self.required = [f.name for f in fields(formats[method]) if f.default is MISSING]
         for name in self.names:
             self.register_buffer(name, torch.zeros(0) if name in self.required else None)
         self._packed: Optional[PackedWeight] = None

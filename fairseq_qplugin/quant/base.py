@@ -3,14 +3,17 @@
     spec = QuantSpec(method="int", bits=4)      # what to do, validated on construction
     qw = quantize(weight, spec)                 # -> QuantizedWeight (codes + parameters)
     w_hat = qw.dequantize()                     # fp tensor of weight's shape, used by fake-quant training
-    qw.as_dict() / type(qw).from_dict(d)        # flat dict of tensors: the packed export's payload
+    qw.as_dict() / type(qw).from_dict(d)        # flat dict of tensors
+    pack_weight(qw) / packed_from_dict(m, d)    # bit-packed codes (quant/packed.py): checkpoints and packed files
 
-Methods register a quantize function and a QuantizedWeight class in ``METHODS``. Weights are 2-D
+``METHODS`` is the one registry of methods, keyed by the name that training (``QuantSpec.method``),
+checkpoints and packed files use: each ``Method`` names its quantize function, its QuantizedWeight
+class, its bit range, its storage-size formula and (set by quant/packed.py) its packed format. Weights are 2-D
 ``[rows, cols]`` like ``nn.Linear.weight`` ``[out, in]`` and ``nn.Embedding.weight`` ``[vocab, dim]``;
 "per channel" always means one set of parameters per row.
 """
 from dataclasses import MISSING, dataclass, fields
-from typing import Callable, ClassVar, Dict, NamedTuple, Optional, Tuple, Type
+from typing import Callable, ClassVar, Dict, Optional, Tuple, Type
 
 import torch
 
@@ -45,8 +48,9 @@ class QuantSpec:
     rounds: int = 10
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise QuantConfigError(f"unknown quantization method {self.method!r}; choose one of {sorted(METHODS)}")
+        if self.method not in METHODS or METHODS[self.method].quantize is None:
+            known = sorted(m for m, v in METHODS.items() if v.quantize is not None)
+            raise QuantConfigError(f"unknown quantization method {self.method!r}; choose one of {known}")
         lo, hi = METHODS[self.method].bits
         if not lo <= self.bits <= hi:
             raise QuantConfigError(f"{self.method} quantization takes {lo} to {hi} bits, got {self.bits}")
@@ -115,10 +119,19 @@ class QuantizedWeight:
         """Check shapes and ranges; raise QuantConfigError on a corrupted weight."""
 
 
-class Method(NamedTuple):
-    quantize: Callable[[torch.Tensor, QuantSpec], QuantizedWeight]
+@dataclass
+class Method:
+    """One quantization method. ``quantize`` is None for a method reached only through its own
+    function (bcq_mixed: ``quantize_bcq_rows``); ``storage_bits(shape, spec, **state)`` is the packed
+    size in bits (codes plus fp16 parameters) computed from the shape and the quantizer's state
+    (``row_bits``, ``kept``), without quantizing; ``packed`` is the bit-packed format (quant/packed.py;
+    None: not packable, the weight stays float)."""
+
     weight_type: Type[QuantizedWeight]
     bits: Tuple[int, int]  # allowed range, inclusive
+    quantize: Optional[Callable[..., QuantizedWeight]] = None
+    storage_bits: Optional[Callable[..., int]] = None
+    packed: Optional[type] = None
 
 
 METHODS: Dict[str, Method] = {}
@@ -126,6 +139,12 @@ METHODS: Dict[str, Method] = {}
 
 def register_method(name: str, method: Method):
     METHODS[name] = method
+
+
+def storage_bits(spec: QuantSpec, shape, **state) -> int:
+    """The packed size in bits of a ``shape`` weight quantized with ``spec`` (see ``Method``)."""
+    spec = resolve(spec)
+    return METHODS[spec.method].storage_bits(tuple(shape), spec, **state)
 
 
 def resolve(spec: QuantSpec) -> QuantSpec:
@@ -165,20 +184,22 @@ def quantize(w: torch.Tensor, spec: QuantSpec, init_alpha: Optional[torch.Tensor
     return qw
 
 
-def straight_through(w: torch.Tensor, wq: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """``wq`` (w's quantized value) in the forward pass with a straight-through gradient to ``w``.
-
-    The forward value is exactly ``wq`` (``wq + (w - w)`` adds an exact zero); the gradient is the
-    identity (Fan 2019, Eq. 6), or 1 where |w| <= 1 and 0 elsewhere for binarization (Eq. 7).
-    """
+def straight_through(w: torch.Tensor, wq: torch.Tensor, gate: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``wq`` (w's quantized value) in the forward pass with a straight-through gradient to ``w``: the
+    identity (Fan 2019, Eq. 6), times ``gate`` where given (bool or 0/1: binarization's |w| <= 1, Eq. 7;
+    a pruning mask). The forward value is exactly ``wq`` (``wq + (w - w)`` adds an exact zero). The one
+    straight-through estimator of the plugin: weights of every method and activations."""
     if not w.requires_grad:
         return wq
     delta = w - w.detach()
-    if spec.bits == 1:
-        delta = delta * (w.detach().abs() <= 1).to(w.dtype)
-    return wq + delta
+    return wq + (delta if gate is None else delta * gate.to(w.dtype))
+
+
+def binarize_gate(w: torch.Tensor, spec: QuantSpec) -> Optional[torch.Tensor]:
+    """The straight-through gate of ``spec``: |w| <= 1 at 1 bit (Eq. 7), else None (identity)."""
+    return (w.detach().abs() <= 1) if spec.bits == 1 else None
 
 
 def fake_quantize(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """``quantize(w).dequantize()`` in the forward pass with a straight-through gradient to ``w``."""
-    return straight_through(w, quantize(w, spec).dequantize().to(w.dtype), spec)
+    return straight_through(w, quantize(w, spec).dequantize().to(w.dtype), binarize_gate(w, spec))

@@ -45,13 +45,8 @@ class BCQWeight(QuantizedWeight):
     def bits(self) -> int:
         return self.planes.shape[0]
 
-    def scales(self) -> torch.Tensor:
-        """alpha broadcast to the weights: [q, rows or 1, cols or 1]."""
-        return self.alpha.repeat_interleave(self.group_size, dim=2) if self.group_size else self.alpha
-
     def dequantize(self) -> torch.Tensor:
-        signs = self.planes.float() * 2 - 1
-        return (signs * self.scales()).sum(0).to(self.dtype)
+        return bcq_decode(self.planes, self.alpha, self.shape[1]).to(self.dtype)
 
     def storage_bits(self) -> int:
         return self.planes.numel() + self.alpha.numel() * 16
@@ -67,9 +62,25 @@ class BCQWeight(QuantizedWeight):
             )
 
 
-def bcq_storage_bits(shape, spec: QuantSpec) -> int:
-    """``BCQWeight.storage_bits()`` of a [rows, cols] weight quantized with ``spec``, without quantizing it."""
+def expand_groups(alpha: torch.Tensor, cols: int) -> torch.Tensor:
+    """alpha [q, rows, groups] -> [q, rows, cols or 1]: each group covers cols / groups columns."""
+    groups = alpha.shape[-1]
+    return alpha if groups == 1 else alpha.repeat_interleave(cols // groups, dim=-1)
+
+
+def bcq_decode(planes: torch.Tensor, alpha: torch.Tensor, cols: int) -> torch.Tensor:
+    """The bcq format's one dequantize rule: planes (bool or 0/1) [q, rows, cols], alpha [q, rows or 1,
+    groups] -> fp32 ``sum_k alpha_k * (2 * bit_k - 1)`` (also of packed rows and the kernels' reference)."""
+    return ((planes.float() * 2 - 1) * expand_groups(alpha.float(), cols)).sum(0)
+
+
+def bcq_storage_bits(shape, spec: QuantSpec, row_bits: Optional[torch.Tensor] = None) -> int:
+    """``storage_bits()`` of a [rows, cols] weight quantized with ``spec`` (and ``row_bits``, quant/mixed.py),
+    without quantizing it."""
     rows, cols = shape
+    if row_bits is not None:
+        used = int(row_bits.long().sum())
+        return used * cols + used * (cols // spec.group_size if spec.group_size else 1) * 16 + 8 * rows
     scales = (rows * (cols // spec.group_size if spec.group_size else 1)) if spec.granularity == "channel" else 1
     return spec.bits * (rows * cols + scales * 16)
 
@@ -210,4 +221,4 @@ def quantize_bcq(w: torch.Tensor, spec: QuantSpec, init_alpha: Optional[torch.Te
                      alpha=alpha.float().reshape(spec.bits, -1, cols // size), group_size=spec.group_size)
 
 
-register_method("bcq", Method(quantize=quantize_bcq, weight_type=BCQWeight, bits=(1, 4)))
+register_method("bcq", Method(BCQWeight, (1, 4), quantize_bcq, bcq_storage_bits))

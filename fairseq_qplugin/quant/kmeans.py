@@ -38,9 +38,7 @@ class KMeansWeight(QuantizedWeight):
         return tuple(self.indices.shape)
 
     def dequantize(self) -> torch.Tensor:
-        idx = self.indices.long()
-        w = self.codebook[idx] if self.codebook.dim() == 1 else self.codebook.gather(1, idx)
-        return (w if self.mask is None else w * self.mask).to(self.dtype)
+        return kmeans_decode(self.codebook, self.indices, self.mask).to(self.dtype)
 
     def storage_bits(self) -> int:
         """b bits per kept weight, fp16 centroids, and a 1-bit-per-weight bitmap when pruned."""
@@ -60,6 +58,21 @@ class KMeansWeight(QuantizedWeight):
             raise QuantConfigError(f"kmeans weight: indices exceed {self.bits} bits")
         if self.mask is not None and (self.mask.shape != self.indices.shape or self.mask.dtype != torch.bool):
             raise QuantConfigError(f"kmeans weight: mask {tuple(self.mask.shape)} does not fit the indices")
+
+
+def kmeans_decode(codebook: torch.Tensor, indices: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The kmeans format's one dequantize rule: ``codebook[index] * mask`` in fp32, codebook [K] or
+    [rows, K] (also of packed rows, the kernels' reference and the training quantizers)."""
+    idx, codebook = indices.long(), codebook.float()
+    w = codebook[idx] if codebook.dim() == 1 else codebook.gather(1, idx)
+    return w if mask is None else w * mask
+
+
+def kmeans_storage_bits(shape, spec: QuantSpec, kept: Optional[int] = None) -> int:
+    """b bits per kept weight, fp16 centroids, and a 1-bit-per-weight bitmap when pruned (``kept`` given)."""
+    rows, cols = shape
+    codebook = 2**spec.bits * (rows if spec.granularity == "channel" else 1)
+    return (rows * cols if kept is None else kept) * spec.bits + codebook * 16 + (0 if kept is None else rows * cols)
 
 
 class KMeansFit(NamedTuple):
@@ -220,5 +233,5 @@ def quantize_bsflex(w: torch.Tensor, spec: QuantSpec) -> KMeansWeight:
     return _as_weight(w, centroids, upper.long(), 1, spec.granularity, None)
 
 
-register_method("kmeans", Method(quantize=quantize_kmeans, weight_type=KMeansWeight, bits=(1, 8)))
-register_method("bsflex", Method(quantize=quantize_bsflex, weight_type=KMeansWeight, bits=(1, 1)))
+register_method("kmeans", Method(KMeansWeight, (1, 8), quantize_kmeans, kmeans_storage_bits))
+register_method("bsflex", Method(KMeansWeight, (1, 1), quantize_bsflex, kmeans_storage_bits))

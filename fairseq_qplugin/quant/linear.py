@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import QuantConfigError
-from .base import Method, QuantizedWeight, QuantSpec, register_method
+from .base import Method, QuantizedWeight, QuantSpec, register_method, straight_through
 
 
 def truncate_scale(scale: torch.Tensor) -> torch.Tensor:
@@ -46,10 +46,21 @@ class IntWeight(QuantizedWeight):
         return tuple(self.codes.shape)
 
     def dequantize(self) -> torch.Tensor:
-        return ((self.codes.float() - self.zero_point.float()) * self.scale).to(self.dtype)
+        return int_decode(self.codes, self.scale, self.zero_point).to(self.dtype)
 
     def storage_bits(self) -> int:
         return self.codes.numel() * self.bits + self.scale.numel() * (16 + self.bits)
+
+
+def int_decode(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+    """The int format's one dequantize rule, ``(code - zero_point) * scale`` in fp32 (also of packed rows
+    and of the kernels' per-row tables)."""
+    return (codes.float() - zero_point.float()) * scale.float()
+
+
+def int_storage_bits(shape, spec: QuantSpec) -> int:
+    rows, cols = shape
+    return rows * cols * spec.bits + (rows if spec.granularity == "channel" else 1) * (16 + spec.bits)
 
     def validate(self):
         rows, _ = self.codes.shape
@@ -97,8 +108,7 @@ def fake_quantize_range(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bit
     identity straight-through gradient (Fan 2019, Eq. 6)."""
     scale, zero_point = asym_params(lo, hi, bits)
     codes = (torch.round(x.detach() / scale) + zero_point).clamp(0, 2**bits - 1)
-    xq = ((codes - zero_point) * scale).to(x.dtype)
-    return xq + (x - x.detach()) if x.requires_grad else xq
+    return straight_through(x, int_decode(codes, scale, zero_point).to(x.dtype))
 
 
-register_method("int", Method(quantize=quantize_int, weight_type=IntWeight, bits=(1, 8)))
+register_method("int", Method(IntWeight, (1, 8), quantize_int, int_storage_bits))

@@ -11,8 +11,8 @@ from typing import List, Optional, Sequence
 import torch
 
 from ..errors import QuantConfigError
-from .base import QuantSpec
-from .bcq import BCQWeight, quantize_bcq
+from .base import Method, QuantSpec, register_method
+from .bcq import BCQWeight, bcq_storage_bits, quantize_bcq
 
 
 @dataclass
@@ -43,8 +43,7 @@ class MixedBCQWeight(BCQWeight):
 
 def mixed_storage_bits(row_bits: torch.Tensor, cols: int, group_size: int) -> int:
     """Planes and fp16 alphas for each row's own bits, plus 8 bits per row for its bit count."""
-    used = int(row_bits.long().sum())
-    return used * cols + used * (cols // group_size if group_size else 1) * 16 + 8 * row_bits.numel()
+    return bcq_storage_bits((len(row_bits), cols), QuantSpec("bcq", 1, group_size=group_size), row_bits)
 
 
 def quantize_bcq_rows(w: torch.Tensor, row_bits: torch.Tensor, spec: QuantSpec,
@@ -105,3 +104,6 @@ def ranked_row_bits(counts: torch.Tensor, sizes: Sequence[int], bits: Sequence[i
     out = torch.empty(len(counts), dtype=torch.int8)
     out[frequency_rank(counts, first)] = ranked.to(torch.int8)
     return out
+
+
+register_method("bcq_mixed", Method(MixedBCQWeight, (1, 4), storage_bits=bcq_storage_bits))

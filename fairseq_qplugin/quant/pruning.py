@@ -129,4 +129,9 @@ def quantize_sparse(w: torch.Tensor, spec: QuantSpec) -> SparseWeight:
     return SparseWeight(values=w.float() * mask, mask=mask)
 
 
-register_method("sparse", Method(quantize=quantize_sparse, weight_type=SparseWeight, bits=(32, 32)))
+def sparse_storage_bits(shape, spec: QuantSpec, kept: Optional[int] = None) -> int:
+    numel = shape[0] * shape[1]
+    return (numel if kept is None else kept) * 32 + numel
+
+
+register_method("sparse", Method(SparseWeight, (32, 32), quantize_sparse, sparse_storage_bits))

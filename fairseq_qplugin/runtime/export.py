@@ -12,7 +12,7 @@ or fairseq::
                             shape), activation quantization ranges, the sha256 of the tensors
     DIR/dict.<src>.txt, DIR/dict.<tgt>.txt   the fairseq dictionaries (checksum in config.json)
 
-Module formats: ``dense`` (a float matrix ``<owner>.weight``) or a packed one of pack/formats.py
+Module formats: ``dense`` (a float matrix ``<owner>.weight``) or a packed one of quant/packed.py
 (``int``, ``bcq``, ``bcq_mixed``, ``kmeans``) whose fields are ``<owner>.wq.<field>``, laid out
 as documented there. See docs/runtime.md.
 """

@@ -1,11 +1,15 @@
 """Packed storage of each quantized-weight type: what a packed checkpoint holds per weight.
 
-Every ``Packed*`` class mirrors one ``QuantizedWeight`` (quant/): ``Packed*.pack(qw, param_dtype)``
+Every ``Packed*`` class mirrors one ``QuantizedWeight``: ``Packed*.pack(qw, param_dtype)``
 and ``.unpack()`` are exact inverses up to the dtype of the float parameters (scales, alphas,
 codebooks), which are stored as ``param_dtype`` (fp16 by default, fp32 for bit-exact output).
 They reuse ``QuantizedWeight.as_dict()/from_dict()``: a flat dict of tensors with validated keys,
 plain ints stored as 0-d tensors. Codes are packed with ``bitpack.pack_bits`` along the input
-(column) dimension, so each row starts on a byte boundary.
+(column) dimension, so each row starts on a byte boundary. Each class registers itself as its
+method's ``packed`` format in ``METHODS`` (bsflex weights are 1-bit k-means ones). ``dequantize_rows``
+unpacks the rows asked for and applies the format's one dequantize rule (``int_decode``,
+``bcq_decode``, ``kmeans_decode``), which the kernels' reference paths (pack/kernels.py) call too.
+The same packed fields are what a QAT checkpoint saves as ``<module>.wq.code.<field>`` (in fp32).
 
 Layouts (``rows x cols`` = ``[out, in]`` of a linear layer, ``[vocab, dim]`` of an embedding):
 
@@ -31,8 +35,12 @@ from typing import ClassVar, Dict, List, Optional, Tuple, Type
 import torch
 
 from ..errors import QuantConfigError
-from ..quant import BCQWeight, IntWeight, KMeansWeight, MixedBCQWeight, QuantizedWeight
+from .base import METHODS, QuantizedWeight
+from .bcq import BCQWeight, bcq_decode
 from .bitpack import pack_bits, packed_size, unpack_bits
+from .kmeans import KMeansWeight, kmeans_decode
+from .linear import IntWeight, int_decode
+from .mixed import MixedBCQWeight
 
 FLOAT_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 
@@ -54,8 +62,12 @@ class PackedWeight(QuantizedWeight):
     def unpack(self) -> QuantizedWeight:
         raise NotImplementedError
 
+    def dequantize_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """fp32 [len(rows), cols] of the weight rows ``rows`` (long [m]), equal to ``dequantize()[rows]``."""
+        raise NotImplementedError
+
     def dequantize(self) -> torch.Tensor:
-        return self.unpack().dequantize()
+        return self.dequantize_rows(torch.arange(self.shape[0]))
 
     def nbytes(self) -> int:
         """Bytes of the stored tensors (what the file holds for this weight)."""
@@ -88,6 +100,12 @@ class PackedInt(PackedWeight):
     def unpack(self) -> IntWeight:
         return IntWeight(unpack_bits(self.codes, self.bits, self.cols), self.scale.float(),
                          self.zero_point.to(torch.int32), self.bits)
+
+    def dequantize_rows(self, rows):
+        codes = unpack_bits(self.codes[rows], self.bits, self.cols)
+        per_row = self.scale.shape[0] > 1
+        return int_decode(codes, self.scale[rows] if per_row else self.scale,
+                          self.zero_point[rows] if per_row else self.zero_point)
 
     def storage_bits(self):
         return self.codes.numel() * 8 + self.scale.numel() * (self.scale.element_size() * 8 + 8)
@@ -128,11 +146,12 @@ class PackedBCQ(PackedWeight):
 
     def unpack(self) -> BCQWeight:
         planes = unpack_bits(self.planes, 1, self.cols).bool()
-        return BCQWeight(planes=planes, alpha=self.alpha.float())
+        groups = self.alpha.shape[2]
+        return BCQWeight(planes=planes, alpha=self.alpha.float(), group_size=self.cols // groups if groups > 1 else 0)
 
-    def dequantize(self) -> torch.Tensor:
-        signs = unpack_bits(self.planes, 1, self.cols).float() * 2 - 1
-        return (signs * expand_groups(self.alpha.float(), self.cols)).sum(0)
+    def dequantize_rows(self, rows):
+        alpha = self.alpha if self.alpha.shape[1] == 1 else self.alpha[:, rows]
+        return bcq_decode(unpack_bits(self.planes[:, rows], 1, self.cols), alpha, self.cols)
 
     def storage_bits(self):
         return self.planes.numel() * 8 + self.alpha.numel() * self.alpha.element_size() * 8
@@ -232,12 +251,6 @@ class PackedMixedBCQ(PackedWeight):
         _float_param(self.alpha, "bcq_mixed weight: alpha")
 
 
-def expand_groups(alpha: torch.Tensor, cols: int) -> torch.Tensor:
-    """alpha [q, rows, groups] -> [q, rows, cols or 1]: each group covers cols / groups columns."""
-    groups = alpha.shape[-1]
-    return alpha if groups == 1 else alpha.repeat_interleave(cols // groups, dim=-1)
-
-
 @dataclass
 class PackedKMeans(PackedWeight):
     method = "kmeans"
@@ -261,6 +274,11 @@ class PackedKMeans(PackedWeight):
         mask = None if self.mask is None else unpack_bits(self.mask, 1, self.cols).bool()
         return KMeansWeight(self.codebook.float(), unpack_bits(self.indices, self.bits, self.cols), self.bits, mask)
 
+    def dequantize_rows(self, rows):
+        mask = None if self.mask is None else unpack_bits(self.mask[rows], 1, self.cols).bool()
+        codebook = self.codebook if self.codebook.dim() == 1 else self.codebook[rows]
+        return kmeans_decode(codebook, unpack_bits(self.indices[rows], self.bits, self.cols), mask)
+
     def storage_bits(self):
         mask = 0 if self.mask is None else self.mask.numel() * 8
         return self.indices.numel() * 8 + self.codebook.numel() * self.codebook.element_size() * 8 + mask
@@ -280,20 +298,26 @@ class PackedKMeans(PackedWeight):
                    f"kmeans weight: mask {list(self.mask.shape)} does not fit {rows} x {self.cols}")
 
 
-# pack_weight takes the first class whose source type matches: MixedBCQWeight before its base BCQWeight.
-PACKED: Dict[str, Type[PackedWeight]] = {c.method: c for c in (PackedInt, PackedMixedBCQ, PackedBCQ, PackedKMeans)}
+for _method, _format in (("int", PackedInt), ("bcq", PackedBCQ), ("bcq_mixed", PackedMixedBCQ),
+                         ("kmeans", PackedKMeans), ("bsflex", PackedKMeans)):
+    METHODS[_method].packed = _format
+
+
+def packed_formats() -> Dict[str, Type[PackedWeight]]:
+    """{format name: class}: the formats a packed file or checkpoint stores (a layout's ``method``)."""
+    return {m: v.packed for m, v in METHODS.items() if v.packed is not None and v.packed.method == m}
 
 
 def pack_weight(qw: QuantizedWeight, param_dtype: torch.dtype = torch.float16) -> PackedWeight:
-    """The packed form of any supported QuantizedWeight (``bsflex`` weights are 1-bit k-means)."""
-    for cls in PACKED.values():
-        if isinstance(qw, cls.source):
-            return cls.pack(qw, param_dtype)
-    raise QuantConfigError(f"no packed format for {type(qw).__name__} (method {qw.method!r}); "
-                           f"packable: {sorted(PACKED)}")
+    """The packed form of any packable QuantizedWeight (``bsflex`` weights are 1-bit k-means)."""
+    method = METHODS.get(qw.method)
+    if method is None or method.packed is None:
+        raise QuantConfigError(f"no packed format for {type(qw).__name__} (method {qw.method!r}); "
+                               f"packable: {sorted(packed_formats())}")
+    return method.packed.pack(qw, param_dtype)
 
 
 def packed_from_dict(method: str, d: Dict[str, torch.Tensor]) -> PackedWeight:
-    if method not in PACKED:
-        raise QuantConfigError(f"unknown packed method {method!r}; known: {sorted(PACKED)}")
-    return PACKED[method].from_dict(d)
+    if method not in METHODS or METHODS[method].packed is None:
+        raise QuantConfigError(f"unknown packed method {method!r}; known: {sorted(packed_formats())}")
+    return METHODS[method].packed.from_dict(d)
