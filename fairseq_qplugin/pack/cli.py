@@ -29,6 +29,7 @@ from omegaconf import OmegaConf
 
 from ..errors import QuantConfigError
 from ..modules import QuantEmbedding, QuantLinear, pattern_selector, quantizable_modules, swap_modules
+from ..modules.qmodules import is_schema_key
 from ..quant import QuantSpec, check_weight
 from .card import read_bleu, write_model_card
 from .fileformat import FORMAT, VERSION, dictionary_checksum, header_sha256, tensors_sha256
@@ -96,7 +97,7 @@ def narrow_params(pw, dtype: str):
 def pack_model(model, param_dtype: str = "auto", other_dtype: str = "auto"):
     """(layout, state dict of packed + other tensors, per-weight stats) for a fake-quant model;
     dtypes as ``narrow`` takes them."""
-    state = model.state_dict()
+    state = {k: v for k, v in model.state_dict().items() if not is_schema_key(k)}  # codes: packed below
     layout, stats, done = {}, [], {}
     quantized = [(n, m) for n, m in model.named_modules(remove_duplicate=False)
                  if isinstance(m, (QuantLinear, QuantEmbedding))]
@@ -107,7 +108,7 @@ def pack_model(model, param_dtype: str = "auto", other_dtype: str = "auto"):
         if key not in done:
             check_weight(module.weight, f"{name}.weight")
             start = time.perf_counter()
-            qw = module.wq.quantized(module.weight.detach())
+            qw = module.wq.quantized(module.weight.detach())  # the saved code; searched if the checkpoint has none
             progress.add(key)
             logger.info("[%d/%d] %s: %s %s, %.2f s", len(progress), todo, name, tuple(module.weight.shape),
                         module.wq.extra_repr(), time.perf_counter() - start)

@@ -211,13 +211,4 @@ def packed_linear(x: torch.Tensor, pw: PackedWeight, bias=None, lut_max_rows: in
 def packed_embedding(tokens: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
     """Rows of the packed embedding table for ``tokens`` (long [...]) -> float [..., cols]."""
     uniq, inverse = tokens.reshape(-1).unique(return_inverse=True)
-    if isinstance(pw, PackedMixedBCQ):  # each looked-up row from its own bit group
-        rows = torch.empty(len(uniq), pw.cols)
-        bits = pw.row_bits[uniq]
-        for _, group in pw.by_bits:
-            sel = (bits == group.bits).nonzero().squeeze(1)
-            if len(sel):
-                rows[sel] = group.dequantize_rows(pw.position[uniq[sel]])
-    else:
-        rows = pw.dequantize_rows(uniq)
-    return rows[inverse].reshape(*tokens.shape, pw.cols)
+    return pw.dequantize_rows(uniq)[inverse].reshape(*tokens.shape, pw.cols)

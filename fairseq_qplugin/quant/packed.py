@@ -73,6 +73,9 @@ class PackedWeight(QuantizedWeight):
         """Bytes of the stored tensors (what the file holds for this weight)."""
         return sum(t.numel() * t.element_size() for t in self.as_dict().values() if t.dim() > 0)
 
+    def storage_bits(self) -> int:
+        return 8 * self.nbytes()
+
 
 def _float_param(t: torch.Tensor, name: str):
     _check(t.dtype in FLOAT_DTYPES.values(), f"{name} must be fp16 or fp32, got {t.dtype}")
@@ -107,8 +110,6 @@ class PackedInt(PackedWeight):
         return int_decode(codes, self.scale[rows] if per_row else self.scale,
                           self.zero_point[rows] if per_row else self.zero_point)
 
-    def storage_bits(self):
-        return self.codes.numel() * 8 + self.scale.numel() * (self.scale.element_size() * 8 + 8)
 
     def validate(self):
         _check(1 <= self.bits <= 8, f"int weight: {self.bits} bits is outside 1..8")
@@ -153,8 +154,6 @@ class PackedBCQ(PackedWeight):
         alpha = self.alpha if self.alpha.shape[1] == 1 else self.alpha[:, rows]
         return bcq_decode(unpack_bits(self.planes[:, rows], 1, self.cols), alpha, self.cols)
 
-    def storage_bits(self):
-        return self.planes.numel() * 8 + self.alpha.numel() * self.alpha.element_size() * 8
 
     def validate(self):
         _check(self.planes.dim() == 3 and self.planes.dtype == torch.uint8
@@ -227,14 +226,13 @@ class PackedMixedBCQ(PackedWeight):
         return MixedBCQWeight(planes=planes, alpha=alpha, group_size=cols // groups if groups > 1 else 0,
                               row_bits=self.row_bits.to(torch.int8))
 
-    def dequantize(self) -> torch.Tensor:
-        w = torch.empty(self.shape)
-        for rows, pw in self.by_bits:
-            w[rows] = pw.dequantize()
-        return w
+    def dequantize_rows(self, rows):
+        out, bits = torch.empty(len(rows), self.cols), self.row_bits[rows]
+        for _, group in self.by_bits:  # each row from its own bit group
+            sel = (bits == group.bits).nonzero().squeeze(1)
+            out[sel] = group.dequantize_rows(self.position[rows[sel]])
+        return out
 
-    def storage_bits(self):
-        return (self.planes.numel() + self.row_bits.numel()) * 8 + self.alpha.numel() * self.alpha.element_size() * 8
 
     def validate(self):
         bits = self.row_bits
@@ -279,9 +277,6 @@ class PackedKMeans(PackedWeight):
         codebook = self.codebook if self.codebook.dim() == 1 else self.codebook[rows]
         return kmeans_decode(codebook, unpack_bits(self.indices[rows], self.bits, self.cols), mask)
 
-    def storage_bits(self):
-        mask = 0 if self.mask is None else self.mask.numel() * 8
-        return self.indices.numel() * 8 + self.codebook.numel() * self.codebook.element_size() * 8 + mask
 
     def validate(self):
         _check(1 <= self.bits <= 8, f"kmeans weight: {self.bits} bits is outside 1..8")
