@@ -154,7 +154,10 @@ class WeightQuantizer(nn.Module):
 
     def load_code(self, w: torch.Tensor, fields: Dict[str, torch.Tensor]):
         """Take the saved code of the loaded weight ``w`` (its signature checked by ``drop_unusable_state``)."""
-        self._code, self._stale = (self.key(w), packed_from_dict(self.code_method(), fields).unpack()), False
+        packed = packed_from_dict(self.code_method(), fields)
+        qw = packed.unpack()
+        qw.packed_fp32 = packed
+        self._code, self._stale = (self.key(w), qw), False
 
     # -- forward and pNR ---------------------------------------------------------------------------
     def forward(self, w: torch.Tensor) -> torch.Tensor:

@@ -112,64 +112,15 @@ class PNROptimizer(FairseqOptimizer):
         self.num_updates = int(state_dict.pop(COUNTER_KEY, 0))
         self.inner.load_state_dict(state_dict, optimizer_overrides)
 
-    # everything else is the wrapped optimizer's
-    @property
-    def optimizer(self):
-        return self.inner.optimizer
 
-    @property
-    def optimizer_config(self):
-        return self.inner.optimizer_config
-
-    @property
-    def param_groups(self):
-        return self.inner.param_groups
-
-    def __getstate__(self):
-        return self.inner.__getstate__()
-
-    def get_lr(self):
-        return self.inner.get_lr()
-
-    def set_lr(self, lr):
-        self.inner.set_lr(lr)
-
-    def backward(self, loss):
-        self.inner.backward(loss)
-
-    def all_reduce_grads(self, module):
-        self.inner.all_reduce_grads(module)
-
-    def multiply_grads(self, c):
-        self.inner.multiply_grads(c)
-
-    def clip_grad_norm(self, max_norm, aggregate_norm_fn=None):
-        return self.inner.clip_grad_norm(max_norm, aggregate_norm_fn)
-
-    def zero_grad(self):
-        self.inner.zero_grad()
-
-    def average_params(self):
-        self.inner.average_params()
-
-    def broadcast_global_state_dict(self, state_dict):
-        return self.inner.broadcast_global_state_dict(state_dict)
-
-    @property
-    def supports_memory_efficient_fp16(self):
-        return self.inner.supports_memory_efficient_fp16
-
-    @property
-    def supports_step_with_scale(self):
-        return self.inner.supports_step_with_scale
-
-    @property
-    def supports_groups(self):
-        return self.inner.supports_groups
-
-    @property
-    def supports_flat_params(self):
-        return self.inner.supports_flat_params
+# everything else is the wrapped optimizer's: its methods and properties, delegated one by one (fairseq's
+# FairseqOptimizer defines them all, so they are overridden here rather than found by __getattr__)
+for _name in ("get_lr", "set_lr", "backward", "all_reduce_grads", "multiply_grads", "clip_grad_norm", "zero_grad",
+              "average_params", "broadcast_global_state_dict", "__getstate__"):
+    setattr(PNROptimizer, _name, lambda self, *a, _name=_name, **kw: getattr(self.inner, _name)(*a, **kw))
+for _name in ("optimizer", "optimizer_config", "param_groups", "supports_memory_efficient_fp16",
+              "supports_step_with_scale", "supports_groups", "supports_flat_params"):
+    setattr(PNROptimizer, _name, property(lambda self, _name=_name: getattr(self.inner, _name)))
 
 
 def register_pnr_optimizers():

@@ -97,7 +97,8 @@ def narrow_params(pw, dtype: str):
 def pack_model(model, param_dtype: str = "auto", other_dtype: str = "auto"):
     """(layout, state dict of packed + other tensors, per-weight stats) for a fake-quant model;
     dtypes as ``narrow`` takes them."""
-    state = {k: v for k, v in model.state_dict().items() if not is_schema_key(k)}  # codes: packed below
+    state = {k: v.detach() for k, v in model.state_dict(keep_vars=True).items()  # nothing quantized here
+             if not is_schema_key(k)}
     layout, stats, done = {}, [], {}
     quantized = [(n, m) for n, m in model.named_modules(remove_duplicate=False)
                  if isinstance(m, (QuantLinear, QuantEmbedding))]
@@ -115,6 +116,7 @@ def pack_model(model, param_dtype: str = "auto", other_dtype: str = "auto"):
             try:
                 pw = narrow_params(pack_weight(qw, torch.float32), param_dtype)
             except QuantConfigError:  # e.g. pruning only: stays a (sparse) float weight
+                state[name + ".weight"] = module.wq.state_dict_weight(module.weight.detach())
                 continue
             done[key] = (name, pw)
             stats.append((name, module.weight.numel(), pw))

@@ -309,7 +309,11 @@ def pack_weight(qw: QuantizedWeight, param_dtype: torch.dtype = torch.float16) -
     if method is None or method.packed is None:
         raise QuantConfigError(f"no packed format for {type(qw).__name__} (method {qw.method!r}); "
                                f"packable: {sorted(packed_formats())}")
-    return method.packed.pack(qw, param_dtype)
+    if param_dtype != torch.float32:
+        return method.packed.pack(qw, param_dtype)
+    if "packed_fp32" not in qw.__dict__:  # kept with the code: checkpoints and packed files share it
+        qw.packed_fp32 = method.packed.pack(qw, torch.float32)
+    return qw.packed_fp32
 
 
 def packed_from_dict(method: str, d: Dict[str, torch.Tensor]) -> PackedWeight:
