@@ -110,7 +110,16 @@ class WeightQuantizer(nn.Module):
         key = self.key(w)
         if self._code is None or self._code[0] != key or self._stale:
             self._code, self._stale = (key, self.search(w)), False
+        if callable(self._code[1]):  # a loaded code, unpacked on first use
+            self._code = (key, self._code[1]())
         return self._code[1]
+
+    def packed(self, w: torch.Tensor):
+        """``pack_weight(self.quantized(w), fp32)``: the loaded packed code as it is, if ``w`` is the loaded weight."""
+        code = self._code
+        if code is not None and code[0] == self.key(w) and not self._stale and callable(code[1]):
+            return code[1].packed
+        return pack_weight(self.quantized(w), torch.float32)
 
     def average_bits(self) -> float:
         """Bits per weight of the codes alone (without scales)."""
@@ -139,8 +148,7 @@ class WeightQuantizer(nn.Module):
             entries = {"spec": torch.tensor(list(self.signature().encode()), dtype=torch.uint8)}
             if self.ready:
                 try:
-                    packed = pack_weight(self.quantized(w), torch.float32)
-                    entries.update({f"code.{k}": v for k, v in packed.as_dict().items()})
+                    entries.update({f"code.{k}": v for k, v in self.packed(w).as_dict().items()})
                 except ValueError:  # no packed format (pruning alone): the weight stays float
                     pass
             if not self.pnr and not torch.equal(view, w):
@@ -155,9 +163,14 @@ class WeightQuantizer(nn.Module):
     def load_code(self, w: torch.Tensor, fields: Dict[str, torch.Tensor]):
         """Take the saved code of the loaded weight ``w`` (its signature checked by ``drop_unusable_state``)."""
         packed = packed_from_dict(self.code_method(), fields)
-        qw = packed.unpack()
-        qw.packed_fp32 = packed
-        self._code, self._stale = (self.key(w), qw), False
+
+        def unpack():
+            qw = packed.unpack()
+            qw.packed_fp32 = packed
+            return qw
+
+        unpack.packed = packed
+        self._code, self._stale = (self.key(w), unpack), False
 
     # -- forward and pNR ---------------------------------------------------------------------------
     def forward(self, w: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,7 @@ from ..modules.qmodules import is_schema_key
 from ..quant import QuantSpec, check_weight
 from .card import read_bleu, write_model_card
 from .fileformat import FORMAT, VERSION, dictionary_checksum, header_sha256, tensors_sha256
-from ..quant.packed import FLOAT_DTYPES, pack_weight
+from ..quant.packed import FLOAT_DTYPES
 from .int8 import KERNELS as INT8_KERNELS
 
 logger = logging.getLogger("fairseq_qplugin.pack")
@@ -109,13 +109,14 @@ def pack_model(model, param_dtype: str = "auto", other_dtype: str = "auto"):
         if key not in done:
             check_weight(module.weight, f"{name}.weight")
             start = time.perf_counter()
-            qw = module.wq.quantized(module.weight.detach())  # the saved code; searched if the checkpoint has none
             progress.add(key)
+            try:
+                pw = narrow_params(module.wq.packed(module.weight.detach()), param_dtype)  # saved, or searched
+            except QuantConfigError:  # e.g. pruning only: stays a (sparse) float weight
+                pw = None
             logger.info("[%d/%d] %s: %s %s, %.2f s", len(progress), todo, name, tuple(module.weight.shape),
                         module.wq.extra_repr(), time.perf_counter() - start)
-            try:
-                pw = narrow_params(pack_weight(qw, torch.float32), param_dtype)
-            except QuantConfigError:  # e.g. pruning only: stays a (sparse) float weight
+            if pw is None:
                 state[name + ".weight"] = module.wq.state_dict_weight(module.weight.detach())
                 continue
             done[key] = (name, pw)
