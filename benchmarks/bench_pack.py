@@ -43,8 +43,9 @@ def write_checkpoints(folder, vocab, flags):
     start = time.perf_counter()
     state = model.eval().state_dict()
     print(f"saving the QAT checkpoint (one search, as training's last save does): {time.perf_counter() - start:.1f} s")
-    base = {"cfg": OmegaConf.to_container(cfg, resolve=True), "extra_state": {}, "optimizer_history": [
-        {"criterion_name": "CrossEntropyCriterion", "optimizer_name": "Adam", "lr_scheduler_state": {}, "num_updates": 0}]}
+    history = {"criterion_name": "CrossEntropyCriterion", "optimizer_name": "Adam", "lr_scheduler_state": {},
+               "num_updates": 0}
+    base = {"cfg": OmegaConf.to_container(cfg, resolve=True), "extra_state": {}, "optimizer_history": [history]}
     paths = {}
     for name, keep in (("codes", lambda k: True), ("search", lambda k: not is_schema_key(k))):
         paths[name] = os.path.join(folder, f"{name}.pt")

@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..distributed import global_range
-from ..quant import (QuantizedWeight, QuantSpec, fake_quantize_range, pack_weight, packed_from_dict, quantize,
-                     quantize_bcq_rows, resolve, storage_bits, straight_through)
+from ..quant import (PackedWeight, QuantizedWeight, QuantSpec, fake_quantize_range, pack_weight, packed_from_dict,
+                     quantize, quantize_bcq_rows, resolve, storage_bits, straight_through)
 from ..quant.base import binarize_gate
 
 logger = logging.getLogger(__name__)
@@ -110,15 +110,17 @@ class WeightQuantizer(nn.Module):
         key = self.key(w)
         if self._code is None or self._code[0] != key or self._stale:
             self._code, self._stale = (key, self.search(w)), False
-        if callable(self._code[1]):  # a loaded code, unpacked on first use
-            self._code = (key, self._code[1]())
+        if isinstance(self._code[1], PackedWeight):  # a loaded code, unpacked on first use
+            qw = self._code[1].unpack()
+            qw.packed_fp32 = self._code[1]
+            self._code = (key, qw)
         return self._code[1]
 
-    def packed(self, w: torch.Tensor):
+    def packed(self, w: torch.Tensor) -> PackedWeight:
         """``pack_weight(self.quantized(w), fp32)``: the loaded packed code as it is, if ``w`` is the loaded weight."""
         code = self._code
-        if code is not None and code[0] == self.key(w) and not self._stale and callable(code[1]):
-            return code[1].packed
+        if code is not None and code[0] == self.key(w) and not self._stale and isinstance(code[1], PackedWeight):
+            return code[1]
         return pack_weight(self.quantized(w), torch.float32)
 
     def average_bits(self) -> float:
@@ -162,15 +164,7 @@ class WeightQuantizer(nn.Module):
 
     def load_code(self, w: torch.Tensor, fields: Dict[str, torch.Tensor]):
         """Take the saved code of the loaded weight ``w`` (its signature checked by ``drop_unusable_state``)."""
-        packed = packed_from_dict(self.code_method(), fields)
-
-        def unpack():
-            qw = packed.unpack()
-            qw.packed_fp32 = packed
-            return qw
-
-        unpack.packed = packed
-        self._code, self._stale = (self.key(w), unpack), False
+        self._code, self._stale = (self.key(w), packed_from_dict(self.code_method(), fields)), False
 
     # -- forward and pNR ---------------------------------------------------------------------------
     def forward(self, w: torch.Tensor) -> torch.Tensor:
@@ -238,7 +232,8 @@ class RowBitsQuantizer(WeightQuantizer):
         return "bcq_mixed"
 
     def signature(self) -> str:
-        return f"{super().signature()}, row bits {hashlib.sha256(self.row_bits.cpu().numpy().tobytes()).hexdigest()[:16]}"
+        digest = hashlib.sha256(self.row_bits.cpu().numpy().tobytes()).hexdigest()[:16]
+        return f"{super().signature()}, row bits {digest}"
 
     def average_bits(self) -> float:
         return self.row_bits.float().mean().item()

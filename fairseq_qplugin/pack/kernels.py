@@ -18,7 +18,8 @@ Pure-torch kernels:
 - ``blocked_linear``: for many activation rows (beam search, the encoder), dequantizes a block of
   ``block_rows`` weight rows at a time into fp32 and multiplies it with BLAS: one weight read
   serves all activation rows and at most one block is ever materialized. Its block values equal
-  ``QuantizedWeight.dequantize()`` bit for bit (both apply the format's one rule, quant/packed.py), so outputs match the fake-quant model.
+  ``QuantizedWeight.dequantize()`` bit for bit (both apply the format's one dequantize rule,
+  quant/packed.py), so outputs match the fake-quant model.
 - ``packed_embedding``: dequantizes only the looked-up rows.
 - Frequency-mixed BCQ (``PackedMixedBCQ``, a bit count per row): both entry points run the BCQ
   kernels once per bit group (``by_bits``), so work follows ``sum(row_bits)``.
