@@ -141,6 +141,10 @@ class WeightQuantizer(nn.Module):
     def code_method(self) -> str:
         return resolve(self.spec).method
 
+    def fits(self, spec: Optional[torch.Tensor]) -> bool:
+        """Whether a checkpoint's ``wq.spec`` entry is this quantizer's signature (its code and latent weight fit)."""
+        return spec is not None and bytes(spec.tolist()).decode(errors="replace") == self.signature()
+
     def checkpoint_entries(self, w: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """The saved ``weight`` and the ``spec``, ``code.<field>`` and ``latent`` entries of the checkpoint
         schema (module doc) of the latent weight ``w``; the same tensors for every name of a tied weight."""
@@ -327,7 +331,7 @@ class ActQuantizer(nn.Module):
 
 def is_schema_key(key: str) -> bool:
     """Whether ``key`` is a ``<module>.wq.spec / latent / code.*`` entry of the checkpoint schema."""
-    _, sep, rest = key.rpartition(".wq.")
+    _, sep, rest = ("." + key).rpartition(".wq.")
     return bool(sep) and (rest in ("spec", "latent") or rest.startswith("code."))
 
 
@@ -351,10 +355,11 @@ class _QuantizedWeightMixin:
             destination.update({f"{prefix}wq.{k}": v for k, v in entries.items()})
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
-        """The latent weight where saved, then the saved code (entries that do not fit this quantizer were
-        dropped by ``drop_unusable_state``)."""
+        """The latent weight where saved, then the saved code, if they are this quantizer's (``wq.spec``)."""
         saved = {k[len(prefix) + 3:]: state_dict.pop(k) for k in list(state_dict)
                  if k.startswith(prefix + "wq.") and is_schema_key(k)}
+        if not self.wq.fits(saved.get("spec")):  # another quantizer's: start from the quantized weight
+            saved = {}
         latent = saved.pop("latent", None)
         if latent is not None and prefix + "weight" in state_dict:
             state_dict[prefix + "weight"] = latent
@@ -378,8 +383,7 @@ def drop_unusable_state(model: nn.Module, state_dict: dict) -> dict:
         if wq is None:
             return False
         if isinstance(modules[name], _QuantizedWeightMixin) and is_schema_key(key):
-            spec = state_dict.get(f"{name}.wq.spec")
-            return spec is not None and bytes(spec.tolist()).decode(errors="replace") == wq.signature()
+            return wq.fits(state_dict.get(f"{name}.wq.spec"))
         return rest.split(".")[0] in {*wq._parameters, *wq._buffers, *wq._modules}
 
     dropped = {k for k in state_dict if ".wq." in k and not usable(k)}

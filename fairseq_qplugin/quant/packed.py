@@ -293,9 +293,9 @@ class PackedKMeans(PackedWeight):
                    f"kmeans weight: mask {list(self.mask.shape)} does not fit {rows} x {self.cols}")
 
 
-for _method, _format in (("int", PackedInt), ("bcq", PackedBCQ), ("bcq_mixed", PackedMixedBCQ),
-                         ("kmeans", PackedKMeans), ("bsflex", PackedKMeans)):
-    METHODS[_method].packed = _format
+for _method in METHODS.values():  # the first format whose source type the method's weights are: subclasses first
+    _method.packed = next((f for f in (PackedInt, PackedMixedBCQ, PackedBCQ, PackedKMeans)
+                           if issubclass(_method.weight_type, f.source)), None)
 
 
 def packed_formats() -> Dict[str, Type[PackedWeight]]:
