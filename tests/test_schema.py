@@ -8,7 +8,7 @@ import torch
 
 import fairseq_qplugin.modules.kmeans as kmeans_modules
 import fairseq_qplugin.modules.qmodules as qmodules
-from fairseq_qplugin.checkpoint import install_state_filter
+from fairseq_qplugin.commands import install_state_filter
 from fairseq_qplugin.modules.qmodules import is_schema_key
 from fairseq_qplugin.pack.cli import pack_model
 
