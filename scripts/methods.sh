@@ -105,7 +105,7 @@ order=(fp32-ft100 "fp32-ft$n" bcq-w3 bcq-paper bcq-mix bcq-w3-ste bcq-w4-ste bcq
 selected=("$@")
 [ ${#selected[@]} -gt 0 ] || selected=("${order[@]}")
 for name in "${selected[@]}"; do
-    [ -n "${rows[$name]:-}" ] || { echo "methods.sh: unknown row '$name' (rows: ${order[*]}, each also with -kd)" >&2; exit 2; }
+    [ -n "${rows[$name]:-}" ] || { echo "methods.sh: unknown row '$name' (rows: ${order[*]}, each but the controls also with -kd)" >&2; exit 2; }
 done
 
 recipes/generate.sh --data "$exp/data/bin" --checkpoint "$fp32" --raw-ref "$exp/data/raw/test.de" \
