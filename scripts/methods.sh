@@ -29,13 +29,25 @@
 # end where the learning rate is ~0. METHODS_FLAGS: fairseq-train flags added to every row, the
 # control included (e.g. METHODS_FLAGS='--dropout 0.0'; give it its own DEMO_DIR: the row names do
 # not change).
+# Another start: FP32_CKPT with its data in DEMO_DIR/data/bin and the raw test reference in
+# DEMO_DIR/data/raw/test.de, and METHODS_MODEL_FLAGS its architecture flags (default: the demo's
+# pre-norm model of scripts/demo_model.sh). METHODS_NO_SETUP=1 uses the environment as it is instead
+# of running scripts/setup_env.sh.
+# More rows: int4 (4-bit int weights, transformer_int8), bcq-w2-ste (2-bit BCQ straight-through),
+# bcq-alloc-ste (the BCQ mix of a `fairseq-qallocate --output` JSON file given as METHODS_ALLOC,
+# straight-through), bcq-hand25-ste (a hand mix of 2.5 average bits or less: embedding 4/3/2/1 bits
+# by word frequency, encoder 3, decoder 2; straight-through). Any row name with `-kd` appended
+# trains that row with distillation from the start (docs/distill.md): --criterion
+# label_smoothed_cross_entropy_distill with DISTILL_ALPHA (default 0.5) and DISTILL_TEMPERATURE
+# (default 1.0); DISTILL_TEACHER sets another teacher.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup_env.sh
+[ -n "${METHODS_NO_SETUP:-}" ] || bash scripts/setup_env.sh
 export PATH="$PWD/${QPLUGIN_VENV:-.venv}/bin:$PATH"
 exp=${DEMO_DIR:-exp/demo}
 log() { echo "$(date '+%F %T') | methods | $*" >&2; }
 source scripts/demo_model.sh
+[ -z "${METHODS_MODEL_FLAGS:-}" ] || read -r -a model <<< "$METHODS_MODEL_FLAGS"
 fp32=${FP32_CKPT:-$exp/fp32/checkpoint_best.pt}
 n=${METHODS_UPDATES:-150}
 schedule=()  # overrides of the demo's qat_schedule
@@ -63,6 +75,9 @@ declare -A rows=(
     [bcq-paper-ste]="transformer_bcq_paper|$n|--bcq-rounds 2"
     [bcq-mix]="transformer_bcq|$n|$mix $pnr"
     [bcq-mix-ste]="transformer_bcq|$n|$mix --bcq-rounds 2"
+    [bcq-w2-ste]="transformer_bcq|$n|--bcq-bits 2 --bcq-rounds 2"
+    [bcq-hand25-ste]="transformer_bcq|$n|--bcq-embed-bits 4 --bcq-embed-freq-ratio 1 --bcq-bits 3 --bcq-layer-bits decoder_self_attn:2,decoder_cross_attn:2,decoder_ffn:2 --bcq-rounds 2"
+    [int4]="transformer_int8|$n|--quant-bits 4"
     [bcq-w2-alt]="transformer_bcq|$n|--bcq-bits 2 $pnr"
     [bcq-w2-greedy]="transformer_bcq|$n|--bcq-bits 2 --bcq-search greedy $pnr"
     [km-w4]="transformer_kmeans|$n|--quant-method kmeans --quant-bits 4"
@@ -75,13 +90,22 @@ declare -A rows=(
     [prune50-global]="transformer_kmeans|$n|$prune --prune-ranking global"
     [prune50-global-gradual]="transformer_kmeans|$n|--quant-method none --prune-ranking global --prune-schedule $gradual"
 )
-order=(fp32-ft100 "fp32-ft$n" bcq-w3 bcq-paper bcq-mix bcq-w3-ste bcq-w4-ste bcq-paper-ste bcq-mix-ste bcq-w2-alt bcq-w2-greedy
-       km-w4 km-w4-row km-w4-recluster bsflex-selfattn bsflex-selfattn-row prune50 prune50-layers prune50-global
-       prune50-global-gradual)
+if [ -n "${METHODS_ALLOC:-}" ]; then
+    alloc=$(python -c 'import json, sys; print(" ".join(json.load(open(sys.argv[1]))["flags"]))' "$METHODS_ALLOC")
+    rows[bcq-alloc-ste]="transformer_bcq|$n|$alloc --bcq-rounds 2"
+fi
+kd="--criterion label_smoothed_cross_entropy_distill --distill-alpha ${DISTILL_ALPHA:-0.5}"
+kd+=" --distill-temperature ${DISTILL_TEMPERATURE:-1.0}${DISTILL_TEACHER:+ --distill-teacher $DISTILL_TEACHER}"
+for name in "${!rows[@]}"; do
+    [[ $name == fp32-* ]] || rows[$name-kd]="${rows[$name]} $kd"
+done
+order=(fp32-ft100 "fp32-ft$n" bcq-w3 bcq-paper bcq-mix bcq-w3-ste bcq-w4-ste bcq-paper-ste bcq-mix-ste bcq-w2-ste
+       bcq-hand25-ste int4 bcq-w2-alt bcq-w2-greedy km-w4 km-w4-row km-w4-recluster bsflex-selfattn bsflex-selfattn-row
+       prune50 prune50-layers prune50-global prune50-global-gradual)
 selected=("$@")
 [ ${#selected[@]} -gt 0 ] || selected=("${order[@]}")
 for name in "${selected[@]}"; do
-    [ -n "${rows[$name]:-}" ] || { echo "methods.sh: unknown row '$name' (rows: ${order[*]})" >&2; exit 2; }
+    [ -n "${rows[$name]:-}" ] || { echo "methods.sh: unknown row '$name' (rows: ${order[*]}, each but the controls also with -kd)" >&2; exit 2; }
 done
 
 recipes/generate.sh --data "$exp/data/bin" --checkpoint "$fp32" --raw-ref "$exp/data/raw/test.de" \
