@@ -30,6 +30,8 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from .errors import QuantConfigError
+
 logger = logging.getLogger("fairseq_qplugin.results")
 
 
@@ -84,13 +86,19 @@ def describe(model_cfg) -> Tuple[str, str]:
     return "fp32", arch
 
 
-def checkpoint_summary(path: str) -> dict:
-    """Average bits, packed size, method and configuration of a checkpoint's model."""
+def checkpoint_summary(path: str, data: Optional[str] = None) -> dict:
+    """Average bits, packed size, method and configuration of a checkpoint's model; ``data``: the
+    binarized data directory with its dictionaries (default: the one the checkpoint names)."""
     from fairseq import checkpoint_utils
 
     from .models.base import quantization_summary
 
-    models, cfg, _task = checkpoint_utils.load_model_ensemble_and_task([str(path)])
+    try:
+        models, cfg, _task = checkpoint_utils.load_model_ensemble_and_task(
+            [str(path)], arg_overrides={"data": str(data)} if data else None)
+    except FileNotFoundError as e:
+        raise QuantConfigError(f"{path}: its dictionaries are not where it was trained ({e.filename or e}); "
+                               "give --data DIR, the binarized data directory") from None
     s = quantization_summary(models[0])
     if s["quantized_params"] == 0:  # plain fp32 model
         s["avg_bits"] = s["code_bits"] = 32.0
@@ -230,6 +238,8 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, help="write the table to this file (default with --exp-dir: EXP_DIR/results.md)")
     parser.add_argument("--plot", type=Path, help="write the BLEU-vs-size plot (PNG) to this file "
                                                   "(default with --exp-dir: EXP_DIR/results.png)")
+    parser.add_argument("--data", help="the binarized data directory (its dictionaries) of the checkpoints "
+                        "(default: the directory each checkpoint was trained on)")
     parser.add_argument("--title", default="BLEU vs model size", help="title of the plot")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)s | %(name)s | %(message)s")
@@ -268,7 +278,7 @@ def main(argv=None):
     for name, ckpt, gen in specs:
         logger.info("summarizing %s (%s)", name, ckpt)
         with torch.no_grad():
-            summary = checkpoint_summary(ckpt)
+            summary = checkpoint_summary(ckpt, args.data)
         rows.append(Row(name, summary, *gen_scores(gen)))
     text = table(rows, next((r for r in rows if r.name == args.control), None))
     sys.stdout.write(text)

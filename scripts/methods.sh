@@ -124,4 +124,4 @@ for name in "${selected[@]}"; do
 done
 control=()
 [[ " ${selected[*]} " != *" fp32-ft$n "* ]] || control=(--control "fp32-ft$n")
-python -m fairseq_qplugin.results --out "$exp/methods.md" --plot "$exp/methods.png" ${control[@]+"${control[@]}"} "${table[@]}"
+python -m fairseq_qplugin.results --data "$exp/data/bin" --out "$exp/methods.md" --plot "$exp/methods.png" ${control[@]+"${control[@]}"} "${table[@]}"

@@ -148,3 +148,22 @@ def test_results_table_reports_bits_and_size(tiny_data, fp32_checkpoint, int4_ch
     assert 4.0 < float(int4["bits with scales"]) < 4.6  # 4-bit codes plus one fp16 scale per row
     assert float(int4["compression"].rstrip("x")) > 4.0  # layer norms and biases stay fp32
     assert int4["tok. BLEU (compound split)"] == int4["tokens/s"] == "n/a"  # bleu.txt only
+
+
+def test_results_table_of_a_checkpoint_trained_on_a_relative_data_path(tiny_data, int4_checkpoint, tmp_path):
+    """A checkpoint names its data directory as it was given to fairseq-train (e.g. ``bin``): elsewhere the
+    table says to give --data, and with --data it reads the dictionaries from there."""
+    from fairseq_qplugin.checkpoint import load_state
+
+    state = load_state(int4_checkpoint)
+    state["cfg"]["task"]["data"] = "bin"
+    ckpt = tmp_path / "relative.pt"
+    torch.save(state, ckpt)
+    (tmp_path / "gen").mkdir()
+    (tmp_path / "gen" / "bleu.txt").write_text("11.9\n")
+    args = ["python", "-m", "fairseq_qplugin.results", "--out", tmp_path / "t.md", f"int4={ckpt}:{tmp_path / 'gen'}"]
+    proc = run(args, cwd=ROOT, check=False)
+    assert proc.returncode != 0 and "give --data DIR" in proc.stdout, proc.stdout[-2000:]
+    assert "Traceback" not in proc.stdout, proc.stdout[-2000:]
+    run(args + ["--data", tiny_data / "bin"], cwd=ROOT)
+    assert "| int4 |" in (tmp_path / "t.md").read_text()
