@@ -152,7 +152,7 @@ def test_bcq_pnr_with_frequency_groups_and_saves_without_validation(tiny_data, f
 def test_kmeans_with_pruning_then_resume_on_one_process(tiny_data, fp32_checkpoint):
     dump, state = run_ddp(tiny_data, fp32_checkpoint, "kmeans", "transformer_kmeans", "--quant-bits", 3,
                           "--prune-schedule", "0:0.2,3:0.4", "--kmeans-recluster-interval", 2)
-    mask = state["state.encoder.layers.0.fc1.wq.mask"]
+    mask = state["buffer.encoder.layers.0.fc1.wq.mask"]
     assert (~mask).sum().item() == round(0.4 * mask.numel())
     resume = launch(dump / "resume", train_args(tiny_data / "bin", dump / "save", "transformer_kmeans", 6,
                                                 "--quant-bits", 3, "--prune-schedule", "0:0.2,3:0.4",

@@ -45,6 +45,12 @@ def _dicts(dict_dir):
     dict_dir_path = dict_dir
 
 
+def unpacked_state(model):
+    """The k-means indices and masks as checkpoints saved them before they were saved only in the code: unpacked."""
+    return {f"{name}.wq.{n}": getattr(m.wq, n).clone() for name, m in model.named_modules() if hasattr(m, "wq")
+            for n in getattr(m.wq, "code_state", ()) if getattr(m.wq, n) is not None}
+
+
 class Searches:
     """Counts the searches of the codes: quantization, per-row BCQ, k-means and BS-Flex clustering."""
 
@@ -76,7 +82,7 @@ def test_packing_reads_the_saved_codes_and_equals_the_search_path(method, monkey
     layout, packed, _ = pack_model(model.eval())
     assert searches.calls == []
     release, _, _ = build(dict_dir_path, *flags, arch=arch)  # a checkpoint of the 0.2 release: no codes, no latent
-    release.load_state_dict({k: v for k, v in state.items() if not is_schema_key(k)})
+    release.load_state_dict({**{k: v for k, v in state.items() if not is_schema_key(k)}, **unpacked_state(model)})
     layout_searched, searched, _ = pack_model(release.eval())
     assert (searches.calls != []) == (method in ("int4", "binarize", "bcq", "bcq-frequency-rows"))
     assert layout == layout_searched and sorted(packed) == sorted(searched)
@@ -104,3 +110,30 @@ def test_a_plain_or_another_methods_model_drops_the_quantizer_entries(arch, flag
         view, latent = state[name], state[name[:-len("weight")] + "wq.latent"]
         same_quantizer = arch == "transformer_bcq" and "fc1" in name  # 2-bit BCQ: its own code and latent weight
         assert torch.equal(params[name], latent if same_quantizer else view) and not torch.equal(view, latent)
+
+
+@pytest.mark.parametrize("arch,flags", [(METHODS["kmeans-pruned"][0], METHODS["kmeans-pruned"][1:]),
+                                        ("transformer_kmeans", ("--quant-method", "bsflex", "--prune-schedule", 0.2))],
+                         ids=["kmeans", "bsflex"])
+def test_kmeans_indices_and_masks_are_saved_once_and_old_checkpoints_load(arch, flags):
+    """The indices and masks live only in the bit-packed ``wq.code.*``; a checkpoint that also holds them unpacked
+    (``wq.indices`` / ``wq.mask``, as saved before) loads to the same model."""
+    source = trained(arch, *flags)
+    state = source.state_dict()
+    quantizers = {name: m.wq for name, m in source.named_modules() if hasattr(m, "wq")}
+    assert not any(k.endswith((".wq.indices", ".wq.mask")) for k in state)
+    assert all(f"{name}.wq.code.mask" in state for name in quantizers)  # every weight is pruned
+    old = {**state, **unpacked_state(source)}
+    src, lengths, prev = batch(5)
+    with torch.no_grad():
+        expected = source(src, lengths, prev)[0]
+    for saved in (state, old):
+        model, _, _ = build(dict_dir_path, *flags, arch=arch)
+        model.load_state_dict(saved)
+        loaded = {name: m.wq for name, m in model.named_modules() if hasattr(m, "wq")}
+        for name, wq in quantizers.items():
+            for n in ("mask", "indices", "centroids", "centroid_delta"):
+                if hasattr(wq, n):
+                    assert torch.equal(getattr(loaded[name], n), getattr(wq, n)), (name, n)
+        with torch.no_grad():
+            assert torch.equal(model.eval()(src, lengths, prev)[0], expected)

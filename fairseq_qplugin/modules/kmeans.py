@@ -4,8 +4,10 @@ They implement the ``WeightQuantizer`` protocol (``search``: the code of their c
 ``train_value``; ``prepare``: pruning and clustering due at an update) and keep its checkpoint
 schema: the module's ``weight`` is the latent fp32 tensor and its state-dict entry is the quantized
 value, so a plain ``transformer`` checkpoint loads into them and theirs is the quantized model. Their
-own state (codebook, indices, mask) is saved next to it under ``<module>.wq.*``; a checkpoint without
-it (a plain one, or another method's) is accepted and the state is rebuilt from the loaded weight.
+own state (codebook, indices, mask) is saved next to it under ``<module>.wq.*``, the indices and mask
+only once, bit-packed in the saved code (``wq.code.*``, ``code_state``); a checkpoint without it (a
+plain one, or another method's) is accepted and the state is rebuilt from the loaded weight (pruned
+weights are saved as 0, so magnitude pruning finds the same mask again).
 
 - ``KMeansQuantizer``: ``w_hat = (centroids + centroid_delta)[indices] * mask``. Assignments stay
   fixed; ``centroid_delta`` is the trained Parameter, so a centroid's gradient is the sum of its
@@ -35,7 +37,7 @@ import torch
 from torch import nn
 
 from ..quant import (KMeansWeight, PruneSchedule, QuantSpec, SparseWeight, bsflex_init, bsflex_step, kmeans_weight,
-                     straight_through)
+                     packed_from_dict, straight_through)
 from ..quant.kmeans import kmeans_decode, nearest
 from ..quant.pruning import magnitude_mask, pruned_count
 from .qmodules import WeightQuantizer
@@ -52,6 +54,7 @@ class MaskedWeightQuantizer(WeightQuantizer):
     """
 
     state_groups: Tuple[Tuple[str, ...], ...] = (("mask",),)
+    code_state: Tuple[str, ...] = ()  # buffers that the saved code holds (bit-packed): saved only there
 
     def __init__(self, spec: QuantSpec, shape: Sequence[int], schedule: Optional[PruneSchedule] = None):
         super().__init__(spec)
@@ -95,7 +98,9 @@ class MaskedWeightQuantizer(WeightQuantizer):
         return {} if self.mask is None else {"kept": self.mask.numel() - self.pruned}
 
     def load_code(self, w, fields):
-        """The code is rebuilt from the quantizer's own saved state."""
+        """The code is rebuilt from the quantizer's own state, whose ``code_state`` buffers only the code holds."""
+        code = packed_from_dict(self.code_method(), fields).unpack()
+        return {name: getattr(code, name) for name in self.code_state if getattr(code, name) is not None}
 
     def _ensure_ready(self, w):
         if not self._ready:
@@ -138,6 +143,13 @@ class MaskedWeightQuantizer(WeightQuantizer):
         nothing is built yet, so that saving never triggers clustering."""
         return self(w) if self._ready else self.masked(w)
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        """Without the ``code_state`` buffers where the module saves the code (``checkpoint_entries``)."""
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._ready and not keep_vars:
+            for name in self.code_state:
+                destination.pop(prefix + name, None)
+
     def _state_shapes(self):
         return {name: tuple(t.shape) for group in self.state_groups for name in group
                 for t in [getattr(self, name)] if t is not None}
@@ -178,6 +190,7 @@ class KMeansQuantizer(MaskedWeightQuantizer):
     """k-means weight sharing: codebook fp32 [2^b] (per tensor) or [rows, 2^b], indices uint8 [rows, cols]."""
 
     state_groups = (("mask",), ("centroids", "indices", "centroid_delta", "initialized"))
+    code_state = ("indices", "mask")
 
     def __init__(self, spec: QuantSpec, shape: Sequence[int], schedule: Optional[PruneSchedule] = None,
                  recluster_interval: int = 0, iters: int = 100):
@@ -254,6 +267,7 @@ class BSFlexQuantizer(MaskedWeightQuantizer):
     """BS-Flex: centroids fp32 [2] (per tensor) or [rows, 2], ascending; ``fixed`` keeps them constant."""
 
     state_groups = (("mask",), ("centroids", "initialized"))
+    code_state = ("mask",)
 
     def __init__(self, spec: QuantSpec, shape: Sequence[int], schedule: Optional[PruneSchedule] = None,
                  fixed: bool = False):

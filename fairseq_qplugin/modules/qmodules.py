@@ -15,7 +15,8 @@ Checkpoint schema of a quantized module ``M`` (``_QuantizedWeightMixin``):
 - ``M.wq.spec``: the quantizer's signature (utf-8 bytes); a model loads the code and latent only of
   its own signature, and ``drop_unusable_state`` drops those of another method or configuration
   (with one log line): the model then starts from ``M.weight``, as a checkpoint without them does;
-- the quantizer's own state (k-means codebooks, pruning masks: modules/kmeans.py) under ``M.wq.*``.
+- the quantizer's own state (k-means codebooks, pruning masks: modules/kmeans.py) under ``M.wq.*``,
+  except what the code holds (k-means indices and masks are saved once, bit-packed in ``code.*``).
 """
 import hashlib
 import logging
@@ -166,9 +167,11 @@ class WeightQuantizer(nn.Module):
     def ready(self) -> bool:
         return True
 
-    def load_code(self, w: torch.Tensor, fields: Dict[str, torch.Tensor]):
-        """Take the saved code of the loaded weight ``w`` (its signature checked by ``drop_unusable_state``)."""
+    def load_code(self, w: torch.Tensor, fields: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Take the saved code of the loaded weight ``w`` (its signature checked by ``drop_unusable_state``);
+        return the quantizer's own state that only the code holds (k-means indices, pruning masks), to load."""
         self._code, self._stale = (self.key(w), packed_from_dict(self.code_method(), fields)), False
+        return {}
 
     # -- forward and pNR ---------------------------------------------------------------------------
     def forward(self, w: torch.Tensor) -> torch.Tensor:
@@ -365,8 +368,9 @@ class _QuantizedWeightMixin:
             state_dict[prefix + "weight"] = latent
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
         code = {k[5:]: v for k, v in saved.items() if k.startswith("code.")}
-        if code and prefix + "weight" in state_dict:
-            self.wq.load_code(self.weight.detach(), code)
+        if code and prefix + "weight" in state_dict:  # the quantizer (a child module) loads after this
+            for name, t in self.wq.load_code(self.weight.detach(), code).items():
+                state_dict.setdefault(f"{prefix}wq.{name}", t)
 
 
 def drop_unusable_state(model: nn.Module, state_dict: dict) -> dict:
