@@ -64,6 +64,15 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def flag_spec(what: str, hint: str = "", base: Optional[QuantSpec] = None, **fields) -> QuantSpec:
+    """``QuantSpec(**fields)``, or ``base`` with ``fields`` replaced; its error as one line that starts with the
+    flag and value ``what`` (e.g. "--quant-bits 9") and ends with ``hint``."""
+    try:
+        return replace(base, **fields) if base is not None else QuantSpec(**fields)
+    except QuantConfigError as e:
+        raise QuantConfigError(f"{what}: {e}" + (f"; {hint}" if hint else "")) from None
+
+
 def parse_part_bits(text: str, flag: str, check: Callable[[str, int], int], form="PART:BITS",
                     example="decoder_ffn:1,encoder_ffn:4") -> List[Tuple[str, int]]:
     """'decoder_ffn:1,encoder.layers.0.*:4' -> [('decoder_ffn', 1), ('encoder.layers.0.*', 4)];
@@ -246,10 +255,7 @@ class QuantizedTransformerModel(TransformerModel):
         spec = cls.weight_spec(args)
 
         def check(what, bits):
-            try:
-                return replace(spec, bits=bits).bits
-            except QuantConfigError as e:
-                raise QuantConfigError(f"{what}: {e}") from None
+            return flag_spec(what, base=spec, bits=bits).bits
 
         return [([part], "--quant-layer-bits", bits)
                 for part, bits in parse_part_bits(args.quant_layer_bits, "--quant-layer-bits", check)]

@@ -10,9 +10,8 @@ from dataclasses import dataclass, field
 from fairseq.dataclass import ChoiceEnum
 from fairseq.models import register_model
 
-from ..errors import QuantConfigError
 from ..quant import QuantSpec
-from .base import LayerBitsConfig, QuantizedTransformerModel, register_size_presets
+from .base import LayerBitsConfig, QuantizedTransformerModel, flag_spec, register_size_presets
 
 
 @dataclass
@@ -34,11 +33,8 @@ class TransformerInt8Model(QuantizedTransformerModel):
 
     @classmethod
     def weight_spec(cls, args) -> QuantSpec:
-        try:
-            return QuantSpec(method="int", bits=args.quant_bits, scheme=args.quant_scheme,
-                             granularity=args.quant_granularity)
-        except QuantConfigError as e:
-            raise QuantConfigError(f"--quant-bits {args.quant_bits}: {e}; use 1 (binarize) or 2-8") from None
+        return flag_spec(f"--quant-bits {args.quant_bits}", "use 1 (binarize) or 2-8", method="int",
+                         bits=args.quant_bits, scheme=args.quant_scheme, granularity=args.quant_granularity)
 
     @classmethod
     def validate(cls, args):

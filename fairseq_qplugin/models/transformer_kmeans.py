@@ -18,7 +18,7 @@ from ..errors import QuantConfigError
 from ..modules import BSFlexQuantizer, KMeansQuantizer, MaskedWeightQuantizer, PruneQuantizer
 from ..quant import PruneSchedule, QuantSpec, magnitude_masks
 from ..quant.pruning import pruned_count
-from .base import LayerBitsConfig, QuantizedTransformerModel, register_size_presets
+from .base import LayerBitsConfig, QuantizedTransformerModel, flag_spec, register_size_presets
 
 logger = logging.getLogger(__name__)
 
@@ -76,11 +76,8 @@ class TransformerKMeansModel(QuantizedTransformerModel):
         bits = DEFAULT_BITS[method] if args.quant_bits is None else args.quant_bits
         if method != "kmeans" and bits != 1:
             raise QuantConfigError(f"--quant-bits {bits}: --quant-method {method} is a 1-bit scheme; use 1 or leave it out")
-        try:
-            return QuantSpec(method="kmeans" if method == "kmeans" else "bsflex", bits=bits,
-                             granularity=args.quant_granularity)
-        except QuantConfigError as e:
-            raise QuantConfigError(f"--quant-bits {bits}: {e}; use 1-8") from None
+        return flag_spec(f"--quant-bits {bits}", "use 1-8", method="kmeans" if method == "kmeans" else "bsflex",
+                         bits=bits, granularity=args.quant_granularity)
 
     @classmethod
     def validate(cls, args):

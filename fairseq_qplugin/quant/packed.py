@@ -77,6 +77,15 @@ class PackedWeight(QuantizedWeight):
         return 8 * self.nbytes()
 
 
+def _check_codes(what: str, t: torch.Tensor, lead: Tuple[Optional[int], ...], cols: int, bits: int = 1,
+                 holds: str = ""):
+    """``t`` must be bit-packed codes, uint8 [*lead, ceil(cols * bits / 8)] (a None in ``lead``: any size)."""
+    ok = (t.dtype == torch.uint8 and t.dim() == len(lead) + 1 and t.shape[-1] == packed_size(cols, bits)
+          and all(n is None or n == m for n, m in zip(lead, t.shape)))
+    at = f" at {bits} bits" if bits > 1 else ""
+    _check(ok, f"{what} {t.dtype} {list(t.shape)} do not hold {holds}{cols} columns{at}")
+
+
 def _float_param(t: torch.Tensor, name: str):
     _check(t.dtype in FLOAT_DTYPES.values(), f"{name} must be fp16 or fp32, got {t.dtype}")
 
@@ -110,13 +119,9 @@ class PackedInt(PackedWeight):
         return int_decode(codes, self.scale[rows] if per_row else self.scale,
                           self.zero_point[rows] if per_row else self.zero_point)
 
-
     def validate(self):
         _check(1 <= self.bits <= 8, f"int weight: {self.bits} bits is outside 1..8")
-        _check(self.codes.dim() == 2 and self.codes.dtype == torch.uint8
-               and self.codes.shape[1] == packed_size(self.cols, self.bits),
-               f"int weight: codes {self.codes.dtype} {list(self.codes.shape)} do not hold {self.cols} "
-               f"columns at {self.bits} bits")
+        _check_codes("int weight: codes", self.codes, (None,), self.cols, self.bits)
         rows = self.codes.shape[0]
         _check(tuple(self.scale.shape) in ((rows, 1), (1, 1)) and self.zero_point.shape == self.scale.shape
                and self.zero_point.dtype == torch.uint8,
@@ -154,11 +159,8 @@ class PackedBCQ(PackedWeight):
         alpha = self.alpha if self.alpha.shape[1] == 1 else self.alpha[:, rows]
         return bcq_decode(unpack_bits(self.planes[:, rows], 1, self.cols), alpha, self.cols)
 
-
     def validate(self):
-        _check(self.planes.dim() == 3 and self.planes.dtype == torch.uint8
-               and self.planes.shape[2] == packed_size(self.cols, 1),
-               f"bcq weight: planes {self.planes.dtype} {list(self.planes.shape)} do not hold {self.cols} columns")
+        _check_codes("bcq weight: planes", self.planes, (None, None), self.cols)
         q, rows, _ = self.planes.shape
         _check(1 <= q <= 8, f"bcq weight: {q} bit-planes is outside 1..8")
         _check(self.alpha.dim() == 3 and self.alpha.shape[0] == q and self.alpha.shape[1] in (rows, 1)
@@ -233,16 +235,13 @@ class PackedMixedBCQ(PackedWeight):
             out[sel] = group.dequantize_rows(self.position[rows[sel]])
         return out
 
-
     def validate(self):
         bits = self.row_bits
         _check(bits.dim() == 1 and bits.dtype == torch.uint8 and bits.numel() > 0
                and 1 <= int(bits.min()) and int(bits.max()) <= 8,
                f"bcq_mixed weight: row_bits {bits.dtype} {list(bits.shape)} must be uint8 [rows] in 1..8")
         used = int(bits.long().sum())
-        _check(self.planes.dtype == torch.uint8 and tuple(self.planes.shape) == (used, packed_size(self.cols, 1)),
-               f"bcq_mixed weight: planes {self.planes.dtype} {list(self.planes.shape)} do not hold {used} "
-               f"row-planes of {self.cols} columns")
+        _check_codes("bcq_mixed weight: planes", self.planes, (used,), self.cols, holds=f"{used} row-planes of ")
         _check(self.alpha.dim() == 2 and self.alpha.shape[0] == used and self.cols % self.alpha.shape[1] == 0,
                f"bcq_mixed weight: alpha {list(self.alpha.shape)} does not fit {used} row-planes of "
                f"{self.cols} columns")
@@ -277,20 +276,15 @@ class PackedKMeans(PackedWeight):
         codebook = self.codebook if self.codebook.dim() == 1 else self.codebook[rows]
         return kmeans_decode(codebook, unpack_bits(self.indices[rows], self.bits, self.cols), mask)
 
-
     def validate(self):
         _check(1 <= self.bits <= 8, f"kmeans weight: {self.bits} bits is outside 1..8")
-        _check(self.indices.dim() == 2 and self.indices.dtype == torch.uint8
-               and self.indices.shape[1] == packed_size(self.cols, self.bits),
-               f"kmeans weight: indices {self.indices.dtype} {list(self.indices.shape)} do not hold "
-               f"{self.cols} columns at {self.bits} bits")
+        _check_codes("kmeans weight: indices", self.indices, (None,), self.cols, self.bits)
         rows, k = self.indices.shape[0], 2**self.bits
         _check(tuple(self.codebook.shape) in ((k,), (rows, k)),
                f"kmeans weight: codebook {list(self.codebook.shape)} does not fit {self.bits} bits and {rows} rows")
         _float_param(self.codebook, "kmeans weight: codebook")
         if self.mask is not None:
-            _check(self.mask.dtype == torch.uint8 and tuple(self.mask.shape) == (rows, packed_size(self.cols, 1)),
-                   f"kmeans weight: mask {list(self.mask.shape)} does not fit {rows} x {self.cols}")
+            _check_codes("kmeans weight: mask", self.mask, (rows,), self.cols)
 
 
 for _method in METHODS.values():  # the first format whose source type the method's weights are: subclasses first
