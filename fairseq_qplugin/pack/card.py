@@ -13,8 +13,6 @@ import os
 import re
 from typing import Optional
 
-import torch
-
 from .. import __version__
 from ..errors import QuantConfigError
 
@@ -49,14 +47,14 @@ def read_bleu(path: str) -> dict:
                                "write it with: sacrebleu REF -i HYP -m bleu -f json > FILE") from None
 
 
-def model_card(packed_path: str, source_path: str, report: dict, bleu: Optional[dict] = None) -> dict:
-    header = torch.load(packed_path, map_location="cpu", weights_only=True, mmap=True)["qpack"]
+def model_card(packed_path: str, header: dict, source_sha256: str, report: dict, bleu: Optional[dict] = None) -> dict:
+    """The card of the packed file ``packed_path`` written with ``header`` (its ``qpack`` entry)."""
     source = header["source"]
     return {
         "packed_file": os.path.basename(packed_path),
         "plugin_version": __version__,
         "created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "source": {"checkpoint": os.path.basename(source_path), "sha256": file_sha256(source_path),
+        "source": {"checkpoint": source["checkpoint"], "sha256": source_sha256,
                    "arch": source["arch"], "post_training": source["ptq"] is not None},
         "quantization": {"parts": parts(header["layout"]),
                          "post_training": {k: source["ptq"][k] for k in
@@ -100,9 +98,9 @@ def card_paths(packed_path: str):
     return stem + ".card.json", stem + ".card.md"
 
 
-def write_model_card(packed_path: str, source_path: str, report: dict, bleu: Optional[dict] = None):
+def write_model_card(packed_path: str, header: dict, source_sha256: str, report: dict, bleu: Optional[dict] = None):
     """Write the card's .json and .md next to ``packed_path`` (``bleu``: from ``read_bleu``); return their paths."""
-    card = model_card(packed_path, source_path, report, bleu)
+    card = model_card(packed_path, header, source_sha256, report, bleu)
     json_path, md_path = card_paths(packed_path)
     with open(json_path, "w", encoding="utf-8") as f:
         json.dump(card, f, indent=2)

@@ -21,6 +21,8 @@ import os
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Dict
 
@@ -31,7 +33,7 @@ from ..errors import QuantConfigError
 from ..modules import QuantEmbedding, QuantLinear, pattern_selector, quantizable_modules, swap_modules
 from ..modules.qmodules import is_schema_key
 from ..quant import QuantSpec, check_weight
-from .card import read_bleu, write_model_card
+from .card import file_sha256, read_bleu, write_model_card
 from .fileformat import FORMAT, VERSION, dictionary_checksum, header_sha256, tensors_sha256
 from ..quant.packed import FLOAT_DTYPES
 from .int8 import KERNELS as INT8_KERNELS
@@ -64,6 +66,21 @@ def component(name: str) -> str:
         return "embeddings"
     head = name.split(".", 1)[0]
     return head if head in ("encoder", "decoder") else "other"
+
+
+@contextmanager
+def without_weight_init():
+    """Build a model without drawing the random initial weights that its checkpoint then replaces
+    (``torch.nn.init``'s in-place initializers do nothing inside)."""
+    names = ("uniform_", "normal_", "kaiming_uniform_", "xavier_uniform_", "xavier_normal_", "trunc_normal_")
+    originals = {n: getattr(torch.nn.init, n) for n in names}
+    for n in names:
+        setattr(torch.nn.init, n, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for n, f in originals.items():
+            setattr(torch.nn.init, n, f)
 
 
 def post_training_quantize(model, args):
@@ -122,9 +139,9 @@ def pack_model(model, param_dtype: str = "auto", other_dtype: str = "auto"):
             done[key] = (name, pw)
             stats.append((name, module.weight.numel(), pw))
         owner, pw = done[key]
-        act = "input" if getattr(module, "act_in", None) is not None else \
-            "output" if getattr(module, "act_out", None) is not None else "none"
-        act_q = getattr(module, "act_in", None) or getattr(module, "act_out", None)
+        act_in, act_out = getattr(module, "act_in", None), getattr(module, "act_out", None)
+        act, act_q = ("input", act_in) if act_in is not None else ("output", act_out) if act_out is not None else \
+            ("none", None)
         layout[name] = {"kind": "embedding" if isinstance(module, QuantEmbedding) else "linear",
                         "method": pw.method, "bits": int(pw.bits), "shape": list(pw.shape), "weight": owner,
                         "act": act, "act_bits": act_q.bits if act_q is not None else 8}
@@ -137,16 +154,6 @@ def pack_model(model, param_dtype: str = "auto", other_dtype: str = "auto"):
         if k not in packed_keys and t.is_floating_point() and t.dim() > 0:
             state[k] = narrow(t, other_dtype)
     return layout, state, stats
-
-
-def unique_bytes(tensors) -> int:
-    seen, total = set(), 0
-    for t in tensors:
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in seen:
-            seen.add(ptr)
-            total += t.untyped_storage().nbytes()
-    return total
 
 
 def size_report(model_state, layout, fp32_params: Dict[str, int], file_bytes: int) -> dict:
@@ -164,7 +171,7 @@ def size_report(model_state, layout, fp32_params: Dict[str, int], file_bytes: in
             c = rows[component(name)]
             rows_, cols = e["shape"]
             c["qparams"] += rows_ * cols
-            c["qbits"] += 8 * sum(unique_bytes([t]) for k, t in model_state.items() if k.startswith(name + ".wq."))
+            c["qbits"] += 8 * sum(t.untyped_storage().nbytes() for k, t in model_state.items() if k.startswith(name + ".wq."))
     for name, n in fp32_params.items():
         rows[component(name)]["fp32_bytes"] += 4 * n
     total = sum(r["bytes"] for r in rows.values())
@@ -222,12 +229,14 @@ def atomic_write(path: str, write):
         raise
 
 
-def export(args) -> dict:
+def export(args):
+    """Pack ``args.checkpoint`` into ``args.output``: (size report, the packed file's header)."""
     from fairseq import checkpoint_utils
 
     check_paths(args)
     overrides = {"data": args.data} if args.data else None
-    models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([args.checkpoint], arg_overrides=overrides)
+    with without_weight_init():
+        models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([args.checkpoint], arg_overrides=overrides)
     model = models[0].eval()
     fp32_params = {n: p.numel() for n, p in model.named_parameters()}  # unique parameters
     if args.method:
@@ -253,7 +262,7 @@ def export(args) -> dict:
     atomic_write(args.output, lambda tmp: torch.save(packed, tmp))
     report = size_report(state, layout, fp32_params, os.path.getsize(args.output))
     logger.info("packed %d weights (%d modules) into %s", len(stats), len(layout), args.output)
-    return report
+    return report, header
 
 
 def get_parser():
@@ -307,8 +316,10 @@ def main(argv=None) -> int:
     if not args.output:
         parser.error("give the packed checkpoint to write (OUTPUT), or --export-ctranslate2 DIR")
     bleu = read_bleu(args.bleu_json) if args.bleu_json else None  # checked before the work
-    report = export(args)
-    write_model_card(args.output, args.checkpoint, report, bleu)
+    with ThreadPoolExecutor(1) as pool:  # the card's checksum of the checkpoint, hashed while it is packed
+        source_sha256 = pool.submit(file_sha256, args.checkpoint)
+        report, header = export(args)
+    write_model_card(args.output, header, source_sha256.result(), report, bleu)
     text = format_report(report)
     print(text)
     if args.report:
