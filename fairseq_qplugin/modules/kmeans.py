@@ -150,13 +150,10 @@ class MaskedWeightQuantizer(WeightQuantizer):
             for name in self.code_state:
                 destination.pop(prefix + name, None)
 
-    def _state_shapes(self):
-        return {name: tuple(t.shape) for group in self.state_groups for name in group
-                for t in [getattr(self, name)] if t is not None}
-
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
         """Load each state group if the checkpoint has all of it, else rebuild it (a plain checkpoint)."""
-        shapes = self._state_shapes()
+        shapes = {name: tuple(t.shape) for group in self.state_groups for name in group
+                  for t in [getattr(self, name)] if t is not None}
         for group in self.state_groups:
             complete = all(
                 prefix + n in state_dict and (n not in shapes or tuple(state_dict[prefix + n].shape) == shapes[n])
