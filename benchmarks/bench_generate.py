@@ -193,7 +193,9 @@ def prepare_models(args, out: Path):
                 log(f"{name}: fairseq-qpack --export {rt} {packed}")
                 run_checked([sys.executable, "-m", "fairseq_qplugin.pack.cli", "--export", rt, packed,
                              "--data", args.data_bin], f"fairseq-qpack --export {packed}")
-            rows.append((name + RUNTIME_SUFFIX, rt, "runtime", (rt / "model.safetensors").stat().st_size))
+            for lut in args.lut.split(","):  # "runtime" rows: fp32 tables; "runtime:int8": --lut int8
+                rows.append((name + (RUNTIME_SUFFIX if lut == "fp32" else f" (fairseq-qtranslate --lut {lut})"), rt,
+                             "runtime" if lut == "fp32" else f"runtime:{lut}", (rt / "model.safetensors").stat().st_size))
         if name == "int8" and args.int8_dequant:
             rows.append(("int8 (dequant kernel)", packed, ["--model-overrides", "{'int8_kernel': 'dequant'}"],
                          packed.stat().st_size))
@@ -275,13 +277,13 @@ def ct2_run(args, data: Path, model: Path, batch, beam, log_path: Path):
     return r["hyps"], r["tokens"], r["seconds"], rss
 
 
-def runtime_run(args, data: Path, model_dir: Path, batch, beam, log_path: Path):
+def runtime_run(args, data: Path, model_dir: Path, batch, beam, log_path: Path, lut="fp32"):
     """fairseq-qtranslate (the torch-free runtime) on the raw source; its --stats JSON has tokens and seconds
     counted as fairseq's (output tokens + EOS, translation time only)."""
     stats = log_path.with_suffix(".json")
     out = log_path.with_suffix(".out")
     cmd = [sys.executable, "-m", "fairseq_qruntime.cli", model_dir, "--spm", args.spm, "--beam", beam,
-           "--batch-size", batch, "--threads", args.threads, "--quiet", "--stats", stats,
+           "--batch-size", batch, "--threads", args.threads, "--lut", lut, "--quiet", "--stats", stats,
            "--input", data / f"raw.{args.src}", "--output", out]
     if args.fixed_len:
         cmd += ["--min-len", args.fixed_len, "--max-len-b", args.fixed_len]
@@ -351,6 +353,9 @@ def get_parser():
                    help="leave out the fairseq-generate rows of the packed files")
     p.add_argument("--no-fairseq", dest="fairseq", action="store_false",
                    help="leave out every fairseq-generate row (fp32 and packed)")
+    p.add_argument("--lut", default="fp32",
+                   help="comma-separated lookup-table types of the runtime rows (fairseq-qtranslate --lut): "
+                        "fp32, int8 or fp32,int8 (one row each)")
     p.add_argument("--no-runtime", dest="runtime", action="store_false",
                    help="leave out the torch-free runtime rows (fairseq-qtranslate on each packed model)")
     p.add_argument("--no-int8-dequant", dest="int8_dequant", action="store_false",
@@ -400,16 +405,20 @@ def resolve(args):
     return args
 
 
+def is_runtime(extra) -> bool:
+    return isinstance(extra, str) and extra.partition(":")[0] == "runtime"
+
+
 def run_row(args, data: Path, out: Path, label, path, extra, batch, beam, rnd):
     """One run of one row: (hyps, tokens, seconds, peak RSS MB)."""
     slug = re.sub(r"[^A-Za-z0-9]+", "-", label).strip("-")
-    tag = f".r{rnd + 1}" if args.rounds > 1 and (extra is None or extra == "runtime") else ""
+    tag = f".r{rnd + 1}" if args.rounds > 1 and (extra is None or is_runtime(extra)) else ""
     log_path = out / "logs" / f"{slug}.b{batch}.k{beam}.n{args.sentences}.t{args.threads}{tag}.log"
     log_path.parent.mkdir(exist_ok=True)
     if extra is None:
         return ct2_run(args, data, path, batch, beam, log_path)
-    if extra == "runtime":
-        return runtime_run(args, data, path, batch, beam, log_path)
+    if is_runtime(extra):
+        return runtime_run(args, data, path, batch, beam, log_path, extra.partition(":")[2] or "fp32")
     return fairseq_run(args, data, path, extra, batch, beam, log_path)
 
 
@@ -428,9 +437,9 @@ def main(argv=None):
     results = []
     for batch, beam in args.settings:
         runs = {row[0]: [] for row in rows}
-        repeated = [row for row in rows if row[2] is None or row[2] == "runtime"]
+        repeated = [row for row in rows if row[2] is None or is_runtime(row[2])]
         for label, path, extra, _ in rows:  # fairseq-generate: once
-            if extra is not None and extra != "runtime":
+            if extra is not None and not is_runtime(extra):
                 runs[label].append(run_row(args, data, out, label, path, extra, batch, beam, 0))
         for rnd in range(args.rounds):
             for label, path, extra, _ in (repeated if rnd % 2 == 0 else repeated[::-1]):
@@ -443,8 +452,8 @@ def main(argv=None):
             r = {"model": label, "file_bytes": size, "batch": batch, "beam": beam, "tokens": tokens,
                  "seconds": seconds, "tokens_per_s": statistics.median(tps[label]), "runs_tokens_per_s": tps[label],
                  "peak_rss_mb": rss, "bleu": bleu(hyps, refs), "same_as_fairseq": None}
-            if extra == "runtime":
-                ref = runs.get(label.replace(RUNTIME_SUFFIX, ""))
+            if is_runtime(extra):
+                ref = runs.get(label.split(" (fairseq-qtranslate")[0])
                 if ref:  # the runtime computes what fairseq-generate computes on the same packed file
                     r["same_as_fairseq"] = sum(a == b for a, b in zip(hyps, ref[0][0])) / len(ref[0][0])
                     log(f"{label} batch {batch} beam {beam}: {100 * r['same_as_fairseq']:.1f}% of the translations "

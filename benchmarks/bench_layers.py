@@ -4,6 +4,7 @@
     python benchmarks/bench_layers.py --threads 1 --shapes 512x2048 --rows 1,5
     python benchmarks/bench_layers.py --crossover          # direct kernel vs dequantize-tile + BLAS
     python benchmarks/bench_layers.py --threads 1 --cpu-time   # on a loaded machine
+    python benchmarks/bench_layers.py --runtime --shapes 512x512,512x2048,2048x512 --rows 1,5,64
 
 Every number of a table comes from one run; each cell is the best of ``--rounds`` rounds, the
 candidates of one row being timed in turn inside each round, so load changes hit all of them alike.
@@ -14,7 +15,10 @@ Columns: fp32 ``F.linear``; ``torch.ao`` dynamic int8 (fbgemm, int8 activations)
 (``PackedInt`` through the int8 GEMM of pack/int8.py, as ``PackedLinear`` runs 8-bit weights); "floor X" = bytes of the weight in format X / the measured copy bandwidth (the time just
 to stream the weight from DRAM; layers that fit in cache can beat it); the last two columns are the
 speedups of BCQ 3-bit over fp32 and over torch.ao int8. Which kernels ran (C++ ISA or pure torch) is
-printed above the table; ``QPLUGIN_KERNELS=torch`` benchmarks the fallback.
+printed above the table; ``QPLUGIN_KERNELS=torch`` benchmarks the fallback. ``--runtime`` adds the
+torch-free runtime's product on the same BCQ 3-bit weight (``fairseq_qruntime.model.BcqLayer``, called
+through ctypes: a few microseconds of call overhead are included) with its exact fp32 lookup tables
+("rt bcq3") and with int8 tables ("rt bcq3 int8"), and their speedups over torch.ao int8 and fp32.
 """
 import argparse
 import logging
@@ -91,11 +95,17 @@ def ao_int8(w):
 def layer_table(args, bw):
     cols = ["fp32", "ao int8", "bcq2", "bcq3", "int8", "kmeans4",
             "floor fp32", "floor bcq2", "floor bcq3", "floor int8", "floor km4", "fp32/bcq3", "ao/bcq3"]
+    if args.runtime:
+        from fairseq_qruntime.model import BcqLayer
+        cols += ["rt bcq3", "rt bcq3 int8", "ao/rt", "ao/rt int8", "fp32/rt int8"]
     print("| threads | shape (out x in) | rows | " + " | ".join(cols) + " |")
     print("|---:|---|---:|" + "---:|" * len(cols))
     for threads, shape, w in layer_weights(args):
         in_f = w.shape[1]
         ao, packed = ao_int8(w), packed_weights(w)
+        if args.runtime:
+            b3 = packed["bcq3"]
+            rts = [BcqLayer(b3.planes.numpy(), b3.alpha.float().numpy(), in_f, lut) for lut in ("fp32", "int8")]
         int8_gemm = int8.prepack(packed["int8"], None)
         floors = [w.numel() * 4 / bw * 1e3] + [pw.nbytes() / bw * 1e3 for pw in packed.values()]
         for n in map(int, args.rows.split(",")):
@@ -103,9 +113,16 @@ def layer_table(args, bw):
             fns = [lambda: F.linear(x, w), lambda: ao(x)]
             fns += [(lambda: int8.int8_linear(x, int8_gemm)) if name == "int8" and int8_gemm is not None
                     else (lambda pw=pw: packed_linear(x, pw)) for name, pw in packed.items()]
+            if args.runtime:
+                xn = x.numpy()
+                fns += [lambda L=L: L.linear(xn, threads) for L in rts]
             with torch.no_grad():
                 t = race(fns, args.rounds)
+            rt_t, t = t[len(packed) + 2:], t[:len(packed) + 2]
             cells = [f"{v:.3f}" for v in t + floors] + [f"{t[0] / t[3]:.2f}x", f"{t[1] / t[3]:.2f}x"]
+            if args.runtime:
+                cells += [f"{v:.3f}" for v in rt_t] + [f"{t[1] / rt_t[0]:.2f}x", f"{t[1] / rt_t[1]:.2f}x",
+                                                       f"{t[0] / rt_t[1]:.2f}x"]
             print(f"| {threads} | {shape} | {n} | " + " | ".join(cells) + " |", flush=True)
 
 
@@ -130,6 +147,8 @@ def main():
     p.add_argument("--rows", default=None, help="default 1,5,20,64 (--crossover: 1,2,4,6,8,12,16,24,32,64)")
     p.add_argument("--threads", default="1,2")
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--runtime", action="store_true",
+                   help="add the torch-free runtime's BCQ 3-bit product (fp32 and int8 lookup tables)")
     p.add_argument("--crossover", action="store_true", help="direct kernel vs tile + BLAS by row count")
     p.add_argument("--cpu-time", action="store_true",
                    help="time with the calling thread's CPU time (robust on a loaded machine; 1 thread only)")

@@ -4,10 +4,10 @@
 
 Sources: csrc/engine.cpp and the project's packed-weight kernels (fairseq_qplugin/pack/csrc:
 scalar.cpp, avx2.cpp, avx512.cpp; the last two only on x86-64, where they are chosen at run time).
-Compiler: $CXX or g++, flags -O3 -fopenmp (OpenMP is optional: without it the engine runs on one
-thread). setup.py calls ``build`` at install; the loader (model.py) calls it on first use when no
-library is found, or when the sources are there and differ from those it was built from: ``build``
-writes their sha256 next to the library (``_engine.so.sources``; file times are no guide, since pip
+Compiler: $CXX or g++, flags -O3 -pthread -fopenmp-simd (the engine's threads are its own, not
+OpenMP's: only OpenMP's `simd` loop hints are used, so no OpenMP runtime is linked). setup.py calls
+``build`` at install; the loader (model.py) calls it on first use when no library is found, or when
+the sources are there and differ from those it was built from: ``build`` writes their sha256 next to the library (``_engine.so.sources``; file times are no guide, since pip
 gives every installed file the time it unpacked it). This module imports nothing outside the
 standard library so that setup.py can load it by path.
 """
@@ -59,7 +59,7 @@ def build(output: str = os.path.join(HERE, LIBNAME), verbose: bool = False) -> s
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(os.path.abspath(output)))
     os.close(fd)
     base = [cxx, "-O3", "-std=c++17", "-fPIC", "-shared", f"-I{kernel_dir()}", *sources(), "-o", tmp]
-    for flags in (["-fopenmp"], []):  # a compiler without OpenMP still builds a one-thread engine
+    for flags in (["-pthread", "-fopenmp-simd"], ["-pthread"]):  # without the simd hints loops still vectorize
         proc = subprocess.run(base[:1] + flags + base[1:], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         if proc.returncode == 0:
             os.replace(tmp, output)

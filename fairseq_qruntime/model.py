@@ -19,6 +19,7 @@ import numpy as np
 logger = logging.getLogger("fairseq_qruntime")
 
 FORMAT, VERSION = "fairseq-qruntime", 1
+LUTS = ("fp32", "int8")  # lookup tables of the few-row BCQ products (Model(lut=...))
 ACTIVATIONS = {"relu": 0, "gelu": 1, "gelu_accurate": 2, "gelu_fast": 2, "tanh": 3, "linear": 4}
 SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")
 _ERRLEN = 2048
@@ -69,8 +70,12 @@ def load_library(build_if_missing: bool = True):
     lib.qr_model_weight.argtypes = [p, c, c, c, i, i, i, c, i]
     lib.qr_model_act.argtypes = [p, c, i, f, f, i, c, i]
     lib.qr_model_finalize.argtypes = [p, c, i]
+    lib.qr_model_finalize_weights.argtypes = [p, c, i]
     lib.qr_model_isa.argtypes = [p]
     lib.qr_model_isa.restype = c
+    lib.qr_model_lut.argtypes = [p]
+    lib.qr_model_lut.restype = c
+    lib.qr_linear.argtypes = [p, c, p, i, p, i, c, i]
     lib.qr_score.argtypes = [p, p, p, i, p, i, i, p, c, i]
     lib.qr_translate.argtypes = [p, p, p, i, i, i, f, ctypes.c_double, i, i, f, i, ctypes.POINTER(p), c, i]
     lib.qr_result_counts.argtypes = [p, i, p]
@@ -157,8 +162,13 @@ def tensors_sha256(tensors: Dict[str, np.ndarray]) -> str:
 class Model:
     """An exported model loaded into the engine; immutable, shared by any number of threads."""
 
-    def __init__(self, model_dir: str):
+    def __init__(self, model_dir: str, lut: str = "fp32"):
+        """``lut``: the lookup tables of the few-row BCQ products, "fp32" (exact, the default) or "int8"
+        (faster, within the error bound of docs/runtime.md; needs AVX-512 VBMI, else fp32 with a warning)."""
+        if lut not in LUTS:
+            raise ValueError(f"lut must be one of {', '.join(LUTS)}, got {lut!r}")
         self.dir = model_dir
+        self._lut_request = lut
         lib = load_library()
         cfg = self.config = self._read_config()
         dcfg = cfg["dictionaries"]
@@ -174,6 +184,10 @@ class Model:
         except ModelError as e:
             raise ModelError(f"{model_dir}: {e}") from None
         self.isa = lib.qr_model_isa(self._ptr).decode()
+        self.lut = lib.qr_model_lut(self._ptr).decode()
+        if self.lut != lut:
+            logger.warning("int8 lookup tables need AVX-512 VBMI (this CPU, kernels %s): using the fp32 tables",
+                           self.isa)
         self.max_source_positions = int(cfg["encoder"]["max_positions"])
 
     def __del__(self):
@@ -276,6 +290,7 @@ class Model:
                 kv[f"{side}.{k}"] = int(bool(s[k]))
             kv[f"{side}.embed_scale"] = repr(float(s["embed_scale"]))
             kv[f"{side}.attn_scaling"] = repr(float(s["attn_scaling"]))
+        kv["lut_int8"] = int(self._lut_request == "int8")
         return " ".join(f"{k}={v}" for k, v in kv.items())
 
     def _build(self, lib, arrays):
@@ -298,6 +313,19 @@ class Model:
         _call(lib.qr_model_finalize, p)
 
     # ---- calls (each releases the GIL)
+
+    def linear(self, module: str, x: np.ndarray, threads: int = 1) -> np.ndarray:
+        """x [n, cols] @ W^T of one module (its bias left out) as translation computes it: [n, rows] float32."""
+        e = self.config["modules"].get(module)
+        if e is None:
+            raise ModelError(f"{self.dir}: no module {module!r}")
+        rows, cols = e["shape"]
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if x.ndim != 2 or x.shape[1] != cols:
+            raise ValueError(f"{module}: x must be [n, {cols}], got {list(x.shape)}")
+        out = np.empty((x.shape[0], rows), dtype=np.float32)
+        _call(self._lib.qr_linear, self._ptr, module.encode(), x.ctypes.data, x.shape[0], out.ctypes.data, threads)
+        return out
 
     def score(self, src: List[List[int]], prev: np.ndarray, threads: int = 1) -> np.ndarray:
         """Teacher-forced decoder logits float32 [bsz, tgt_len, vocab] for prev int [bsz, tgt_len]."""
@@ -334,4 +362,40 @@ class Model:
                     hyps.append((toks[k:k + c].tolist(), float(scores[b * nbest + j])))
                     k += c
             out.append(hyps)
+        return out
+
+
+class BcqLayer:
+    """One packed BCQ weight in the engine, without a model around it (tests and benchmarks of single
+    layers): planes uint8 [q, rows, ceil(cols / 8)] and alpha float32 [q, rows or 1, groups] as in an
+    exported model; ``linear(x)`` is ``Model.linear`` of such a module."""
+
+    def __init__(self, planes: np.ndarray, alpha: np.ndarray, cols: int, lut: str = "fp32"):
+        if lut not in LUTS:
+            raise ValueError(f"lut must be one of {', '.join(LUTS)}, got {lut!r}")
+        lib = self._lib = load_library()
+        self._arrays = {"w.wq.planes": np.ascontiguousarray(planes, dtype=np.uint8),
+                        "w.wq.alpha": np.ascontiguousarray(alpha, dtype=np.float32)}
+        self.rows, self.cols = int(planes.shape[1]), cols
+        self._ptr = lib.qr_model_new()
+        _call(lib.qr_model_spec, self._ptr, f"lut_int8={int(lut == 'int8')}".encode())
+        for name, a in self._arrays.items():
+            shape = (ctypes.c_int64 * a.ndim)(*a.shape)
+            _call(lib.qr_model_tensor, self._ptr, name.encode(), 0 if a.dtype == np.float32 else 1, a.ndim, shape,
+                  a.ctypes.data_as(ctypes.c_void_p))
+        _call(lib.qr_model_weight, self._ptr, b"w", b"w", b"bcq", int(planes.shape[0]), self.rows, cols)
+        _call(lib.qr_model_finalize_weights, self._ptr)
+        self.lut = lib.qr_model_lut(self._ptr).decode()
+
+    def __del__(self):
+        if getattr(self, "_ptr", None):
+            self._lib.qr_model_free(self._ptr)
+            self._ptr = None
+
+    def linear(self, x: np.ndarray, threads: int = 1) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if x.ndim != 2 or x.shape[1] != self.cols:
+            raise ValueError(f"x must be [n, {self.cols}], got {list(x.shape)}")
+        out = np.empty((x.shape[0], self.rows), dtype=np.float32)
+        _call(self._lib.qr_linear, self._ptr, b"w", x.ctypes.data, x.shape[0], out.ctypes.data, threads)
         return out

@@ -13,13 +13,14 @@ logger = logging.getLogger("fairseq_qruntime")
 
 
 class Translator:
-    """``Translator(model_dir, threads=1)``; ``translate`` / ``translate_iter`` may be called from several
+    """``Translator(model_dir, threads=1, lut="fp32")`` (``lut="int8"``: int8 lookup tables for the packed
+    BCQ products of few rows, see Model); ``translate`` / ``translate_iter`` may be called from several
     Python threads at once (the engine keeps all state of a call in the call; it releases the GIL)."""
 
-    def __init__(self, model_dir: str, threads: int = 1):
+    def __init__(self, model_dir: str, threads: int = 1, lut: str = "fp32"):
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
-        self.model = Model(model_dir)
+        self.model = Model(model_dir, lut=lut)
         self.threads = threads
         self.output_tokens = 0  # target tokens + EOS produced so far (the tokens/s count)
 

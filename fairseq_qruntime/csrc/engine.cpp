@@ -34,9 +34,11 @@
 #include <type_traits>
 #include <vector>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include <chrono>
+#include <condition_variable>
+#include <functional>
+#include <mutex>
+#include <thread>
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 #endif
@@ -291,6 +293,129 @@ __attribute__((target("avx512f"))) static void bcq_panel_avx512(const BCQ& w, in
     }
   }
 }
+
+// ---------------------------------------------------------------------------------------------
+// BCQ, few activation rows, with int8 lookup tables (the T-MAC approach: "T-MAC: CPU Renaissance via Table
+// Lookup for Low-Bit LLM Deployment on Edge", 2024); an option (Model::lut_int8), the exact fp32 tables
+// of the kernel set (qkernels.h) being the default. Per 4 columns one 16-entry table of signed sums
+// T[m] = sum_i (bit i of m ? +x_i : -x_i) (the +-1 weights of a bit plane: T[15 - m] = -T[m], so no bias
+// term), rounded to int8 with one scale per activation row and block of kL8Chunks 32-column chunks
+// (s = the block's largest sum_i |x_i| over a table / 127). A chunk of 16 rows x 32 columns of a plane is
+// one 64-byte word of the direct kernel's layout (w.lut); one vpermb transposes it so that 128-bit lane L
+// holds byte L of the 16 rows, whose low / high nibbles index the tables of column groups 2L / 2L + 1:
+// two vpshufb look up 128 weights' sums, vpmaddubsw adds the pair into int16 (exact: |sum| <= 2 * 127 per
+// chunk, 2 * 127 * kL8Chunks * 4 lanes < 2^15). Per block and plane the int16 sums go to fp32 times
+// alpha * s. AVX-512 VBMI (vpermb); elsewhere the fp32 tables are used.
+constexpr int kL8Chunks = 8;
+#define QR_VBMI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi")))
+
+template <int N>
+QR_VBMI static inline void lut8_tables(const float* x, int xs, int c0, int c1, int8_t* tab, float* scale) {
+  const int nc = c1 - c0;
+  const __m512 s0 = _mm512_setr_ps(-1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1);
+  const __m512 s1 = _mm512_setr_ps(-1, -1, 1, 1, -1, -1, 1, 1, -1, -1, 1, 1, -1, -1, 1, 1);
+  const __m512 s2 = _mm512_setr_ps(-1, -1, -1, -1, 1, 1, 1, 1, -1, -1, -1, -1, 1, 1, 1, 1);
+  const __m512 s3 = _mm512_setr_ps(-1, -1, -1, -1, -1, -1, -1, -1, 1, 1, 1, 1, 1, 1, 1, 1);
+  const int cend = std::min(32 * c1, xs);  // x is zero past xs (a multiple of 16): those tables are zero
+  for (int j = 0; j < N; ++j) {
+    const float* xj = x + (int64_t)j * xs;
+    float mx = 0.f;
+    for (int col = 32 * c0; col < cend; col += 4)
+      mx = std::max(mx, std::fabs(xj[col]) + std::fabs(xj[col + 1]) + std::fabs(xj[col + 2]) + std::fabs(xj[col + 3]));
+    scale[j] = mx / 127.f;
+    const __m512 inv = _mm512_set1_ps(mx > 0.f ? 127.f / mx : 0.f);
+    for (int c = 0; c < nc; ++c)
+      for (int t = 0; t < 8; ++t) {
+        const int col = 32 * (c0 + c) + 4 * t;
+        __m128i q = _mm_setzero_si128();
+        if (col < xs) {
+          __m512 v = _mm512_mul_ps(_mm512_set1_ps(xj[col]), s0);
+          v = _mm512_fmadd_ps(_mm512_set1_ps(xj[col + 1]), s1, v);
+          v = _mm512_fmadd_ps(_mm512_set1_ps(xj[col + 2]), s2, v);
+          v = _mm512_fmadd_ps(_mm512_set1_ps(xj[col + 3]), s3, v);
+          q = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(v, inv)));
+        }
+        _mm_store_si128((__m128i*)(tab + ((int64_t)j * nc + c) * 128 + (t & 1) * 64 + (t >> 1) * 16), q);
+      }
+  }
+}
+
+template <int N>
+QR_VBMI static void bcq_lut8_rows(const BCQ& w, const float* x, int xs, float* y, int ys, int rb0, int rb1) {
+  alignas(64) int8_t tab[N * kL8Chunks * 128];
+  float scale[N];
+  const int nrb = (w.rows + 15) / 16;
+  const int cpg = w.groups == 1 ? w.chunks : (w.cols / w.groups) / 32;  // chunks per alpha group
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  alignas(64) int8_t pb[64];
+  for (int b = 0; b < 64; ++b) pb[b] = (int8_t)(4 * (b % 16) + b / 16);  // lane L, byte i <- byte L of row i
+  const __m512i perm = _mm512_load_si512(pb), nib = _mm512_set1_epi8(0x0F), ones = _mm512_set1_epi8(1);
+  for (int g = 0; g < w.groups; ++g) {
+    const int gend = g + 1 == w.groups ? w.chunks : (g + 1) * cpg;
+    for (int c0 = g * cpg; c0 < gend; c0 += kL8Chunks) {
+      const int c1 = std::min(gend, c0 + kL8Chunks), nc = c1 - c0;
+      lut8_tables<N>(x, xs, c0, c1, tab, scale);
+      for (int rb = rb0; rb < rb1; ++rb) {
+        const int r = 16 * rb;
+        const __mmask16 live = (__mmask16)(r + 16 <= w.rows ? 0xFFFF : (1u << (w.rows - r)) - 1);
+        __m512 out[N];
+        for (int j = 0; j < N; ++j) out[j] = _mm512_setzero_ps();
+        for (int k = 0; k < w.q; ++k) {
+          __m512i lo[N], hi[N];  // int16: lane L = rows 0-7 (lo) / 8-15 (hi), column groups 2L and 2L + 1
+          for (int j = 0; j < N; ++j) lo[j] = hi[j] = _mm512_setzero_si512();
+          const uint32_t* p = w.lut + (((int64_t)k * nrb + rb) * w.chunks + c0) * 16;
+          for (int c = 0; c < nc; ++c) {
+            const __m512i v = _mm512_permutexvar_epi8(perm, _mm512_load_si512(p + 16 * c));
+            const __m512i il = _mm512_and_si512(v, nib), ih = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
+#pragma GCC unroll 8
+            for (int j = 0; j < N; ++j) {
+              const int8_t* tj = tab + ((int64_t)j * nc + c) * 128;
+              const __m512i a = _mm512_shuffle_epi8(_mm512_load_si512(tj), il);
+              const __m512i b = _mm512_shuffle_epi8(_mm512_load_si512(tj + 64), ih);
+              lo[j] = _mm512_add_epi16(lo[j], _mm512_maddubs_epi16(ones, _mm512_unpacklo_epi8(a, b)));
+              hi[j] = _mm512_add_epi16(hi[j], _mm512_maddubs_epi16(ones, _mm512_unpackhi_epi8(a, b)));
+            }
+          }
+          const __m512 al = w.alpha_shared ? _mm512_set1_ps(*w.a(k, 0, g))
+                                           : _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live,
+                                                                      _mm512_mullo_epi32(lane, _mm512_set1_epi32(w.groups)),
+                                                                      w.a(k, r, g), 4);
+          for (int j = 0; j < N; ++j) {  // sum the 4 lanes; rows 0-7 and 8-15 side by side; to fp32
+            __m512i l = _mm512_add_epi16(lo[j], _mm512_shuffle_i64x2(lo[j], lo[j], 0x4E));
+            __m512i h = _mm512_add_epi16(hi[j], _mm512_shuffle_i64x2(hi[j], hi[j], 0x4E));
+            l = _mm512_add_epi16(l, _mm512_shuffle_i64x2(l, l, 0xB1));
+            h = _mm512_add_epi16(h, _mm512_shuffle_i64x2(h, h, 0xB1));
+            const __m256i s16 = _mm512_castsi512_si256(_mm512_mask_blend_epi64(0x0C, l, h));
+            const __m512 d = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(s16));
+            out[j] = _mm512_fmadd_ps(_mm512_mul_ps(al, _mm512_set1_ps(scale[j])), d, out[j]);
+          }
+        }
+        for (int j = 0; j < N; ++j) {
+          float* yj = y + (int64_t)j * ys + r;
+          _mm512_mask_storeu_ps(yj, live, _mm512_add_ps(_mm512_maskz_loadu_ps(live, yj), out[j]));
+        }
+      }
+    }
+  }
+}
+
+// y [n, ys] += x @ W^T for row blocks [rb0, rb1) with int8 tables: up to 8 activation rows per pass.
+QR_VBMI static void bcq_gemv_lut8(const BCQ& w, const float* x, int n, int xs, float* y, int ys, int rb0, int rb1) {
+  int i = 0;
+  for (; i + 8 <= n; i += 8) bcq_lut8_rows<8>(w, x + (int64_t)i * xs, xs, y + (int64_t)i * ys, ys, rb0, rb1);
+  const float* xi = x + (int64_t)i * xs;
+  float* yi = y + (int64_t)i * ys;
+  switch (n - i) {
+    case 7: bcq_lut8_rows<7>(w, xi, xs, yi, ys, rb0, rb1); break;
+    case 6: bcq_lut8_rows<6>(w, xi, xs, yi, ys, rb0, rb1); break;
+    case 5: bcq_lut8_rows<5>(w, xi, xs, yi, ys, rb0, rb1); break;
+    case 4: bcq_lut8_rows<4>(w, xi, xs, yi, ys, rb0, rb1); break;
+    case 3: bcq_lut8_rows<3>(w, xi, xs, yi, ys, rb0, rb1); break;
+    case 2: bcq_lut8_rows<2>(w, xi, xs, yi, ys, rb0, rb1); break;
+    case 1: bcq_lut8_rows<1>(w, xi, xs, yi, ys, rb0, rb1); break;
+    default: break;
+  }
+}
 #endif
 
 static void panel_portable(const float* x, int n, int64_t xs, const float* P, int kc, float* y, int64_t ys, int nr,
@@ -496,6 +621,8 @@ struct Model {
   // (gemm_nt over each row, column chunks of 512) for many rows, and its attention (libm exp) and log-softmax
   // sums: their speed is that engine's.
   bool exact_order = false;
+  bool weights_only = false;  // qr_model_finalize_weights: only qr_linear may use it
+  bool lut_int8 = false;  // few-row BCQ products with int8 tables (spec lut_int8=1, where the CPU has VBMI)
 
   double get(const std::string& k) const {
     auto it = spec.find(k);
@@ -644,25 +771,106 @@ static int gemm_isa(const Model& m) {
   return G_PORTABLE;
 }
 
-struct Exec {  // threads of one call
+// The threads of one call: the caller plus threads - 1 workers of the call's own pool (not OpenMP's:
+// its workers spin between parallel regions, dozens per decoder step, and on a machine whose cores are
+// busy the spinning holds a core the caller needs). A worker spins for kSpinUs after a job (the next one
+// is usually a few microseconds away within a decoder step), yielding its core now and then, and then
+// sleeps until woken; the caller waits for the workers the same way. Jobs whose estimated work is below
+// kParMinWork multiply-adds run on the caller alone (waking a thread costs more than they do).
+class Pool {
+ public:
+  explicit Pool(int workers) {
+    for (int i = 0; i < workers; ++i) th_.emplace_back([this, i] { loop(i + 1); });
+  }
+  ~Pool() {
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      stop_ = true;
+      gen_.fetch_add(1);
+    }
+    wake_.notify_all();
+    for (auto& t : th_) t.join();
+  }
+  int size() const { return (int)th_.size() + 1; }
+  // f(t) for t in [0, nt), nt <= size(); t = 0 on the calling thread.
+  void run(int nt, const std::function<void(int)>& f) {
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      job_ = &f;
+      nt_ = nt;
+      pending_.store((int)th_.size(), std::memory_order_relaxed);
+      gen_.fetch_add(1, std::memory_order_release);
+    }
+    wake_.notify_all();
+    f(0);
+    if (!spin([&] { return pending_.load(std::memory_order_acquire) == 0; })) {
+      std::unique_lock<std::mutex> lk(mu_);
+      done_.wait(lk, [&] { return pending_.load(std::memory_order_acquire) == 0; });
+    }
+  }
+
+ private:
+  static constexpr int kSpinUs = 100;
+  template <typename C>
+  static bool spin(C ready) {  // true once ready() holds, false after about kSpinUs
+    const auto end = std::chrono::steady_clock::now() + std::chrono::microseconds(kSpinUs);
+    for (int i = 1;; ++i) {
+      if (ready()) return true;
+#if defined(__x86_64__) || defined(_M_X64)
+      _mm_pause();
+#endif
+      if (i % 256 == 0) {
+        if (std::chrono::steady_clock::now() > end) return false;
+        std::this_thread::yield();
+      }
+    }
+  }
+  void loop(int id) {
+    uint64_t seen = 0;
+    for (;;) {
+      if (!spin([&] { return gen_.load(std::memory_order_acquire) != seen; })) {
+        std::unique_lock<std::mutex> lk(mu_);
+        wake_.wait(lk, [&] { return gen_.load(std::memory_order_acquire) != seen; });
+      }
+      seen = gen_.load(std::memory_order_acquire);
+      if (stop_) return;
+      if (id < nt_) (*job_)(id);
+      if (pending_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+        std::lock_guard<std::mutex> lk(mu_);
+        done_.notify_one();
+      }
+    }
+  }
+  std::vector<std::thread> th_;
+  std::mutex mu_;
+  std::condition_variable wake_, done_;
+  std::atomic<uint64_t> gen_{0};
+  std::atomic<int> pending_{0};
+  const std::function<void(int)>* job_ = nullptr;
+  int nt_ = 0;
+  bool stop_ = false;
+};
+
+constexpr int64_t kParMinWork = 1 << 16;
+
+struct Exec {
   int threads;
+  std::unique_ptr<Pool> pool;
+  explicit Exec(int threads_) : threads(std::max(1, threads_)) {
+    if (threads > 1) pool = std::make_unique<Pool>(threads - 1);
+  }
+  // f(lo, hi) over [0, n) split evenly; work: the job's multiply-adds (about), -1 for unknown (split).
   template <typename F>
-  void par(int64_t n, F f) const {  // f(lo, hi) over [0, n) split evenly
-    if (threads <= 1 || n <= 1) {
+  void par(int64_t n, F f, int64_t work = -1) const {
+    if (!pool || n <= 1 || (work >= 0 && work < kParMinWork)) {
       f((int64_t)0, n);
       return;
     }
     const int nt = (int)std::min<int64_t>(threads, n);
-#pragma omp parallel num_threads(nt)
-    {
-#ifdef _OPENMP
-      const int t = omp_get_thread_num();
-#else
-      const int t = 0;
-#endif
+    pool->run(nt, [&](int t) {
       const int64_t lo = n * t / nt, hi = n * (t + 1) / nt;
       if (lo < hi) f(lo, hi);
-    }
+    });
   }
 };
 
@@ -748,10 +956,17 @@ static void bcq_product(const Model& m, const Exec& ex, const BcqPart& part, con
     return;
   }
   Timer tm(P_GEMV);
+  const int64_t work = (int64_t)n * w.rows * w.cols * w.q / 4;  // one table lookup per 4 weights of a plane
   for (int i = 0; i < n; ++i) std::memset(y + (int64_t)i * ys, 0, sizeof(float) * w.rows);
   if (K->bcq_gemv) {
     const int nrb = (w.rows + 15) / 16;
-    ex.par(nrb, [&](int64_t a, int64_t b) { K->bcq_gemv(w, x, n, xs, y, ys, (int)a, (int)b); });
+#if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__)
+    if (m.lut_int8 && w.lut) {
+      ex.par(nrb, [&](int64_t a, int64_t b) { bcq_gemv_lut8(w, x, n, xs, y, ys, (int)a, (int)b); }, work / 2);
+      return;
+    }
+#endif
+    ex.par(nrb, [&](int64_t a, int64_t b) { K->bcq_gemv(w, x, n, xs, y, ys, (int)a, (int)b); }, work);
     return;
   }
   const int nchunks = w.nbytes;
@@ -759,7 +974,7 @@ static void bcq_product(const Model& m, const Exec& ex, const BcqPart& part, con
   for (int c0 = 0; c0 < nchunks; c0 += kLutChunks) {
     const int c1 = std::min(nchunks, c0 + kLutChunks);
     K->lut_build(x, n, xs, c0, c1, lut.data());
-    ex.par(w.rows, [&](int64_t a, int64_t b) { K->bcq_lut(w, lut.data(), n, c0, c1, y, ys, (int)a, (int)b); });
+    ex.par(w.rows, [&](int64_t a, int64_t b) { K->bcq_lut(w, lut.data(), n, c0, c1, y, ys, (int)a, (int)b); }, work);
   }
 }
 
@@ -772,7 +987,7 @@ static void km_product(const Model& m, const Exec& ex, const KMeans& w, const fl
     return;
   }
   Timer tm(P_GEMV);
-  ex.par(w.rows, [&](int64_t a, int64_t b) { K->km_gemv(w, x, n, xs, y, ys, (int)a, (int)b); });
+  ex.par(w.rows, [&](int64_t a, int64_t b) { K->km_gemv(w, x, n, xs, y, ys, (int)a, (int)b); }, (int64_t)n * w.rows * w.cols);
 }
 
 static void activate(int fn, float* x, int64_t n);
@@ -817,7 +1032,7 @@ static void linear(const Model& m, const Exec& ex, const Linear& L, const float*
       }
       ex.par((rows + 3) / 4, [&](int64_t a, int64_t b) {
         gemm_nt(xin, n, xs, w.dense, cols, cols, y, rows, (int)a * 4, (int)std::min<int64_t>(rows, b * 4), false);
-      });
+      }, (int64_t)n * rows * cols);
       break;
     }
     case BCQW:
@@ -1103,7 +1318,7 @@ static void encode(const Model& m, const Exec& ex, const int32_t* tokens, const 
         attention(avx512, q.data() + (int64_t)t * d + hh * hd, kp.data(), vp.data(), hh * hd, (int)kp.size(), hd,
                   sc.data(), a.data() + (int64_t)t * d + hh * hd);
       }
-    });
+    }, 2 * (int64_t)T * d * (T / bsz + 1));
     linear(m, ex, l.self.o, a.data(), T, o.data());
     residual(s.prenorm ? nullptr : &l.self_ln, x.data(), o.data(), T, d);
     ffn_block(m, ex, s, l, x.data(), T);
@@ -1178,7 +1393,7 @@ static void decode_step(const Model& m, const Exec& ex, const Encoded& e, DecSta
         attention(avx512, q.data() + (int64_t)i * d + hh * hd, kp.data(), vp.data(), hh * hd, t + 1, hd, sc.data(),
                   a.data() + (int64_t)i * d + hh * hd);
       }
-    });
+    }, 2 * (int64_t)n * d * (t + 1));
     tsa.stop();
     linear(m, ex, l.self.o, a.data(), n, o.data());
     residual(s.prenorm ? nullptr : &l.self_ln, x.data(), o.data(), n, d);
@@ -1202,7 +1417,7 @@ static void decode_step(const Model& m, const Exec& ex, const Encoded& e, DecSta
         attention(avx512, q.data() + (int64_t)i * d + hh * hd, kp.data(), vp.data(), hh * hd, (int)kp.size(), hd,
                   sc.data(), a.data() + (int64_t)i * d + hh * hd);
       }
-    });
+    }, 2 * (int64_t)n * d * e.len[sent[0]]);
     tca.stop();
     linear(m, ex, l.cross.o, a.data(), n, o.data());
     residual(s.prenorm ? nullptr : &l.cross_ln, x.data(), o.data(), n, d);
@@ -1360,7 +1575,7 @@ static Result search(const Model& m, const Exec& ex, const int32_t* tokens, cons
           cb[s][j] = all[j].second / V;
         }
       }
-    });
+    }, 4 * (int64_t)nb * beam * V);
     // finalize EOS candidates among the first `beam`
     std::vector<char> eos_mask_any(nb, 0);
     std::vector<std::vector<char>> eosm(nb);
@@ -1528,14 +1743,22 @@ static void build_side(Model& m, Side& s, const std::string& p, bool decoder) {
   }
 }
 
-static void finalize(Model& m) {
+static void finalize(Model& m, bool weights_only = false) {
   m.K = pick_kernels();
+  m.exact_order = !m.acts_in.empty() || !m.acts_out.empty();
+#if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__)
+  m.lut_int8 = m.spec.count("lut_int8") && m.spec.at("lut_int8") != 0 && m.K == &qk::avx512_kernels &&
+               __builtin_cpu_supports("avx512vbmi");
+#endif
+  if (weights_only) {
+    m.weights_only = m.ready = true;
+    return;
+  }
   m.pad = (int)m.get("pad");
   m.eos = (int)m.get("eos");
   m.unk = (int)m.get("unk");
   m.bos = (int)m.get("bos");
   m.activation = (int)m.get("activation");
-  m.exact_order = !m.acts_in.empty() || !m.acts_out.empty();
   build_side(m, m.enc, "encoder", false);
   build_side(m, m.dec, "decoder", true);
   if (m.enc.dim != m.dec.dim) fail("encoder dim ", m.enc.dim, " != decoder dim ", m.dec.dim, " is not supported");
@@ -1625,15 +1848,33 @@ int qr_model_act(Model* m, const char* module, int where, float scale, float zer
 }
 
 int qr_model_finalize(Model* m, char* err, int errlen) { return guarded(err, errlen, [&] { finalize(*m); }); }
+// A model of weights only (no encoder or decoder; for qr_linear in tests and benchmarks of single layers).
+int qr_model_finalize_weights(Model* m, char* err, int errlen) {
+  return guarded(err, errlen, [&] { finalize(*m, true); });
+}
 
 const char* qr_model_isa(Model* m) { return m->K ? m->K->name : ""; }
+// The lookup tables of the few-row BCQ products: "int8" or "fp32".
+const char* qr_model_lut(Model* m) { return m->lut_int8 ? "int8" : "fp32"; }
+
+// One product as translation runs it, bias left out: y [n, rows] = x [n, cols] W^T of module `module` (for
+// tests and benchmarks of single layers).
+int qr_linear(Model* m, const char* module, const float* x, int n, float* y, int threads, char* err, int errlen) {
+  return guarded(err, errlen, [&] {
+    if (!m->ready) fail("model is not finalized");
+    const std::shared_ptr<Weight> w = weight_of(*m, module);
+    const Linear L = make_linear(*m, module, w->rows, w->cols, false);
+    Exec ex(threads);
+    linear(*m, ex, L, x, n, y);
+  });
+}
 
 // Teacher forcing: logits [bsz, tgt_len, vocab] of the decoder fed prev [bsz, tgt_len] (no padding).
 int qr_score(Model* m, const int32_t* src, const int32_t* src_lens, int bsz, const int32_t* prev, int tgt_len, int threads,
              float* logits, char* err, int errlen) {
   return guarded(err, errlen, [&] {
-    if (!m->ready) fail("model is not finalized");
-    Exec ex{threads};
+    if (!m->ready || m->weights_only) fail("model is not finalized (or holds weights only)");
+    Exec ex(threads);
     Encoded e;
     encode(*m, ex, src, src_lens, bsz, e);
     DecState st;
@@ -1661,7 +1902,7 @@ int qr_translate(Model* m, const int32_t* src, const int32_t* src_lens, int bsz,
                  double max_len_a, int max_len_b, int min_len, float unk_penalty, int threads, qr_result** out, char* err,
                  int errlen) {
   return guarded(err, errlen, [&] {
-    if (!m->ready) fail("model is not finalized");
+    if (!m->ready || m->weights_only) fail("model is not finalized (or holds weights only)");
     if (beam < 1 || nbest < 1 || nbest > beam) fail("need 1 <= nbest <= beam, got beam ", beam, " nbest ", nbest);
     Params P;
     P.beam = beam;
@@ -1680,7 +1921,7 @@ int qr_translate(Model* m, const int32_t* src, const int32_t* src_lens, int bsz,
     for (int64_t i = 0; i < total; ++i)
       if (src[i] < 0 || src[i] >= m->enc.vocab) fail("token id ", src[i], " is outside the source vocabulary");
     auto r = std::make_unique<qr_result>();
-    r->r = search(*m, Exec{threads}, src, src_lens, bsz, P);
+    r->r = search(*m, Exec(threads), src, src_lens, bsz, P);
     *out = r.release();
     prof_report();
   });
