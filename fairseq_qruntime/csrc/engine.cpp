@@ -773,44 +773,49 @@ static int gemm_isa(const Model& m) {
 
 // The threads of one call: the caller plus threads - 1 workers of the call's own pool (not OpenMP's:
 // its workers spin between parallel regions, dozens per decoder step, and on a machine whose cores are
-// busy the spinning holds a core the caller needs). A worker spins for kSpinUs after a job (the next one
-// is usually a few microseconds away within a decoder step), yielding its core now and then, and then
-// sleeps until woken; the caller waits for the workers the same way. Jobs whose estimated work is below
-// kParMinWork multiply-adds run on the caller alone (waking a thread costs more than they do).
+// busy the spinning holds a core the caller needs; and its caller waits at the end of each region for
+// every worker, also one the system has not run yet). Here a job is cut into chunks that the threads
+// claim one at a time, the caller included: the caller waits only for chunks a worker has claimed, so
+// a worker that is not running leaves its share to the caller. A worker spins for kSpinUs after a job
+// (the next is usually microseconds away within a decoder step), yielding its core now and then, and
+// then sleeps until woken. Jobs whose estimated work is below kParMinWork multiply-adds run on the
+// caller alone (waking a thread costs more than they do). Chunks write disjoint outputs: the results
+// do not depend on which thread ran which chunk.
 class Pool {
  public:
   explicit Pool(int workers) {
-    for (int i = 0; i < workers; ++i) th_.emplace_back([this, i] { loop(i + 1); });
+    for (int i = 0; i < workers; ++i) th_.emplace_back([this] { loop(); });
   }
   ~Pool() {
     {
       std::lock_guard<std::mutex> lk(mu_);
       stop_ = true;
-      gen_.fetch_add(1);
+      state_.fetch_add(kGenOne);
     }
     wake_.notify_all();
     for (auto& t : th_) t.join();
   }
-  int size() const { return (int)th_.size() + 1; }
-  // f(t) for t in [0, nt), nt <= size(); t = 0 on the calling thread.
-  void run(int nt, const std::function<void(int)>& f) {
+  // f(c) for every chunk c in [0, nchunks), on the calling thread and the workers.
+  void run(int nchunks, const std::function<void(int)>& f) {
     {
       std::lock_guard<std::mutex> lk(mu_);
       job_ = &f;
-      nt_ = nt;
-      pending_.store((int)th_.size(), std::memory_order_relaxed);
-      gen_.fetch_add(1, std::memory_order_release);
+      nchunks_ = nchunks;
+      done_.store(0, std::memory_order_relaxed);
+      const uint64_t gen = (state_.load(std::memory_order_relaxed) >> 40) + 1;
+      state_.store(gen << 40 | (uint64_t)nchunks << 20, std::memory_order_release);  // next chunk 0
     }
     wake_.notify_all();
-    f(0);
-    if (!spin([&] { return pending_.load(std::memory_order_acquire) == 0; })) {
+    work(state_.load(std::memory_order_acquire) >> 40);
+    if (!spin([&] { return done_.load(std::memory_order_acquire) == nchunks; })) {
       std::unique_lock<std::mutex> lk(mu_);
-      done_.wait(lk, [&] { return pending_.load(std::memory_order_acquire) == 0; });
+      fin_.wait(lk, [&] { return done_.load(std::memory_order_acquire) == nchunks; });
     }
   }
 
  private:
   static constexpr int kSpinUs = 100;
+  static constexpr uint64_t kGenOne = (uint64_t)1 << 40, kMask = (1 << 20) - 1;
   template <typename C>
   static bool spin(C ready) {  // true once ready() holds, false after about kSpinUs
     const auto end = std::chrono::steady_clock::now() + std::chrono::microseconds(kSpinUs);
@@ -825,30 +830,42 @@ class Pool {
       }
     }
   }
-  void loop(int id) {
+  // Claims and runs chunks of job `gen` while it has some left. state_ = gen (24 bits) | chunks (20) |
+  // next chunk (20): a claim succeeds only while the job is still `gen` (its f then stays alive until
+  // the claimed chunk is done), so a late worker never touches a finished job.
+  void work(uint64_t gen) {
+    for (;;) {
+      uint64_t s = state_.load(std::memory_order_acquire);
+      if (s >> 40 != gen || (s & kMask) >= ((s >> 20) & kMask)) return;
+      if (!state_.compare_exchange_weak(s, s + 1, std::memory_order_acq_rel)) continue;
+      (*job_)((int)(s & kMask));
+      if (done_.fetch_add(1, std::memory_order_acq_rel) + 1 == nchunks_) {
+        std::lock_guard<std::mutex> lk(mu_);
+        fin_.notify_one();
+      }
+    }
+  }
+  void loop() {
     uint64_t seen = 0;
     for (;;) {
-      if (!spin([&] { return gen_.load(std::memory_order_acquire) != seen; })) {
+      auto fresh = [&] { return state_.load(std::memory_order_acquire) >> 40 != seen; };
+      if (!spin(fresh)) {
         std::unique_lock<std::mutex> lk(mu_);
-        wake_.wait(lk, [&] { return gen_.load(std::memory_order_acquire) != seen; });
+        wake_.wait(lk, fresh);
       }
-      seen = gen_.load(std::memory_order_acquire);
-      if (stop_) return;
-      if (id < nt_) (*job_)(id);
-      if (pending_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
-        std::lock_guard<std::mutex> lk(mu_);
-        done_.notify_one();
-      }
+      seen = state_.load(std::memory_order_acquire) >> 40;
+      if (stop_.load(std::memory_order_acquire)) return;
+      work(seen);
     }
   }
   std::vector<std::thread> th_;
   std::mutex mu_;
-  std::condition_variable wake_, done_;
-  std::atomic<uint64_t> gen_{0};
-  std::atomic<int> pending_{0};
+  std::condition_variable wake_, fin_;
+  std::atomic<uint64_t> state_{0};
+  std::atomic<int> done_{0};
   const std::function<void(int)>* job_ = nullptr;
-  int nt_ = 0;
-  bool stop_ = false;
+  int nchunks_ = 0;
+  std::atomic<bool> stop_{false};
 };
 
 constexpr int64_t kParMinWork = 1 << 16;
@@ -859,16 +876,17 @@ struct Exec {
   explicit Exec(int threads_) : threads(std::max(1, threads_)) {
     if (threads > 1) pool = std::make_unique<Pool>(threads - 1);
   }
-  // f(lo, hi) over [0, n) split evenly; work: the job's multiply-adds (about), -1 for unknown (split).
+  // f(lo, hi) over [0, n) in chunks (per_thread per thread); work: the job's multiply-adds (about), -1 for
+  // unknown (split).
   template <typename F>
-  void par(int64_t n, F f, int64_t work = -1) const {
+  void par(int64_t n, F f, int64_t work = -1, int per_thread = 4) const {
     if (!pool || n <= 1 || (work >= 0 && work < kParMinWork)) {
       f((int64_t)0, n);
       return;
     }
-    const int nt = (int)std::min<int64_t>(threads, n);
-    pool->run(nt, [&](int t) {
-      const int64_t lo = n * t / nt, hi = n * (t + 1) / nt;
+    const int nc = (int)std::min<int64_t>(n, per_thread * threads);  // a late worker leaves little behind
+    pool->run(nc, [&](int c) {
+      const int64_t lo = n * c / nc, hi = n * (c + 1) / nc;
       if (lo < hi) f(lo, hi);
     });
   }
@@ -962,11 +980,11 @@ static void bcq_product(const Model& m, const Exec& ex, const BcqPart& part, con
     const int nrb = (w.rows + 15) / 16;
 #if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__)
     if (m.lut_int8 && w.lut) {
-      ex.par(nrb, [&](int64_t a, int64_t b) { bcq_gemv_lut8(w, x, n, xs, y, ys, (int)a, (int)b); }, work / 2);
+      ex.par(nrb, [&](int64_t a, int64_t b) { bcq_gemv_lut8(w, x, n, xs, y, ys, (int)a, (int)b); }, work / 2, 2);
       return;
     }
 #endif
-    ex.par(nrb, [&](int64_t a, int64_t b) { K->bcq_gemv(w, x, n, xs, y, ys, (int)a, (int)b); }, work);
+    ex.par(nrb, [&](int64_t a, int64_t b) { K->bcq_gemv(w, x, n, xs, y, ys, (int)a, (int)b); }, work, 2);
     return;
   }
   const int nchunks = w.nbytes;
