@@ -36,8 +36,10 @@
 # More rows: int4 (4-bit int weights, transformer_int8), bcq-w2-ste (2-bit BCQ straight-through),
 # bcq-alloc-ste (the BCQ mix of a `fairseq-qallocate --output` JSON file given as METHODS_ALLOC,
 # straight-through), bcq-hand25-ste (a hand mix of 2.5 average bits or less: embedding 4/3/2/1 bits
-# by word frequency, encoder 3, decoder 2; straight-through). Any row name with `-kd` appended
-# trains that row with distillation from the start (docs/distill.md): --criterion
+# by word frequency, encoder 3, decoder 2; straight-through), and with learned quantization
+# parameters (docs/methods.md): bcq-w3-ls (bcq-w3-ste with --bcq-learn-scales), bcq-alloc-ls
+# (bcq-alloc-ste with --bcq-learn-scales), int4-ls (int4 with --quant-learn-scale). Any row name
+# with `-kd` appended trains that row with distillation from the start (docs/distill.md): --criterion
 # label_smoothed_cross_entropy_distill with DISTILL_ALPHA (default 0.5) and DISTILL_TEMPERATURE
 # (default 1.0); DISTILL_TEACHER sets another teacher.
 set -euo pipefail
@@ -78,6 +80,8 @@ declare -A rows=(
     [bcq-w2-ste]="transformer_bcq|$n|--bcq-bits 2 --bcq-rounds 2"
     [bcq-hand25-ste]="transformer_bcq|$n|--bcq-embed-bits 4 --bcq-embed-freq-ratio 1 --bcq-bits 3 --bcq-layer-bits decoder_self_attn:2,decoder_cross_attn:2,decoder_ffn:2 --bcq-rounds 2"
     [int4]="transformer_int8|$n|--quant-bits 4"
+    [int4-ls]="transformer_int8|$n|--quant-bits 4 --quant-learn-scale"
+    [bcq-w3-ls]="transformer_bcq|$n|--bcq-bits 3 --bcq-rounds 2 --bcq-learn-scales"
     [bcq-w2-alt]="transformer_bcq|$n|--bcq-bits 2 $pnr"
     [bcq-w2-greedy]="transformer_bcq|$n|--bcq-bits 2 --bcq-search greedy $pnr"
     [km-w4]="transformer_kmeans|$n|--quant-method kmeans --quant-bits 4"
@@ -93,6 +97,7 @@ declare -A rows=(
 if [ -n "${METHODS_ALLOC:-}" ]; then
     alloc=$(python -c 'import json, sys; print(" ".join(json.load(open(sys.argv[1]))["flags"]))' "$METHODS_ALLOC")
     rows[bcq-alloc-ste]="transformer_bcq|$n|$alloc --bcq-rounds 2"
+    rows[bcq-alloc-ls]="transformer_bcq|$n|$alloc --bcq-rounds 2 --bcq-learn-scales"
 fi
 kd="--criterion label_smoothed_cross_entropy_distill --distill-alpha ${DISTILL_ALPHA:-0.5}"
 kd+=" --distill-temperature ${DISTILL_TEMPERATURE:-1.0}${DISTILL_TEACHER:+ --distill-teacher $DISTILL_TEACHER}"
@@ -100,7 +105,7 @@ for name in "${!rows[@]}"; do
     [[ $name == fp32-* ]] || rows[$name-kd]="${rows[$name]} $kd"
 done
 order=(fp32-ft100 "fp32-ft$n" bcq-w3 bcq-paper bcq-mix bcq-w3-ste bcq-w4-ste bcq-paper-ste bcq-mix-ste bcq-w2-ste
-       bcq-hand25-ste int4 bcq-w2-alt bcq-w2-greedy km-w4 km-w4-row km-w4-recluster bsflex-selfattn bsflex-selfattn-row
+       bcq-hand25-ste int4 bcq-w3-ls int4-ls bcq-w2-alt bcq-w2-greedy km-w4 km-w4-row km-w4-recluster bsflex-selfattn bsflex-selfattn-row
        prune50 prune50-layers prune50-global prune50-global-gradual)
 selected=("$@")
 [ ${#selected[@]} -gt 0 ] || selected=("${order[@]}")

@@ -23,6 +23,8 @@ METHODS = {
     "kmeans-pruned": ("transformer_kmeans", "--quant-bits", 3, "--prune-schedule", 0.3, "--kmeans-iters", 10),
     "bsflex": ("transformer_kmeans", "--quant-method", "bsflex"),
     "pruning": ("transformer_kmeans", "--quant-method", "none", "--prune-schedule", 0.5),
+    "bcq-learned-scales": ("transformer_bcq", "--bcq-bits", 3, "--bcq-embed-freq-ratio", 2, "--bcq-learn-scales"),
+    "int4-learned-step": ("transformer_int8", "--quant-bits", 4, "--quant-learn-scale"),
 }
 
 

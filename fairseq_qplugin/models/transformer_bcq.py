@@ -19,7 +19,7 @@ from fairseq.models.transformer import transformer_legacy as fairseq_transformer
 from torch import nn
 
 from ..errors import QuantConfigError
-from ..modules import QuantEmbedding, QuantLinear, RowBitsQuantizer, WeightQuantizer
+from ..modules import LearnedBCQQuantizer, QuantEmbedding, QuantLinear, RowBitsQuantizer, WeightQuantizer
 from ..quant import METHODS, QuantSpec, group_sizes, ranked_row_bits
 from .base import (QuantConfig, QuantizedTransformerModel, flag, parse_part_bits, register_preset,
                    register_size_presets)
@@ -34,6 +34,8 @@ BLOCKS = [
     ("bcq_decoder_bits", ["decoder_layers"]),
 ]
 # Chung & Kim et al. 2020, final configuration: embedding 2.5 (b = 4, r = 1), decoder 1.8, encoder 3.7
+# quantizer state --bcq-learn-scales rebuilds when a checkpoint lacks it (a plain or a searched-scale one)
+LEARNED_STATE = tuple(f"wq.{n}" for n in ("codes", "alpha_init", "alpha_log_gain", "initialized"))
 PAPER_LAYER_BITS = "encoder_self_attn:3,encoder_ffn:4,decoder_self_attn:2,decoder_cross_attn:3,decoder_ffn:1"
 
 
@@ -66,6 +68,15 @@ class BCQConfig(QuantConfig):
     bcq_rounds: int = field(default=10, metadata={"help": "the most alternating rounds per quantization"})
     bcq_group_size: int = field(
         default=0, metadata={"help": "input columns sharing one scale per bit (0: one per output row); must divide them"})
+    bcq_learn_scales: bool = field(
+        default=False,
+        metadata={"help": "train the scales (alphas) with the loss, through W_q = sum_k alpha_k B_k (straight-through "
+                          "to the latent weights), starting from the searched ones; the binary codes are re-searched "
+                          "every --bcq-research-every updates for the current scales. Not with pNR"})
+    bcq_research_every: int = field(
+        default=1,
+        metadata={"help": "with --bcq-learn-scales: every N updates each weight takes the nearest of its row's 2^bits "
+                          "level sums of the current learned scales; the codes stay fixed in between"})
 
 
 def check_bits(what: str, bits) -> int:
@@ -133,6 +144,7 @@ def average_bits(model) -> Dict[str, float]:
 @register_model("transformer_bcq")
 class TransformerBCQModel(QuantizedTransformerModel):
     config_cls = BCQConfig
+    optional_state = QuantizedTransformerModel.optional_state + LEARNED_STATE
     renamed_flags = {"bcq_include": "quant_include", "bcq_exclude": "quant_exclude"}  # in older checkpoints
 
     @classmethod
@@ -151,6 +163,15 @@ class TransformerBCQModel(QuantizedTransformerModel):
             cls.refuse_unused(args, "bcq_rounds", "to --bcq-search alternating only")
         if args.bcq_group_size < 0:
             raise QuantConfigError(f"--bcq-group-size must be >= 0 (0: one scale per row), got {args.bcq_group_size}")
+        if args.bcq_learn_scales:
+            if str(getattr(args, "optimizer", "")).startswith("pnr_"):
+                raise QuantConfigError(f"--bcq-learn-scales trains the scales through the fake-quantized forward, "
+                                       f"which pNR (--optimizer {args.optimizer}) replaces by full-precision weights; "
+                                       "use a plain --optimizer or leave --bcq-learn-scales out")
+            if args.bcq_research_every < 1:
+                raise QuantConfigError(f"--bcq-research-every must be >= 1 (updates), got {args.bcq_research_every}")
+        else:
+            cls.refuse_unused(args, "bcq_research_every", "with --bcq-learn-scales only")
         super().validate(args)
 
     @classmethod
@@ -170,6 +191,12 @@ class TransformerBCQModel(QuantizedTransformerModel):
         groups = parse_embed_groups(args.bcq_embed_groups)
 
         def make(spec, names, weight):
+            wq = make_searched(spec, names, weight)
+            if not args.bcq_learn_scales:
+                return wq
+            return LearnedBCQQuantizer(wq.spec, weight.shape, getattr(wq, "row_bits", None), args.bcq_research_every)
+
+        def make_searched(spec, names, weight):
             if size and weight.shape[1] % size:
                 raise QuantConfigError(f"--bcq-group-size {size} does not divide the {weight.shape[1]} input "
                                        f"columns of {names[0]}; use a divisor of every layer's input dimension")

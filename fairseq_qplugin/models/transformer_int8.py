@@ -10,8 +10,12 @@ from dataclasses import dataclass, field
 from fairseq.dataclass import ChoiceEnum
 from fairseq.models import register_model
 
+from ..errors import QuantConfigError
+from ..modules import LSQQuantizer
 from ..quant import QuantSpec
 from .base import LayerBitsConfig, QuantizedTransformerModel, flag_spec, register_size_presets
+
+LSQ_STATE = tuple(f"wq.{n}" for n in ("step_init", "step_log_gain", "initialized"))
 
 
 @dataclass
@@ -25,11 +29,19 @@ class Int8Config(LayerBitsConfig):
     quant_granularity: ChoiceEnum(["channel", "tensor"]) = field(
         default="channel", metadata={"help": "one scale per output channel (row) or per tensor"}
     )
+    quant_learn_scale: bool = field(
+        default=False,
+        metadata={"help": "train the weights' steps (Learned Step Size Quantization, 2020): one per output channel "
+                          "(or tensor), starting from the range-based scale, with LSQ's gradient scale "
+                          "1/sqrt(N*Qp); symmetric 2-8-bit weights only, activations (--quant-act) keep their "
+                          "range-based scales; not with pNR"}
+    )
 
 
 @register_model("transformer_int8")
 class TransformerInt8Model(QuantizedTransformerModel):
     config_cls = Int8Config
+    optional_state = QuantizedTransformerModel.optional_state + LSQ_STATE  # rebuilt when a checkpoint lacks it
 
     @classmethod
     def weight_spec(cls, args) -> QuantSpec:
@@ -41,6 +53,29 @@ class TransformerInt8Model(QuantizedTransformerModel):
         super().validate(args)
         if args.quant_bits == 1:
             cls.refuse_unused(args, "quant_scheme", "to 2-8 bits (1 bit is sign x mean|W|, no range)")
+        if args.quant_learn_scale:
+            if args.quant_bits == 1:
+                raise QuantConfigError("--quant-learn-scale learns the step of 2-8-bit weights; 1 bit is sign x "
+                                       "mean|W|: use --quant-bits 2-8 or leave --quant-learn-scale out")
+            if args.quant_scheme != "sym":
+                raise QuantConfigError("--quant-learn-scale learns a symmetric step (LSQ): use --quant-scheme sym")
+            if str(getattr(args, "optimizer", "")).startswith("pnr_"):
+                raise QuantConfigError(f"--quant-learn-scale trains the steps through the fake-quantized forward, "
+                                       f"which pNR (--optimizer {args.optimizer}) replaces by full-precision weights; "
+                                       "use a plain --optimizer or leave --quant-learn-scale out")
+
+    @classmethod
+    def quantizer_fn(cls, args, task):
+        if not args.quant_learn_scale:
+            return None
+
+        def make(spec, names, weight):
+            if spec.bits == 1:
+                raise QuantConfigError(f"--quant-layer-bits gives {names[0]} 1 bit, which has no step to learn: "
+                                       "use 2-8 bits with --quant-learn-scale")
+            return LSQQuantizer(spec, weight.shape)
+
+        return make
 
 
 register_size_presets("transformer_int8")

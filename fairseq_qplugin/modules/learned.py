@@ -1,0 +1,222 @@
+"""Weight quantizers with learned quantization parameters (docs/methods.md, "Learned quantization
+parameters").
+
+- ``LearnedBCQQuantizer`` (``transformer_bcq --bcq-learn-scales``): BCQ ``W_q = sum_k alpha_k B_k`` whose
+  scales are trained by the loss: the forward is differentiable in alpha (``dW_q / d alpha_k = B_k``)
+  and straight-through to the latent weight. The binary codes are re-searched every
+  ``research_every`` updates: with the current learned scales held fixed, each weight takes the
+  nearest of the 2^k level sums ``sum_k +-alpha_k`` of its row (and group). Between re-searches the
+  codes stay fixed.
+- ``LSQQuantizer`` (``transformer_int8 --quant-learn-scale``): Learned Step Size Quantization (Esser
+  et al., "Learned Step Size Quantization", 2020) of symmetric int weights: one step per output row
+  (or tensor), initialised from the range-based scale ``max|w| / (2^(b-1) - 1)``,
+  ``W_q = clamp(round(w / s), -Q, Q) * s`` with Q = 2^(b-1) - 1, the latent weight's gradient passed
+  inside the clipping range and the step's gradient ``round(w/s) - w/s`` (inside) or ``+-Q`` (outside)
+  times LSQ's gradient scale ``1 / sqrt(N Q)``, N the weights per step.
+
+Both keep the scale as ``<name>_init * exp(<name>_log_gain)``: ``<name>_init`` is a buffer, set from a
+search of the latent weight on first use (as ``KMeansQuantizer`` keeps its centroids, initialisation
+never writes into a Parameter an optimizer wrapper may have copied); ``<name>_log_gain`` is the trained
+Parameter, starting at 0. Trained in the log domain, a scale keeps its sign and an Adam step changes it
+by a fraction (about the learning rate) of its own size, whatever that size: an additive step of
+Adam's fixed size (about lr) would move the small steps and scales of a layer by large fractions and
+can drive a step through zero (with lr 3e-3 on the test model: within 20 updates, NaN gradients).
+``d scale / d log_gain = scale``, so the gradients above reach the Parameter times the scale. The
+forward uses the scale rounded to the values the bcq / int formats store exactly (16 significant
+bits; the gradient passes the rounding unchanged), so the saved and packed code (``search``: the
+current state, no search) reproduces the training forward's weight bit for bit.
+"""
+import hashlib
+import math
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..quant import QuantSpec, quantize, quantize_bcq_rows, straight_through
+from ..quant.base import binarize_gate
+from ..quant.bcq import BCQWeight, bcq_decode, nearest_codes, round_significand
+from ..quant.linear import IntWeight, int_decode, truncate_scale
+from ..quant.mixed import MixedBCQWeight
+from .kmeans import MaskedWeightQuantizer
+
+
+def rounded(x: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
+    """``exact`` (a rounding of ``x``) in the forward pass, the identity gradient to ``x``."""
+    return x + (exact - x.detach())
+
+
+class LearnedBCQQuantizer(MaskedWeightQuantizer):
+    """BCQ with trained scales. ``codes``: uint8 [rows, cols], bit k = plane k (True = +1);
+    ``alpha_init * exp(alpha_log_gain)``: [bits, rows, groups]; ``row_bits`` (optional, int8 [rows]): a
+    bit count per row as ``RowBitsQuantizer``'s, the scales past a row's bits held at 0."""
+
+    state_groups = (("codes", "alpha_init", "alpha_log_gain", "initialized"),)
+
+    def __init__(self, spec: QuantSpec, shape: Sequence[int], row_bits: Optional[torch.Tensor] = None,
+                 research_every: int = 1):
+        super().__init__(spec, shape)
+        rows, cols = self.shape
+        groups = cols // spec.group_size if spec.group_size else 1
+        self.register_buffer("row_bits", None if row_bits is None else row_bits.to(torch.int8), persistent=False)
+        self.register_buffer("codes", torch.zeros(self.shape, dtype=torch.uint8))
+        self.register_buffer("alpha_init", torch.zeros(spec.bits, rows, groups))
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+        self.alpha_log_gain = nn.Parameter(torch.zeros(spec.bits, rows, groups))
+        self.research_every = research_every
+        self.researches = 0  # code re-searches done (tests count them)
+        self._ready, self._researched_at = False, None
+
+    # -- state ------------------------------------------------------------------------------------
+    def used(self) -> Optional[torch.Tensor]:
+        """bool [bits, rows, 1]: the scales a row uses (None: all)."""
+        if self.row_bits is None:
+            return None
+        return (torch.arange(self.spec.bits, device=self.codes.device)[:, None] < self.row_bits.long())[..., None]
+
+    def scales(self) -> torch.Tensor:
+        """The learned scales as the forward uses them (differentiable): rounded to 16 significant bits,
+        0 past a row's bits."""
+        alpha = self.alpha_init * self.alpha_log_gain.exp()
+        alpha = rounded(alpha, round_significand(alpha.detach()))
+        used = self.used()
+        return alpha if used is None else alpha * used
+
+    def planes(self) -> torch.Tensor:
+        return torch.stack([(self.codes >> k) & 1 == 1 for k in range(self.spec.bits)])
+
+    def initialize(self, w: torch.Tensor):
+        """The searched code of ``w`` (the spec's search), its scales the starting point of the learned ones."""
+        qw = self._search_code(w)
+        self.alpha_init.copy_(qw.alpha.to(self.alpha_init) / self.alpha_log_gain.detach().exp())
+        self._set_planes(qw.planes)
+        self.initialized.fill_(True)
+
+    def _search_code(self, w: torch.Tensor):
+        if self.row_bits is None:
+            return quantize(w, self.spec)
+        return quantize_bcq_rows(w, self.row_bits, self.spec)
+
+    def _set_planes(self, planes: torch.Tensor):
+        codes = torch.zeros(self.shape, dtype=torch.uint8, device=self.codes.device)
+        for k in range(planes.shape[0]):
+            codes |= planes[k].to(torch.uint8) << k
+        self.codes.copy_(codes)
+
+    def research(self, w: torch.Tensor):
+        """Each weight takes the nearest level sum of its row's (and group's) current scales."""
+        alpha = self.scales().detach().double()
+        bits, rows, groups = alpha.shape
+        size = self.shape[1] // groups
+        x = w.detach().double().reshape(rows * groups, size)
+        alpha = alpha.reshape(bits, rows * groups)
+        row_bits = torch.full((rows,), bits) if self.row_bits is None else self.row_bits.long().cpu()
+        planes = torch.zeros(bits, rows * groups, size, dtype=torch.bool, device=x.device)
+        for k in row_bits.unique().tolist():
+            idx = (row_bits == k).nonzero().squeeze(1)
+            idx = (idx[:, None] * groups + torch.arange(groups)).reshape(-1).to(x.device)
+            planes[:k, idx] = nearest_codes(x[idx], alpha[:k, idx])
+        self._set_planes(planes.reshape(bits, *self.shape))
+        self.researches += 1
+
+    # -- the protocol ------------------------------------------------------------------------------
+    def prepare(self, w: torch.Tensor):
+        super().prepare(w)
+        n = self.num_updates
+        if n % self.research_every == 0 and self._researched_at != n:
+            self.research(w)
+            self._researched_at = n
+
+    def gate(self, w: torch.Tensor) -> Optional[torch.Tensor]:
+        return binarize_gate(w, self.spec) if self.row_bits is None else None
+
+    def train_value(self, w: torch.Tensor) -> torch.Tensor:
+        memo = self._per_forward
+        wq = None if memo is None else memo.get(w.data_ptr())
+        if wq is None:
+            wq = bcq_decode(self.planes(), self.scales(), self.shape[1]).to(w.dtype)
+            if memo is not None:
+                memo[w.data_ptr()] = wq
+        return straight_through(w, wq, self.gate(w))
+
+    def search(self, w: torch.Tensor):
+        """The current code: the stored planes and the learned scales (no search)."""
+        self._ensure_ready(w)
+        planes, alpha = self.planes(), self.scales().detach().float()
+        group_size = self.spec.group_size
+        if self.row_bits is None:
+            return BCQWeight(planes=planes, alpha=alpha, group_size=group_size)
+        return MixedBCQWeight(planes=planes, alpha=alpha, group_size=group_size, row_bits=self.row_bits.clone())
+
+    def storage_state(self) -> dict:
+        return {} if self.row_bits is None else {"row_bits": self.row_bits}
+
+    def average_bits(self) -> float:
+        return float(self.spec.bits) if self.row_bits is None else self.row_bits.float().mean().item()
+
+    def code_method(self) -> str:
+        return "bcq" if self.row_bits is None else "bcq_mixed"
+
+    def signature(self) -> str:
+        if self.row_bits is None:
+            return super().signature()
+        digest = hashlib.sha256(self.row_bits.cpu().numpy().tobytes()).hexdigest()[:16]
+        return f"{super().signature()}, row bits {digest}"
+
+    def extra_repr(self):
+        s = self.spec
+        rows = "" if self.row_bits is None else f", row bits {self.average_bits():.2f} average"
+        return (f"bcq, bits={s.bits}, group_size={s.group_size}, learned scales, codes re-searched every "
+                f"{self.research_every} updates{rows}")
+
+
+class LSQQuantizer(MaskedWeightQuantizer):
+    """Symmetric int weights with a learned step (LSQ). ``step_init * exp(step_log_gain)``: [rows or 1, 1]."""
+
+    state_groups = (("step_init", "step_log_gain", "initialized"),)
+
+    def __init__(self, spec: QuantSpec, shape: Sequence[int]):
+        super().__init__(spec, shape)
+        steps = (self.shape[0], 1) if spec.granularity == "channel" else (1, 1)
+        self.register_buffer("step_init", torch.ones(steps))
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+        self.step_log_gain = nn.Parameter(torch.zeros(steps))
+        self.levels = 2 ** (spec.bits - 1) - 1  # Q: codes -Q..Q around the zero point 2^(b-1)
+        per_step = self.shape[1] if spec.granularity == "channel" else self.shape[0] * self.shape[1]
+        self.grad_scale = 1 / math.sqrt(per_step * self.levels)
+        self._ready = False
+
+    def initialize(self, w: torch.Tensor):
+        qw = quantize(w, self.spec)
+        self.step_init.copy_(qw.scale.to(self.step_init) / self.step_log_gain.detach().exp())
+        self.initialized.fill_(True)
+
+    def step(self) -> torch.Tensor:
+        """The learned step as the forward uses it (differentiable): rounded down to 16 significant bits
+        (the int format's exact scales), at least 2^-100."""
+        s = self.step_init * self.step_log_gain.exp()
+        return rounded(s, truncate_scale(s.detach().clamp(min=2.0**-100)))
+
+    def codes(self, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        return (torch.round(w.detach().float() / s.detach()) + (self.levels + 1)).clamp(1, 2 * self.levels + 1)
+
+    def train_value(self, w: torch.Tensor) -> torch.Tensor:
+        """The exact quantized value, with LSQ's gradients (through the surrogate ``v * s``)."""
+        s = self.step()
+        value = int_decode(self.codes(w, s), s.detach(), torch.tensor(self.levels + 1)).to(w.dtype)
+        scaled = rounded(s * self.grad_scale, s.detach())  # forward s, gradient times the LSQ scale
+        v = (w / scaled).clamp(-self.levels, self.levels)
+        surrogate = rounded(v, torch.round(v.detach())) * scaled
+        return value + (surrogate - surrogate.detach()).to(w.dtype)
+
+    def search(self, w: torch.Tensor) -> IntWeight:
+        """The current code: the latent weight rounded with the learned step (no range search)."""
+        self._ensure_ready(w)
+        s = self.step().detach().float()
+        codes = self.codes(w, s).to(torch.uint8)
+        return IntWeight(codes=codes, scale=s, zero_point=torch.full_like(s, self.levels + 1, dtype=torch.int32),
+                         bits=self.spec.bits)
+
+    def extra_repr(self):
+        s = self.spec
+        return f"int, bits={s.bits}, scheme=sym, granularity={s.granularity}, learned step (LSQ)"
