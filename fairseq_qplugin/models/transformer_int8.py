@@ -15,7 +15,7 @@ from ..modules import LSQQuantizer
 from ..quant import QuantSpec
 from .base import LayerBitsConfig, QuantizedTransformerModel, flag_spec, register_size_presets
 
-LSQ_STATE = tuple(f"wq.{n}" for n in ("step_init", "step_log_gain", "initialized"))
+LSQ_STATE = tuple(f"wq.{n}" for n in ("step_init", "step_delta", "initialized"))
 
 
 @dataclass

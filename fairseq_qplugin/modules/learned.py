@@ -14,14 +14,14 @@ parameters").
   inside the clipping range and the step's gradient ``round(w/s) - w/s`` (inside) or ``+-Q`` (outside)
   times LSQ's gradient scale ``1 / sqrt(N Q)``, N the weights per step.
 
-Both keep the scale as ``<name>_init * exp(<name>_log_gain)``: ``<name>_init`` is a buffer, set from a
-search of the latent weight on first use (as ``KMeansQuantizer`` keeps its centroids, initialisation
-never writes into a Parameter an optimizer wrapper may have copied); ``<name>_log_gain`` is the trained
-Parameter, starting at 0. Trained in the log domain, a scale keeps its sign and an Adam step changes it
-by a fraction (about the learning rate) of its own size, whatever that size: an additive step of
-Adam's fixed size (about lr) would move the small steps and scales of a layer by large fractions and
-can drive a step through zero (with lr 3e-3 on the test model: within 20 updates, NaN gradients).
-``d scale / d log_gain = scale``, so the gradients above reach the Parameter times the scale. The
+Both keep a scale as ``init * exp(delta / init)`` (``scales``, ``step``): ``<name>_init`` is a buffer,
+set from a search of the latent weight on first use (as ``KMeansQuantizer`` keeps its centroids,
+initialisation never writes into a Parameter an optimizer wrapper may have copied); ``<name>_delta`` is
+the trained Parameter, starting at 0. Near the start this is ``init + delta``: ``d scale / d delta =
+exp(delta / init)`` is 1 there, so Adam moves a scale by about the learning rate per step, as it moves
+the weights (LSQ's balance of step and weight updates); unlike ``init + delta`` it never reaches zero
+or changes sign (an additive step drove int steps of the test model through zero within 20 updates
+at lr 3e-3, with NaN gradients). A scale of 0 (a BCQ row's unused bits) stays 0. The
 forward uses the scale rounded to the values the bcq / int formats store exactly (16 significant
 bits; the gradient passes the rounding unchanged), so the saved and packed code (``search``: the
 current state, no search) reproduces the training forward's weight bit for bit.
@@ -41,6 +41,12 @@ from ..quant.mixed import MixedBCQWeight
 from .kmeans import MaskedWeightQuantizer
 
 
+def learned(init: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """``init * exp(delta / init)`` (module doc); 0 where ``init`` is 0."""
+    safe = torch.where(init == 0, torch.ones_like(init), init)
+    return init * torch.exp(delta / safe)
+
+
 def rounded(x: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
     """``exact`` (a rounding of ``x``) in the forward pass, the identity gradient to ``x``."""
     return x + (exact - x.detach())
@@ -48,10 +54,10 @@ def rounded(x: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
 
 class LearnedBCQQuantizer(MaskedWeightQuantizer):
     """BCQ with trained scales. ``codes``: uint8 [rows, cols], bit k = plane k (True = +1);
-    ``alpha_init * exp(alpha_log_gain)``: [bits, rows, groups]; ``row_bits`` (optional, int8 [rows]): a
+    ``alpha_init``, ``alpha_delta``: [bits, rows, groups]; ``row_bits`` (optional, int8 [rows]): a
     bit count per row as ``RowBitsQuantizer``'s, the scales past a row's bits held at 0."""
 
-    state_groups = (("codes", "alpha_init", "alpha_log_gain", "initialized"),)
+    state_groups = (("codes", "alpha_init", "alpha_delta", "initialized"),)
 
     def __init__(self, spec: QuantSpec, shape: Sequence[int], row_bits: Optional[torch.Tensor] = None,
                  research_every: int = 1):
@@ -62,7 +68,7 @@ class LearnedBCQQuantizer(MaskedWeightQuantizer):
         self.register_buffer("codes", torch.zeros(self.shape, dtype=torch.uint8))
         self.register_buffer("alpha_init", torch.zeros(spec.bits, rows, groups))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
-        self.alpha_log_gain = nn.Parameter(torch.zeros(spec.bits, rows, groups))
+        self.alpha_delta = nn.Parameter(torch.zeros(spec.bits, rows, groups))
         self.research_every = research_every
         self.researches = 0  # code re-searches done (tests count them)
         self._ready, self._researched_at = False, None
@@ -77,7 +83,7 @@ class LearnedBCQQuantizer(MaskedWeightQuantizer):
     def scales(self) -> torch.Tensor:
         """The learned scales as the forward uses them (differentiable): rounded to 16 significant bits,
         0 past a row's bits."""
-        alpha = self.alpha_init * self.alpha_log_gain.exp()
+        alpha = learned(self.alpha_init, self.alpha_delta)
         alpha = rounded(alpha, round_significand(alpha.detach()))
         used = self.used()
         return alpha if used is None else alpha * used
@@ -88,7 +94,7 @@ class LearnedBCQQuantizer(MaskedWeightQuantizer):
     def initialize(self, w: torch.Tensor):
         """The searched code of ``w`` (the spec's search), its scales the starting point of the learned ones."""
         qw = self._search_code(w)
-        self.alpha_init.copy_(qw.alpha.to(self.alpha_init) / self.alpha_log_gain.detach().exp())
+        self.alpha_init.copy_(qw.alpha.to(self.alpha_init))  # alpha_delta is 0 here: as built, or not loaded
         self._set_planes(qw.planes)
         self.initialized.fill_(True)
 
@@ -171,16 +177,16 @@ class LearnedBCQQuantizer(MaskedWeightQuantizer):
 
 
 class LSQQuantizer(MaskedWeightQuantizer):
-    """Symmetric int weights with a learned step (LSQ). ``step_init * exp(step_log_gain)``: [rows or 1, 1]."""
+    """Symmetric int weights with a learned step (LSQ). ``step_init``, ``step_delta``: [rows or 1, 1]."""
 
-    state_groups = (("step_init", "step_log_gain", "initialized"),)
+    state_groups = (("step_init", "step_delta", "initialized"),)
 
     def __init__(self, spec: QuantSpec, shape: Sequence[int]):
         super().__init__(spec, shape)
         steps = (self.shape[0], 1) if spec.granularity == "channel" else (1, 1)
         self.register_buffer("step_init", torch.ones(steps))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
-        self.step_log_gain = nn.Parameter(torch.zeros(steps))
+        self.step_delta = nn.Parameter(torch.zeros(steps))
         self.levels = 2 ** (spec.bits - 1) - 1  # Q: codes -Q..Q around the zero point 2^(b-1)
         per_step = self.shape[1] if spec.granularity == "channel" else self.shape[0] * self.shape[1]
         self.grad_scale = 1 / math.sqrt(per_step * self.levels)
@@ -188,13 +194,13 @@ class LSQQuantizer(MaskedWeightQuantizer):
 
     def initialize(self, w: torch.Tensor):
         qw = quantize(w, self.spec)
-        self.step_init.copy_(qw.scale.to(self.step_init) / self.step_log_gain.detach().exp())
+        self.step_init.copy_(qw.scale.to(self.step_init))  # step_delta is 0 here: as built, or not loaded
         self.initialized.fill_(True)
 
     def step(self) -> torch.Tensor:
         """The learned step as the forward uses it (differentiable): rounded down to 16 significant bits
         (the int format's exact scales), at least 2^-100."""
-        s = self.step_init * self.step_log_gain.exp()
+        s = learned(self.step_init, self.step_delta)
         return rounded(s, truncate_scale(s.detach().clamp(min=2.0**-100)))
 
     def codes(self, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
