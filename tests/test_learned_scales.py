@@ -26,12 +26,12 @@ def test_bcq_scale_gradient_is_the_binary_code(group_size):
     out = wq(w)
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
     (out * g).sum().backward()
-    signs = wq.planes().float() * 2 - 1  # [q, rows, cols]
+    signs = wq.planes.float() * 2 - 1  # [q, rows, cols]
     groups = 16 // group_size if group_size else 1
     expected = (signs * g).reshape(3, 12, groups, -1).sum(-1)  # d loss / d alpha
     assert torch.allclose(wq.alpha_delta.grad, expected, rtol=1e-6, atol=1e-6)  # d alpha / d delta = 1 at the start
     assert torch.equal(w.grad, g)
-    assert torch.equal(out.detach(), bcq_decode(wq.planes(), wq.scales().detach(), 16))
+    assert torch.equal(out.detach(), bcq_decode(wq.planes, wq.scales().detach(), 16))
 
 
 def test_bcq_mixed_rows_train_only_their_scales():
@@ -40,7 +40,7 @@ def test_bcq_mixed_rows_train_only_their_scales():
     (wq(w) * torch.linspace(1, 2, 16)).sum().backward()
     grad = wq.alpha_delta.grad[..., 0]  # [bits, rows]
     assert (grad[1:, 0] == 0).all() and (grad[2:, 1] == 0).all() and (grad[:, 2:] != 0).all()
-    assert not wq.planes()[1:, 0].any() and not wq.planes()[2:, 1].any()
+    assert not wq.planes[1:, 0].any() and not wq.planes[2:, 1].any()
 
 
 def test_lsq_gradients_are_lsq():
@@ -78,12 +78,12 @@ def test_codes_are_researched_exactly_every_k_updates():
         if n == 4:  # the code stays between re-searches; a re-search takes the nearest level sums
             with torch.no_grad():
                 w.add_(0.05)
-            codes = wq.codes.clone()
+            codes = wq.planes.clone()
         if n == 5:
-            assert torch.equal(wq.codes, codes)
+            assert torch.equal(wq.planes, codes)
         if n == 6:
             alpha = wq.scales().detach().double().reshape(2, -1)
-            assert torch.equal(wq.planes(), nearest_codes(w.detach().double(), alpha))
+            assert torch.equal(wq.planes, nearest_codes(w.detach().double(), alpha))
     assert wq.researches == 4  # updates 0, 3, 6, 9
 
 
@@ -148,6 +148,7 @@ def test_packed_learned_scales_reproduce_the_model(request, tiny_data, tmp_path,
     state = torch.load(ckpt, weights_only=False)["model"]
     deltas = [v for k, v in state.items() if k.endswith(("wq.alpha_delta", "wq.step_delta"))]
     assert deltas and all(d.abs().max() > 0 for d in deltas), "the scales trained"
+    assert not any(k.endswith("wq.planes") for k in state), "the codes are saved once, in wq.code.*"
     packed = tmp_path / "packed.pt"
     qpack(ckpt, packed, *EXACT)
     layout = torch.load(packed, weights_only=True)

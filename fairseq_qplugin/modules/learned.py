@@ -53,11 +53,13 @@ def rounded(x: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
 
 
 class LearnedBCQQuantizer(MaskedWeightQuantizer):
-    """BCQ with trained scales. ``codes``: uint8 [rows, cols], bit k = plane k (True = +1);
+    """BCQ with trained scales. ``planes``: bool [bits, rows, cols] (True = +1; saved once, bit-packed in the
+    code ``wq.code.*``);
     ``alpha_init``, ``alpha_delta``: [bits, rows, groups]; ``row_bits`` (optional, int8 [rows]): a
     bit count per row as ``RowBitsQuantizer``'s, the scales past a row's bits held at 0."""
 
-    state_groups = (("codes", "alpha_init", "alpha_delta", "initialized"),)
+    state_groups = (("planes", "alpha_init", "alpha_delta", "initialized"),)
+    code_state = ("planes",)
 
     def __init__(self, spec: QuantSpec, shape: Sequence[int], row_bits: Optional[torch.Tensor] = None,
                  research_every: int = 1):
@@ -65,7 +67,7 @@ class LearnedBCQQuantizer(MaskedWeightQuantizer):
         rows, cols = self.shape
         groups = cols // spec.group_size if spec.group_size else 1
         self.register_buffer("row_bits", None if row_bits is None else row_bits.to(torch.int8), persistent=False)
-        self.register_buffer("codes", torch.zeros(self.shape, dtype=torch.uint8))
+        self.register_buffer("planes", torch.zeros(spec.bits, *self.shape, dtype=torch.bool))
         self.register_buffer("alpha_init", torch.zeros(spec.bits, rows, groups))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
         self.alpha_delta = nn.Parameter(torch.zeros(spec.bits, rows, groups))
@@ -78,7 +80,7 @@ class LearnedBCQQuantizer(MaskedWeightQuantizer):
         """bool [bits, rows, 1]: the scales a row uses (None: all)."""
         if self.row_bits is None:
             return None
-        return (torch.arange(self.spec.bits, device=self.codes.device)[:, None] < self.row_bits.long())[..., None]
+        return (torch.arange(self.spec.bits, device=self.planes.device)[:, None] < self.row_bits.long())[..., None]
 
     def scales(self) -> torch.Tensor:
         """The learned scales as the forward uses them (differentiable): rounded to 16 significant bits,
@@ -88,26 +90,17 @@ class LearnedBCQQuantizer(MaskedWeightQuantizer):
         used = self.used()
         return alpha if used is None else alpha * used
 
-    def planes(self) -> torch.Tensor:
-        return torch.stack([(self.codes >> k) & 1 == 1 for k in range(self.spec.bits)])
-
     def initialize(self, w: torch.Tensor):
         """The searched code of ``w`` (the spec's search), its scales the starting point of the learned ones."""
         qw = self._search_code(w)
         self.alpha_init.copy_(qw.alpha.to(self.alpha_init))  # alpha_delta is 0 here: as built, or not loaded
-        self._set_planes(qw.planes)
+        self.planes.copy_(qw.planes)
         self.initialized.fill_(True)
 
     def _search_code(self, w: torch.Tensor):
         if self.row_bits is None:
             return quantize(w, self.spec)
         return quantize_bcq_rows(w, self.row_bits, self.spec)
-
-    def _set_planes(self, planes: torch.Tensor):
-        codes = torch.zeros(self.shape, dtype=torch.uint8, device=self.codes.device)
-        for k in range(planes.shape[0]):
-            codes |= planes[k].to(torch.uint8) << k
-        self.codes.copy_(codes)
 
     def research(self, w: torch.Tensor):
         """Each weight takes the nearest level sum of its row's (and group's) current scales."""
@@ -122,7 +115,7 @@ class LearnedBCQQuantizer(MaskedWeightQuantizer):
             idx = (row_bits == k).nonzero().squeeze(1)
             idx = (idx[:, None] * groups + torch.arange(groups)).reshape(-1).to(x.device)
             planes[:k, idx] = nearest_codes(x[idx], alpha[:k, idx])
-        self._set_planes(planes.reshape(bits, *self.shape))
+        self.planes.copy_(planes.reshape(bits, *self.shape))
         self.researches += 1
 
     # -- the protocol ------------------------------------------------------------------------------
@@ -140,7 +133,7 @@ class LearnedBCQQuantizer(MaskedWeightQuantizer):
         memo = self._per_forward
         wq = None if memo is None else memo.get(w.data_ptr())
         if wq is None:
-            wq = bcq_decode(self.planes(), self.scales(), self.shape[1]).to(w.dtype)
+            wq = bcq_decode(self.planes, self.scales(), self.shape[1]).to(w.dtype)
             if memo is not None:
                 memo[w.data_ptr()] = wq
         return straight_through(w, wq, self.gate(w))
@@ -148,7 +141,7 @@ class LearnedBCQQuantizer(MaskedWeightQuantizer):
     def search(self, w: torch.Tensor):
         """The current code: the stored planes and the learned scales (no search)."""
         self._ensure_ready(w)
-        planes, alpha = self.planes(), self.scales().detach().float()
+        planes, alpha = self.planes.clone(), self.scales().detach().float()
         group_size = self.spec.group_size
         if self.row_bits is None:
             return BCQWeight(planes=planes, alpha=alpha, group_size=group_size)
