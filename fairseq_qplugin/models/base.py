@@ -64,6 +64,11 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def uses_pnr(args) -> bool:
+    """Whether ``--optimizer`` is a pNR wrapper (``pnr_<name>``)."""
+    return str(getattr(args, "optimizer", "")).startswith("pnr_")
+
+
 def flag_spec(what: str, hint: str = "", base: Optional[QuantSpec] = None, **fields) -> QuantSpec:
     """``QuantSpec(**fields)``, or ``base`` with ``fields`` replaced; its error as one line that starts with the
     flag and value ``what`` (e.g. "--quant-bits 9") and ends with ``hint``."""
@@ -243,6 +248,15 @@ class QuantizedTransformerModel(TransformerModel):
         (``applies`` says when it does apply), not silently ignored."""
         if getattr(args, name) != getattr(cls.config_cls, name):
             raise QuantConfigError(f"{flag(name)} {getattr(args, name)} applies {applies}; leave {flag(name)} out")
+
+    @staticmethod
+    def refuse_pnr(args, name: str, trains: str):
+        """``flag(name)`` trains ``trains`` through the fake-quantized forward, which pNR does not run: an error
+        naming both flags when the optimizer is a pNR wrapper."""
+        if uses_pnr(args):
+            raise QuantConfigError(f"{flag(name)} trains {trains} through the fake-quantized forward, which pNR "
+                                   f"(--optimizer {args.optimizer}) replaces by full-precision weights; use a plain "
+                                   f"--optimizer or leave {flag(name)} out")
 
     @classmethod
     def weight_spec(cls, args) -> QuantSpec:

@@ -22,7 +22,7 @@ from ..errors import QuantConfigError
 from ..modules import LearnedBCQQuantizer, QuantEmbedding, QuantLinear, RowBitsQuantizer, WeightQuantizer
 from ..quant import METHODS, QuantSpec, group_sizes, ranked_row_bits
 from .base import (QuantConfig, QuantizedTransformerModel, flag, parse_part_bits, register_preset,
-                   register_size_presets)
+                   register_size_presets, uses_pnr)
 
 logger = logging.getLogger(__name__)
 
@@ -164,10 +164,7 @@ class TransformerBCQModel(QuantizedTransformerModel):
         if args.bcq_group_size < 0:
             raise QuantConfigError(f"--bcq-group-size must be >= 0 (0: one scale per row), got {args.bcq_group_size}")
         if args.bcq_learn_scales:
-            if str(getattr(args, "optimizer", "")).startswith("pnr_"):
-                raise QuantConfigError(f"--bcq-learn-scales trains the scales through the fake-quantized forward, "
-                                       f"which pNR (--optimizer {args.optimizer}) replaces by full-precision weights; "
-                                       "use a plain --optimizer or leave --bcq-learn-scales out")
+            cls.refuse_pnr(args, "bcq_learn_scales", "the scales")
             if args.bcq_research_every < 1:
                 raise QuantConfigError(f"--bcq-research-every must be >= 1 (updates), got {args.bcq_research_every}")
         else:
@@ -217,7 +214,7 @@ class TransformerBCQModel(QuantizedTransformerModel):
         bits = average_bits(model)
         logger.info("transformer_bcq average bits per weight (codes; weighted by parameter count; fp32 weights count "
                     "32): %s", ", ".join(f"{k} {v:.2f}" for k, v in bits.items()))
-        if not str(getattr(args, "optimizer", "")).startswith("pnr_"):
+        if not uses_pnr(args):
             logger.info("training with straight-through fake quantization; --optimizer pnr_<name> trains with pNR")
         return model
 

@@ -59,10 +59,7 @@ class TransformerInt8Model(QuantizedTransformerModel):
                                        "mean|W|: use --quant-bits 2-8 or leave --quant-learn-scale out")
             if args.quant_scheme != "sym":
                 raise QuantConfigError("--quant-learn-scale learns a symmetric step (LSQ): use --quant-scheme sym")
-            if str(getattr(args, "optimizer", "")).startswith("pnr_"):
-                raise QuantConfigError(f"--quant-learn-scale trains the steps through the fake-quantized forward, "
-                                       f"which pNR (--optimizer {args.optimizer}) replaces by full-precision weights; "
-                                       "use a plain --optimizer or leave --quant-learn-scale out")
+            cls.refuse_pnr(args, "quant_learn_scale", "the steps")
 
     @classmethod
     def quantizer_fn(cls, args, task):

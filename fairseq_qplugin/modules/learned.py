@@ -130,12 +130,7 @@ class LearnedBCQQuantizer(MaskedWeightQuantizer):
         return binarize_gate(w, self.spec) if self.row_bits is None else None
 
     def train_value(self, w: torch.Tensor) -> torch.Tensor:
-        memo = self._per_forward
-        wq = None if memo is None else memo.get(w.data_ptr())
-        if wq is None:
-            wq = bcq_decode(self.planes, self.scales(), self.shape[1]).to(w.dtype)
-            if memo is not None:
-                memo[w.data_ptr()] = wq
+        wq = self.once_per_forward(w, lambda: bcq_decode(self.planes, self.scales(), self.shape[1]).to(w.dtype))
         return straight_through(w, wq, self.gate(w))
 
     def search(self, w: torch.Tensor):

@@ -81,13 +81,19 @@ class WeightQuantizer(nn.Module):
 
     def train_value(self, w: torch.Tensor) -> torch.Tensor:
         """The training forward's value: straight-through fake quantization."""
+        return straight_through(w, self.once_per_forward(w, lambda: self.quantized(w).dequantize().to(w.dtype)),
+                                self.gate(w))
+
+    def once_per_forward(self, w: torch.Tensor, make) -> torch.Tensor:
+        """``make()``, the quantized value of ``w``: computed once per forward pass inside
+        ``quantize_once_per_forward`` (a weight tied to several modules), else at every call."""
         memo = self._per_forward
         wq = None if memo is None else memo.get(w.data_ptr())
         if wq is None:
-            wq = self.quantized(w).dequantize().to(w.dtype)
+            wq = make()
             if memo is not None:
                 memo[w.data_ptr()] = wq
-        return straight_through(w, wq, self.gate(w))
+        return wq
 
     def gate(self, w: torch.Tensor) -> Optional[torch.Tensor]:
         """Where the straight-through gradient passes (None: everywhere): |w| <= 1 at 1 bit (Eq. 7)."""
