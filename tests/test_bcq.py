@@ -202,11 +202,11 @@ def test_bad_frequency_ratio():
                                   QuantSpec("bcq", 4, granularity="tensor")])
 def test_storage_bits_from_the_shape_match_the_quantized_weight(spec):
     from fairseq_qplugin.quant.bcq import bcq_storage_bits
-    from fairseq_qplugin.quant.mixed import mixed_storage_bits
 
     w = tensors()["gaussian"]
     assert bcq_storage_bits(tuple(w.shape), spec) == quantize(w, spec).storage_bits()
     if spec.granularity == "channel":
         row_bits = torch.tensor([1, 2, 3, 4] * 16, dtype=torch.int8)
         qw = quantize_bcq_rows(w, row_bits, QuantSpec("bcq", 4, group_size=spec.group_size))
-        assert mixed_storage_bits(row_bits, 256, spec.group_size) == qw.storage_bits()
+        groups = 256 // spec.group_size if spec.group_size else 1
+        assert bcq_storage_bits((64, 256), spec, row_bits) == qw.storage_bits() == 160 * (256 + groups * 16) + 64 * 8

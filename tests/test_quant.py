@@ -114,6 +114,11 @@ def test_quantized_weight_dict_round_trip():
         assert torch.equal(again.dequantize(), qw.dequantize())
         with pytest.raises(QuantConfigError, match="keys"):
             type(qw).from_dict({**qw.as_dict(), "extra": torch.zeros(1)})
+    d = quantize(w, QuantSpec(bits=3)).as_dict()
+    with pytest.raises(QuantConfigError, match="codes exceed 3 bits"):
+        IntWeight.from_dict({**d, "codes": d["codes"] | 8})
+    with pytest.raises(QuantConfigError, match="do not fit codes"):
+        IntWeight.from_dict({**d, "scale": d["scale"][:2]})
 
 
 @pytest.mark.parametrize("kwargs,match", [

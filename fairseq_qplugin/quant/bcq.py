@@ -78,11 +78,10 @@ def bcq_storage_bits(shape, spec: QuantSpec, row_bits: Optional[torch.Tensor] = 
     """``storage_bits()`` of a [rows, cols] weight quantized with ``spec`` (and ``row_bits``, quant/mixed.py),
     without quantizing it."""
     rows, cols = shape
-    if row_bits is not None:
-        used = int(row_bits.long().sum())
-        return used * cols + used * (cols // spec.group_size if spec.group_size else 1) * 16 + 8 * rows
-    scales = (rows * (cols // spec.group_size if spec.group_size else 1)) if spec.granularity == "channel" else 1
-    return spec.bits * (rows * cols + scales * 16)
+    groups = cols // spec.group_size if spec.group_size else 1
+    if row_bits is not None:  # planes and fp16 alphas for each row's own bits, 8 bits per row for its count
+        return int(row_bits.long().sum()) * (cols + groups * 16) + 8 * rows
+    return spec.bits * (rows * cols + (rows * groups if spec.granularity == "channel" else 1) * 16)
 
 
 def round_significand(x: torch.Tensor, bits: int = 16) -> torch.Tensor:

@@ -41,10 +41,8 @@ class KMeansWeight(QuantizedWeight):
         return kmeans_decode(self.codebook, self.indices, self.mask).to(self.dtype)
 
     def storage_bits(self) -> int:
-        """b bits per kept weight, fp16 centroids, and a 1-bit-per-weight bitmap when pruned."""
-        kept = self.indices.numel() if self.mask is None else int(self.mask.sum())
-        bitmap = 0 if self.mask is None else self.mask.numel()
-        return kept * self.bits + self.codebook.numel() * 16 + bitmap
+        spec = QuantSpec("kmeans", self.bits, granularity="channel" if self.codebook.dim() == 2 else "tensor")
+        return kmeans_storage_bits(self.shape, spec, None if self.mask is None else int(self.mask.sum()))
 
     def validate(self):
         rows, _ = self.indices.shape
@@ -165,10 +163,6 @@ def kmeans_1d(x: torch.Tensor, k: int, iters: int = 100, mask: Optional[torch.Te
     return KMeansFit(centroids, nearest(x.double(), centroids), objective)
 
 
-def _groups(w: torch.Tensor, granularity: str) -> int:
-    return w.shape[0] if granularity == "channel" else 1
-
-
 def _as_weight(w, centroids, idx, bits, granularity, mask) -> KMeansWeight:
     codebook = centroids.float()
     if granularity != "channel":
@@ -181,7 +175,7 @@ def kmeans_weight(w: torch.Tensor, bits: int, granularity: str = "tensor", mask:
                   init: Optional[torch.Tensor] = None, iters: int = 100, seed: int = 0) -> KMeansWeight:
     """Cluster a 2-D weight into 2^bits centroids per tensor or per row; ``init`` ([K] or [rows, K])
     warm-starts Lloyd instead of k-means++ (used for periodic re-clustering)."""
-    groups = _groups(w, granularity)
+    groups = w.shape[0] if granularity == "channel" else 1
     fit = kmeans_1d(w.detach().reshape(groups, -1), 2**bits, iters, mask, init, seed)
     return _as_weight(w, fit.centroids, fit.indices, bits, granularity, mask)
 
@@ -226,8 +220,7 @@ def bsflex_init(x: torch.Tensor, mask: Optional[torch.Tensor] = None, iters: int
 
 
 def quantize_bsflex(w: torch.Tensor, spec: QuantSpec) -> KMeansWeight:
-    groups = _groups(w, spec.granularity)
-    x = w.detach().float().reshape(groups, -1)
+    x = w.detach().float().reshape(w.shape[0] if spec.granularity == "channel" else 1, -1)
     centroids = bsflex_init(x)
     upper, _ = bsflex_step(x, centroids)
     return _as_weight(w, centroids, upper.long(), 1, spec.granularity, None)

@@ -51,6 +51,16 @@ class IntWeight(QuantizedWeight):
     def storage_bits(self) -> int:
         return self.codes.numel() * self.bits + self.scale.numel() * (16 + self.bits)
 
+    def validate(self):
+        rows, _ = self.codes.shape
+        if self.scale.shape not in ((rows, 1), (1, 1)) or self.zero_point.shape != self.scale.shape:
+            raise QuantConfigError(
+                f"int weight: scale {tuple(self.scale.shape)} / zero point {tuple(self.zero_point.shape)} "
+                f"do not fit codes {tuple(self.codes.shape)}"
+            )
+        if int(self.codes.max()) >= 2**self.bits:
+            raise QuantConfigError(f"int weight: codes exceed {self.bits} bits")
+
 
 def int_decode(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
     """The int format's one dequantize rule, ``(code - zero_point) * scale`` in fp32 (also of packed rows
@@ -61,16 +71,6 @@ def int_decode(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tenso
 def int_storage_bits(shape, spec: QuantSpec) -> int:
     rows, cols = shape
     return rows * cols * spec.bits + (rows if spec.granularity == "channel" else 1) * (16 + spec.bits)
-
-    def validate(self):
-        rows, _ = self.codes.shape
-        if self.scale.shape not in ((rows, 1), (1, 1)) or self.zero_point.shape != self.scale.shape:
-            raise QuantConfigError(
-                f"int weight: scale {tuple(self.scale.shape)} / zero point {tuple(self.zero_point.shape)} "
-                f"do not fit codes {tuple(self.codes.shape)}"
-            )
-        if int(self.codes.max()) >= 2**self.bits:
-            raise QuantConfigError(f"int weight: codes exceed {self.bits} bits")
 
 
 def _finite_scale(scale: torch.Tensor) -> torch.Tensor:
@@ -93,12 +93,10 @@ def quantize_int(w: torch.Tensor, spec: QuantSpec) -> IntWeight:
         scale = _finite_scale(x.abs().amax(**dims).reshape(-1, 1) / (half - 1))
         zero_point = torch.full_like(scale, half, dtype=torch.int32)
         lowest = 1
-    elif spec.scheme == "asym":
+    else:  # asym (QuantSpec checks the scheme)
         lo, hi = x.amin(**dims).reshape(-1, 1), x.amax(**dims).reshape(-1, 1)
         scale, zero_point = asym_params(lo, hi, spec.bits)
         lowest = 0
-    else:
-        raise QuantConfigError(f"unknown int scheme {spec.scheme!r}; choose 'sym' or 'asym'")
     codes = (torch.round(x / scale) + zero_point).clamp(lowest, 2**spec.bits - 1)
     return IntWeight(codes=codes.to(torch.uint8), scale=scale, zero_point=zero_point, bits=spec.bits)
 

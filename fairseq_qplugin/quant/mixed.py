@@ -28,7 +28,7 @@ class MixedBCQWeight(BCQWeight):
     row_bits: torch.Tensor = field(default=None)
 
     def storage_bits(self) -> int:
-        return mixed_storage_bits(self.row_bits, self.planes.shape[2], self.group_size)
+        return bcq_storage_bits(self.shape, QuantSpec("bcq", 1, group_size=self.group_size), self.row_bits)
 
     def validate(self):
         super().validate()
@@ -39,11 +39,6 @@ class MixedBCQWeight(BCQWeight):
         unused = torch.arange(b, device=bits.device)[:, None] >= bits[None, :]  # [b, rows]
         if self.planes[unused].any() or self.alpha[unused].any():
             raise QuantConfigError("bcq_mixed weight: planes or alphas set past a row's bit count")
-
-
-def mixed_storage_bits(row_bits: torch.Tensor, cols: int, group_size: int) -> int:
-    """Planes and fp16 alphas for each row's own bits, plus 8 bits per row for its bit count."""
-    return bcq_storage_bits((len(row_bits), cols), QuantSpec("bcq", 1, group_size=group_size), row_bits)
 
 
 def quantize_bcq_rows(w: torch.Tensor, row_bits: torch.Tensor, spec: QuantSpec,

@@ -116,8 +116,7 @@ class SparseWeight(QuantizedWeight):
         return (self.values * self.mask).to(self.dtype)
 
     def storage_bits(self) -> int:
-        """The kept values at 32 bits plus a 1-bit-per-weight bitmap."""
-        return int(self.mask.sum()) * 32 + self.mask.numel()
+        return sparse_storage_bits(self.shape, None, int(self.mask.sum()))
 
     def validate(self):
         if self.mask.shape != self.values.shape or self.mask.dtype != torch.bool:
@@ -129,7 +128,8 @@ def quantize_sparse(w: torch.Tensor, spec: QuantSpec) -> SparseWeight:
     return SparseWeight(values=w.float() * mask, mask=mask)
 
 
-def sparse_storage_bits(shape, spec: QuantSpec, kept: Optional[int] = None) -> int:
+def sparse_storage_bits(shape, spec: Optional[QuantSpec], kept: Optional[int] = None) -> int:
+    """The kept values at 32 bits plus a 1-bit-per-weight bitmap."""
     numel = shape[0] * shape[1]
     return (numel if kept is None else kept) * 32 + numel
 
