@@ -57,21 +57,12 @@ LUT_MAX_ROWS = 8  # activation rows up to which the BCQ product uses the lookup 
 _LUT_ELEMENTS = 1 << 22  # gathered values per block of the lookup kernel (16 MiB of fp32)
 
 
-def _sign_table() -> torch.Tensor:
-    """float [256, 8]: entry [b, j] = +1 if bit j of byte b is set, else -1."""
-    bits = (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1
-    return bits.float() * 2 - 1
-
-
-SIGNS = _sign_table()
+SIGNS = ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1).float() * 2 - 1  # [b, j]: bit j of byte b, +-1
 
 
 def blocked_linear(x: torch.Tensor, pw: PackedWeight, bias=None, block_rows: int = BLOCK_ROWS) -> torch.Tensor:
     """``F.linear(x, pw.dequantize(), bias)`` dequantizing ``block_rows`` weight rows at a time."""
-    rows = pw.shape[0]
-    if rows <= block_rows:
-        return F.linear(x, pw.dequantize_rows(torch.arange(rows)), bias)
-    out = []
+    rows, out = pw.shape[0], []
     for r0 in range(0, rows, block_rows):
         r = torch.arange(r0, min(r0 + block_rows, rows))
         out.append(F.linear(x, pw.dequantize_rows(r), None if bias is None else bias[r]))
@@ -114,18 +105,11 @@ def resolve_backend(backend=None) -> str:
     want = (backend or os.environ.get("QPLUGIN_KERNELS") or "auto").lower()
     if want not in BACKENDS:
         raise ValueError(f"QPLUGIN_KERNELS / backend must be one of {BACKENDS}, got {want!r}")
-    if want == "torch":
-        got = "torch"
-    elif _qkernels is None:
-        if want != "auto":
-            raise RuntimeError(f"kernel backend {want!r} asked for, but the C++ extension is not built "
-                               f"({_IMPORT_ERROR})")
-        got = "torch"
-    else:
-        isas = extension_isas()
-        if want != "auto" and want not in isas:
-            raise RuntimeError(f"kernel backend {want!r} is not available on this CPU (available: {isas})")
-        got = isas[0] if want == "auto" else want
+    isas = extension_isas()
+    if want not in ("auto", "torch", *isas):
+        raise RuntimeError(f"kernel backend {want!r} is not available on this CPU (available: {isas})" if isas
+                           else f"kernel backend {want!r} asked for, but the C++ extension is not built ({_IMPORT_ERROR})")
+    got = want if want != "auto" else isas[0] if isas else "torch"
     if got not in _logged:
         _logged.add(got)
         if got == "torch" and _qkernels is None:
@@ -139,34 +123,26 @@ def resolve_backend(backend=None) -> str:
 def _derived(pw: PackedWeight, name: str, make):
     """A tensor the C++ kernels read instead of (or beside) the packed fields, made on first use and
     kept with the weight (the packed weight objects live as long as their module, modules.py)."""
-    t = pw.__dict__.get(name)
-    if t is None:
-        t = pw.__dict__[name] = make()
-    return t
-
-
-def _bcq_lut_layout(pw: PackedBCQ) -> torch.Tensor:
-    """The planes re-laid out for the AVX-512 direct kernel (csrc/qkernels.h): as many bytes again as
-    the planes, no fp32 matrix."""
-    return _derived(pw, "_lut_layout", lambda: _qkernels.bcq_lut_layout(pw.planes))
+    if name not in pw.__dict__:
+        pw.__dict__[name] = make()
+    return pw.__dict__[name]
 
 
 def _int_codebook(pw: PackedInt) -> torch.Tensor:
     """An int weight as a k-means one: ``(code - zero_point) * scale`` is entry ``code`` of a table of
     2^bits values per row (or one shared table), computed in fp32 exactly as ``dequantize()`` does,
     so the k-means kernels run int weights."""
-    def make():
-        cb = int_decode(torch.arange(1 << pw.bits), pw.scale, pw.zero_point)
-        return cb[0].contiguous() if cb.shape[0] == 1 else cb  # [2^bits] or [rows, 2^bits]
-    return _derived(pw, "_codebook", make)
+    cb = int_decode(torch.arange(1 << pw.bits), pw.scale, pw.zero_point)
+    return cb[0].contiguous() if cb.shape[0] == 1 else cb  # [2^bits] or [rows, 2^bits]
 
 
 def _cpp_linear(x2: torch.Tensor, pw: PackedWeight, isa: str, small_max: int) -> torch.Tensor:
-    if isinstance(pw, PackedBCQ):
-        lut = _bcq_lut_layout(pw) if isa == "avx512" else None
+    if isinstance(pw, PackedBCQ):  # AVX-512's direct kernel reads the planes re-laid out (csrc/qkernels.h)
+        lut = _derived(pw, "_lut_layout", lambda: _qkernels.bcq_lut_layout(pw.planes)) if isa == "avx512" else None
         return _qkernels.bcq_linear(x2, pw.planes, pw.alpha, pw.cols, isa, small_max, lut)
     if isinstance(pw, PackedInt):
-        return _qkernels.kmeans_linear(x2, pw.codes, _int_codebook(pw), None, pw.bits, pw.cols, isa, small_max)
+        codebook = _derived(pw, "_codebook", lambda: _int_codebook(pw))
+        return _qkernels.kmeans_linear(x2, pw.codes, codebook, None, pw.bits, pw.cols, isa, small_max)
     return _qkernels.kmeans_linear(x2, pw.indices, pw.codebook, pw.mask, pw.bits, pw.cols, isa, small_max)
 
 
@@ -180,32 +156,23 @@ def packed_linear(x: torch.Tensor, pw: PackedWeight, bias=None, lut_max_rows: in
     """
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
+    # 8-bit int weights stay on the pure-torch path (FBGEMM normally runs them first, modules.py):
+    # a table of 256 floats per row would be larger than the codes.
+    cpp = x.is_cpu and (isinstance(pw, (PackedBCQ, PackedKMeans)) or (isinstance(pw, PackedInt) and pw.bits < 8))
     if isinstance(pw, PackedMixedBCQ):
         # One BCQ product per bit group, its outputs scattered into the group's rows: work and weight
         # reads follow sum(row_bits), not rows * max(row_bits).
         y = x2.new_empty(x2.shape[0], pw.shape[0])
         for rows, group in pw.by_bits:
             y[:, rows] = packed_linear(x2, group, None, lut_max_rows, block_rows, backend, small_max).to(y.dtype)
-        if bias is not None:
-            y = y + bias
-        return y.reshape(*lead, -1)
-    # 8-bit int weights stay on the pure-torch path (FBGEMM normally runs them first, modules.py):
-    # a table of 256 floats per row would be larger than the codes.
-    if x.is_cpu and (isinstance(pw, (PackedBCQ, PackedKMeans)) or (isinstance(pw, PackedInt) and pw.bits < 8)):
-        isa = resolve_backend(backend)
-        if isa != "torch":
-            y = _cpp_linear(x2, pw, isa, small_max)  # a fresh fp32 tensor: bias is added in place
-            if y.dtype != x.dtype:
-                y = y.to(x.dtype)
-            if bias is not None:
-                y.add_(bias)
-            return y.reshape(*lead, -1)
-    if x2.shape[0] <= lut_max_rows and lut_supported(pw):
+    elif cpp and (isa := resolve_backend(backend)) != "torch":
+        y = _cpp_linear(x2, pw, isa, small_max).to(x.dtype)
+    elif x2.shape[0] <= lut_max_rows and lut_supported(pw):
         y = bcq_lut_gemm(x2, pw).to(x.dtype)
-        if bias is not None:
-            y = y + bias
     else:
-        y = blocked_linear(x2, pw, bias, block_rows)
+        return blocked_linear(x2, pw, bias, block_rows).reshape(*lead, -1)
+    if bias is not None:
+        y.add_(bias)  # y is a fresh tensor
     return y.reshape(*lead, -1)
 
 
