@@ -16,6 +16,7 @@ import argparse
 import re
 import sys
 import unicodedata
+from itertools import islice
 from multiprocessing import Pool
 from typing import Iterable, Iterator, List
 
@@ -42,14 +43,9 @@ def _tokenize_chunk(lines: List[str]) -> List[str]:
 
 
 def _chunks(lines: Iterable[str], size: int) -> Iterator[List[str]]:
-    chunk = []
-    for line in lines:
-        chunk.append(line.rstrip("\n"))
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
+    """Lists of ``size`` lines (the last one shorter), without their newlines."""
+    stripped = (line.rstrip("\n") for line in lines)
+    return iter(lambda: list(islice(stripped, size)), [])
 
 
 def tokenize_stream(lines: Iterable[str], lang: str, workers: int = 1) -> Iterator[str]:

@@ -23,6 +23,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from unittest import mock
 from pathlib import Path
 from typing import Dict
 
@@ -48,17 +49,12 @@ def plain(x):
     """``x`` as JSON-able plain data (Namespace/DictConfig -> dict, tuple -> list, Enum -> value)."""
     if OmegaConf.is_config(x):
         x = OmegaConf.to_container(x, resolve=True)
-    if isinstance(x, argparse.Namespace):
-        x = vars(x)
+    x = vars(x) if isinstance(x, argparse.Namespace) else x.value if isinstance(x, enum.Enum) else x
     if isinstance(x, dict):
         return {str(k): plain(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
         return [plain(v) for v in x]
-    if isinstance(x, enum.Enum):
-        return plain(x.value)
-    if x is None or isinstance(x, (bool, int, float, str)):
-        return x
-    return str(x)
+    return x if x is None or isinstance(x, (bool, int, float, str)) else str(x)
 
 
 def component(name: str) -> str:
@@ -73,14 +69,8 @@ def without_weight_init():
     """Build a model without drawing the random initial weights that its checkpoint then replaces
     (``torch.nn.init``'s in-place initializers do nothing inside)."""
     names = ("uniform_", "normal_", "kaiming_uniform_", "xavier_uniform_", "xavier_normal_", "trunc_normal_")
-    originals = {n: getattr(torch.nn.init, n) for n in names}
-    for n in names:
-        setattr(torch.nn.init, n, lambda tensor, *args, **kwargs: tensor)
-    try:
+    with mock.patch.multiple(torch.nn.init, **{n: lambda tensor, *args, **kwargs: tensor for n in names}):
         yield
-    finally:
-        for n, f in originals.items():
-            setattr(torch.nn.init, n, f)
 
 
 def post_training_quantize(model, args):
@@ -91,9 +81,6 @@ def post_training_quantize(model, args):
                      granularity=args.granularity or PTQ_GRANULARITY[args.method])
     names = [n for ns in quantizable_modules(model).values() for n in ns]
     chosen = pattern_selector(names, args.include, args.exclude, ("--include", "--exclude"))
-    for n in names:
-        if chosen([n]):
-            check_weight(model.get_submodule(n).weight, f"{n}.weight")
     swap_modules(model, lambda ns: spec if chosen(ns) else None)
 
 
@@ -120,25 +107,23 @@ def pack_model(model, param_dtype: str = "auto", other_dtype: str = "auto"):
     quantized = [(n, m) for n, m in model.named_modules(remove_duplicate=False)
                  if isinstance(m, (QuantLinear, QuantEmbedding))]
     quantized.sort(key=lambda nm: not isinstance(nm[1], QuantEmbedding))  # a tied embedding owns the weight
-    todo, progress = len({id(m.weight) for _, m in quantized}), set()
+    todo = len({id(m.weight) for _, m in quantized})
     for name, module in quantized:
-        key = id(module.weight)
+        key, w = id(module.weight), module.weight.detach()
         if key not in done:
-            check_weight(module.weight, f"{name}.weight")
+            check_weight(w, f"{name}.weight")
             start = time.perf_counter()
-            progress.add(key)
             try:
-                pw = narrow_params(module.wq.packed(module.weight.detach()), param_dtype)  # saved, or searched
+                done[key] = (name, narrow_params(module.wq.packed(w), param_dtype))  # saved, or searched
+                stats.append((name, w.numel(), done[key][1]))
             except QuantConfigError:  # e.g. pruning only: stays a (sparse) float weight
-                pw = None
-            logger.info("[%d/%d] %s: %s %s, %.2f s", len(progress), todo, name, tuple(module.weight.shape),
-                        module.wq.extra_repr(), time.perf_counter() - start)
-            if pw is None:
-                state[name + ".weight"] = module.wq.state_dict_weight(module.weight.detach())
-                continue
-            done[key] = (name, pw)
-            stats.append((name, module.weight.numel(), pw))
+                done[key] = (name, None)
+            logger.info("[%d/%d] %s: %s %s, %.2f s", len(done), todo, name, tuple(w.shape), module.wq.extra_repr(),
+                        time.perf_counter() - start)
         owner, pw = done[key]
+        if pw is None:
+            state[name + ".weight"] = module.wq.state_dict_weight(w)
+            continue
         act_in, act_out = getattr(module, "act_in", None), getattr(module, "act_out", None)
         act, act_q = ("input", act_in) if act_in is not None else ("output", act_out) if act_out is not None else \
             ("none", None)
@@ -159,13 +144,10 @@ def pack_model(model, param_dtype: str = "auto", other_dtype: str = "auto"):
 def size_report(model_state, layout, fp32_params: Dict[str, int], file_bytes: int) -> dict:
     """Bytes per component (unique storages), average bits of the packed weights, compression."""
     rows = {c: {"bytes": 0, "fp32_bytes": 0, "qparams": 0, "qbits": 0} for c in COMPONENTS}
-    seen = set()
-    for k, t in model_state.items():
-        ptr = t.untyped_storage().data_ptr()
-        if ptr in seen:
-            continue
-        seen.add(ptr)
-        rows[component(k)]["bytes"] += t.untyped_storage().nbytes()
+    storages = {t.untyped_storage().data_ptr(): (k, t.untyped_storage().nbytes())  # reversed: the first key wins
+                for k, t in reversed(model_state.items())}
+    for k, nbytes in storages.values():
+        rows[component(k)]["bytes"] += nbytes
     for name, e in layout.items():
         if e["weight"] == name:
             c = rows[component(name)]
@@ -174,12 +156,10 @@ def size_report(model_state, layout, fp32_params: Dict[str, int], file_bytes: in
             c["qbits"] += 8 * sum(t.untyped_storage().nbytes() for k, t in model_state.items() if k.startswith(name + ".wq."))
     for name, n in fp32_params.items():
         rows[component(name)]["fp32_bytes"] += 4 * n
-    total = sum(r["bytes"] for r in rows.values())
-    fp32 = sum(r["fp32_bytes"] for r in rows.values())
-    qparams = sum(r["qparams"] for r in rows.values())
-    return {"components": rows, "tensor_bytes": total, "file_bytes": file_bytes, "fp32_bytes": fp32,
-            "avg_bits": sum(r["qbits"] for r in rows.values()) / max(qparams, 1),
-            "compression": fp32 / max(file_bytes, 1)}
+    total = {f: sum(r[f] for r in rows.values()) for f in ("bytes", "fp32_bytes", "qparams", "qbits")}
+    return {"components": rows, "tensor_bytes": total["bytes"], "file_bytes": file_bytes,
+            "fp32_bytes": total["fp32_bytes"], "avg_bits": total["qbits"] / max(total["qparams"], 1),
+            "compression": total["fp32_bytes"] / max(file_bytes, 1)}
 
 
 def format_report(r: dict) -> str:
