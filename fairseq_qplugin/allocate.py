@@ -255,12 +255,9 @@ def get_parser():
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)s | %(name)s | %(message)s",
-                        stream=sys.stderr)
-    from . import install_command_hooks  # (the package import registers the architectures)
+    from .commands import start_command  # (the package import registers the architectures)
 
-    install_command_hooks()
-
+    start_command()
     args = get_parser().parse_args(argv)
     result = allocate(args)
     if args.output:

@@ -6,6 +6,7 @@ commands (``fairseq-qpack``, ``fairseq-qallocate``, ``python -m fairseq_qplugin.
 """
 import functools
 import glob
+import logging
 import os
 import sys
 
@@ -59,6 +60,13 @@ def check_finetune_file(cfg):
         return
     if not glob.glob(os.path.join(glob.escape(ckpt.save_dir), "checkpoint_last*.pt")):
         raise QuantConfigError(f"--finetune-from-model {path}: no such file")
+
+
+def start_command():
+    """What a plugin command does first: log INFO lines to stderr in fairseq's format, install the hooks."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)s | %(name)s | %(message)s",
+                        stream=sys.stderr)
+    install_command_hooks()
 
 
 def install_command_hooks():

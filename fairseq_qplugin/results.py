@@ -81,9 +81,7 @@ def describe(model_cfg) -> Tuple[str, str]:
             return "k-means", f"{conf}{recluster}{where}{prune}"
         per = ", per-row centroids" if get("quant_granularity") == "channel" else ""
         return "BS-Flex" + (" (fixed)" if qm == "bsflex_fixed" else ""), f"1-bit{per}{where}{prune}"
-    if arch.startswith("transformer_packed"):
-        return "packed", arch
-    return "fp32", arch
+    return "packed" if arch.startswith("transformer_packed") else "fp32", arch
 
 
 def checkpoint_summary(path: str, data: Optional[str] = None) -> dict:
@@ -132,11 +130,8 @@ def gen_scores(gen: Path) -> Tuple[float, Optional[float], Optional[float]]:
         ref = stamp["raw_ref"]
         lang = stamp.get("lang") or Path(ref).suffix.lstrip(".")
         compound = round(compound_split_bleu(read_lines(gen / "hyp.txt"), read_lines(ref), lang).score, 2)
-    speed = None
-    if (gen / "speed.json").exists():
-        speed = json.loads((gen / "speed.json").read_text())["tokens_per_s"]
-    elif (gen / "speed.txt").exists():
-        speed = _number(gen / "speed.txt")
+    speed_json = gen / "speed.json"
+    speed = json.loads(speed_json.read_text())["tokens_per_s"] if speed_json.exists() else _number(gen / "speed.txt")
     return bleu, compound, speed
 
 
@@ -149,6 +144,11 @@ def table(rows: List[Row], ctrl: Optional[Row] = None) -> str:
     as long as the quantized ones, without quantization), gets its own Δ and % columns."""
     base = rows[0]
     base_bytes = base.summary["fp32_bytes"]
+
+    def versus(r: Row, ref: Row) -> str:  # the Δ and % cells of r against ref
+        delta = "" if r is ref else f"{r.bleu - ref.bleu:+.2f}"
+        return f"{delta} | " + (f"{100 * r.bleu / ref.bleu:.1f}%" if ref.bleu else "n/a")
+
     ctrl_head = f" Δ vs {ctrl.name} | % of {ctrl.name} |" if ctrl else ""
     lines = [
         f"| model | method | configuration | BLEU | Δ BLEU vs {base.name} | % of baseline |{ctrl_head} "
@@ -157,17 +157,10 @@ def table(rows: List[Row], ctrl: Optional[Row] = None) -> str:
     ]
     for r in rows:
         s = r.summary
-        delta = "" if r is base else f"{r.bleu - base.bleu:+.2f}"
-        percent = f"{100 * r.bleu / base.bleu:.1f}%" if base.bleu else "n/a"
-        ctrl_cells = ""
-        if ctrl and r is base:
-            ctrl_cells = " | |"
-        elif ctrl:
-            vs = "" if r is ctrl else f"{r.bleu - ctrl.bleu:+.2f}"
-            ctrl_cells = f" {vs} | " + (f"{100 * r.bleu / ctrl.bleu:.1f}%" if ctrl.bleu else "n/a") + " |"
+        ctrl_cells = "" if not ctrl else " | |" if r is base else f" {versus(r, ctrl)} |"
         lines.append(
-            f"| {r.name} | {s.get('method', '?')} | {s.get('configuration', '?')} | {r.bleu:.2f} | {delta} "
-            f"| {percent} |{ctrl_cells} {_fmt(r.compound_bleu, '.2f')} | {s['code_bits']:.2f} | {s['avg_bits']:.2f} "
+            f"| {r.name} | {s.get('method', '?')} | {s.get('configuration', '?')} | {r.bleu:.2f} | {versus(r, base)} "
+            f"|{ctrl_cells} {_fmt(r.compound_bleu, '.2f')} | {s['code_bits']:.2f} | {s['avg_bits']:.2f} "
             f"| {s['packed_bytes'] / 1e6:.2f} | {base_bytes / s['packed_bytes']:.1f}x | {_fmt(r.tokens_per_s, '.1f')} |"
         )
     return "\n".join(lines) + "\n"
@@ -242,8 +235,9 @@ def main(argv=None):
                         "(default: the directory each checkpoint was trained on)")
     parser.add_argument("--title", default="BLEU vs model size", help="title of the plot")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)s | %(name)s | %(message)s")
+    from .commands import start_command  # (the package import registers the architectures)
 
+    start_command()
     if args.exp_dir is not None:
         if args.rows:
             parser.error("give either rows NAME=CHECKPOINT:GEN_DIR or --exp-dir, not both")
@@ -269,10 +263,6 @@ def main(argv=None):
         for p in (Path(ckpt), gen / "bleu.txt"):
             if not p.exists():
                 parser.error(f"{p} does not exist (row {name})")
-
-    from . import install_command_hooks  # (the package import registers the architectures)
-
-    install_command_hooks()
 
     rows = []
     for name, ckpt, gen in specs:

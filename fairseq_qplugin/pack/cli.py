@@ -277,12 +277,9 @@ def get_parser():
 
 def main(argv=None) -> int:
     """The console script: exit status 0 on success; a bad flag or file exits 1 with one ``error:`` line."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)s | %(name)s | %(message)s",
-                        stream=sys.stderr)
-    from .. import install_command_hooks  # (the package import registers the architectures)
+    from ..commands import start_command  # (the package import registers the architectures)
 
-    install_command_hooks()
-
+    start_command()
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--export" in argv:  # fairseq-qpack --export DIR PACKED.pt: the torch-free runtime's directory
         from ..runtime.export import main as export_main

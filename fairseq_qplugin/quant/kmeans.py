@@ -91,8 +91,7 @@ def kmeans_plus_plus(x: torch.Tensor, k: int, weights: torch.Tensor, generator: 
     for j in range(k):
         cdf = (d2 * weights).cumsum(1)
         if not bool((cdf[:, -1] > 0).all()):  # every kept value is a seed already, or nothing is kept
-            total = cdf[:, -1:]
-            cdf = torch.where(total > 0, cdf, (weights + (weights.sum(1, keepdim=True) == 0)).cumsum(1))
+            cdf = torch.where(cdf[:, -1:] > 0, cdf, (weights + (weights.sum(1, keepdim=True) == 0)).cumsum(1))
         u = torch.rand(groups, 1, generator=generator, dtype=x.dtype, device=x.device) * cdf[:, -1:]
         pick = torch.searchsorted(cdf, u, right=True).clamp_(max=n - 1)
         seeds[:, j:j + 1] = x.gather(1, pick)
@@ -124,11 +123,7 @@ class _SortedValues:
         bounds = torch.searchsorted(self.xs, mids, right=True)
         n = self.xs.new_full((self.xs.shape[0], 1), self.xs.shape[1], dtype=torch.long)
         edges = torch.cat([torch.zeros_like(n), bounds, n], 1)
-        stats = []
-        for p in self.prefix:
-            at = p.gather(1, edges)
-            stats.append(at[:, 1:] - at[:, :-1])
-        return bounds, stats
+        return bounds, [p.gather(1, edges).diff(dim=1) for p in self.prefix]
 
 
 def _sse(centroids, stats) -> float:
@@ -164,9 +159,7 @@ def kmeans_1d(x: torch.Tensor, k: int, iters: int = 100, mask: Optional[torch.Te
 
 
 def _as_weight(w, centroids, idx, bits, granularity, mask) -> KMeansWeight:
-    codebook = centroids.float()
-    if granularity != "channel":
-        codebook = codebook.reshape(-1)
+    codebook = centroids.float() if granularity == "channel" else centroids.float().reshape(-1)
     return KMeansWeight(codebook=codebook, indices=idx.reshape(w.shape).to(torch.uint8), bits=bits,
                         mask=None if mask is None else mask.clone())
 
@@ -200,9 +193,7 @@ def _member_means(x, upper, mask, fallback):
     high = upper if mask is None else upper & mask.reshape(upper.shape)
     low = ~upper if mask is None else ~upper & mask.reshape(upper.shape)
     totals = torch.stack([torch.where(side, x, 0).sum(1, dtype=torch.float64) for side in (low, high)], 1)
-    n_high = high.sum(1)
-    n_low = (x.shape[1] if mask is None else mask.reshape(upper.shape).sum(1)) - n_high
-    counts = torch.stack([n_low, n_high], 1)
+    counts = torch.stack([low.sum(1), high.sum(1)], 1)
     return torch.where(counts > 0, totals / counts.clamp(min=1), fallback.double()).to(fallback.dtype)
 
 

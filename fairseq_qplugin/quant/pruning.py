@@ -89,11 +89,7 @@ class PruneSchedule:
         return cls(tuple(steps))
 
     def sparsity_at(self, num_updates: int) -> float:
-        current = 0.0
-        for update, sparsity in self.steps:
-            if num_updates >= update:
-                current = sparsity
-        return current
+        return next((sparsity for update, sparsity in reversed(self.steps) if num_updates >= update), 0.0)
 
     @property
     def final(self) -> float:
