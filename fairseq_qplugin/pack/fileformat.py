@@ -38,9 +38,7 @@ from ..errors import QuantConfigError
 
 logger = logging.getLogger(__name__)
 FORMAT, VERSION = "fairseq-qpack", 2
-READABLE_VERSIONS = (1, 2)
 HEADER_KEYS = ("format", "version", "layout", "sha256")
-CHECKSUMS = ("sha256", "header_sha256")
 
 
 def tensors_sha256(tensors: Dict[str, torch.Tensor]) -> str:
@@ -61,7 +59,7 @@ def _without_keys(x, keys):
 
 def header_sha256(header: dict) -> str:
     """sha256 of the canonical JSON of the header (with its copy of the config) less its checksums."""
-    head = {k: v for k, v in header.items() if k not in CHECKSUMS}
+    head = {k: v for k, v in header.items() if k not in ("sha256", "header_sha256")}
     return hashlib.sha256(json.dumps(head, sort_keys=True, default=str).encode("utf-8")).hexdigest()
 
 
@@ -103,7 +101,7 @@ def validate_packed(state, path, overridden=()) -> None:
     if missing:
         raise QuantConfigError(f"{path}: not a complete packed checkpoint (missing {missing}); the file is "
                                "corrupted: pack the source checkpoint again with fairseq-qpack")
-    if header["format"] != FORMAT or header["version"] not in READABLE_VERSIONS:
+    if header["format"] != FORMAT or header["version"] not in (1, 2):  # v1 loads with a warning
         raise QuantConfigError(f"{path}: packed format {header['format']!r} v{header['version']!r} is not "
                                f"{FORMAT} v{VERSION}; pack the source checkpoint again with this fairseq-qpack")
     model = state["model"]

@@ -70,8 +70,8 @@ def blocked_linear(x: torch.Tensor, pw: PackedWeight, bias=None, block_rows: int
 
 
 def lut_supported(pw: PackedWeight) -> bool:
-    groups = pw.alpha.shape[-1] if isinstance(pw, PackedBCQ) else 0
-    return isinstance(pw, PackedBCQ) and (groups == 1 or (pw.cols // groups) % 8 == 0)
+    """Whether ``bcq_lut_gemm`` runs ``pw``: BCQ whose scale groups are whole bytes of the planes."""
+    return isinstance(pw, PackedBCQ) and (pw.alpha.shape[-1] == 1 or (pw.cols // pw.alpha.shape[-1]) % 8 == 0)
 
 
 def bcq_lut_gemm(x: torch.Tensor, pw: PackedBCQ) -> torch.Tensor:
@@ -107,8 +107,9 @@ def resolve_backend(backend=None) -> str:
         raise ValueError(f"QPLUGIN_KERNELS / backend must be one of {BACKENDS}, got {want!r}")
     isas = extension_isas()
     if want not in ("auto", "torch", *isas):
-        raise RuntimeError(f"kernel backend {want!r} is not available on this CPU (available: {isas})" if isas
-                           else f"kernel backend {want!r} asked for, but the C++ extension is not built ({_IMPORT_ERROR})")
+        why = f"is not available on this CPU (available: {isas})" if isas else \
+            f"asked for, but the C++ extension is not built ({_IMPORT_ERROR})"
+        raise RuntimeError(f"kernel backend {want!r} {why}")
     got = want if want != "auto" else isas[0] if isas else "torch"
     if got not in _logged:
         _logged.add(got)

@@ -16,7 +16,7 @@ from ..errors import QuantConfigError
 from ..modules import ActQuantizer
 from . import int8
 from ..quant.packed import PackedWeight, packed_formats, packed_from_dict
-from .kernels import LUT_MAX_ROWS, packed_embedding, packed_linear
+from .kernels import packed_embedding, packed_linear
 
 
 class PackedParams(nn.Module):
@@ -84,7 +84,6 @@ class PackedLinear(nn.Module):
             raise QuantConfigError(f"unknown int8 kernel {int8_kernel!r}; choose one of {int8.KERNELS}")
         self.in_features, self.out_features = in_features, out_features
         self.wq, self.bias, self.act_in, self.act_out = wq, bias, act_in, act_out
-        self.lut_max_rows = LUT_MAX_ROWS
         self.int8_kernel = int8_kernel
         self._int8 = None  # (packed weight, bias version, engine's packed weight or None)
 
@@ -102,7 +101,7 @@ class PackedLinear(nn.Module):
         if packed is not None:
             y = int8.int8_linear(x, packed)
         else:
-            y = packed_linear(x, pw, self.bias, self.lut_max_rows)
+            y = packed_linear(x, pw, self.bias)
         return self.act_out(y) if self.act_out is not None else y
 
     def extra_repr(self):
