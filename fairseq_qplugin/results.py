@@ -176,24 +176,18 @@ def plot(rows: List[Row], path: Path, title: str = "BLEU vs model size"):
     from matplotlib.ticker import FormatStrFormatter
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    methods = sorted({r.summary.get("method", "?") for r in rows})
-    colors = {m: plt.cm.tab10(i % 10) for i, m in enumerate(methods)}
-    for m in methods:
-        pts = [r for r in rows if r.summary.get("method", "?") == m]
-        ax.scatter([r.summary["packed_bytes"] / 1e6 for r in pts], [r.bleu for r in pts], label=m,
-                   color=colors[m], s=40, zorder=3)
-    for r in rows:
-        ax.annotate(r.name, (r.summary["packed_bytes"] / 1e6, r.bleu), textcoords="offset points",
-                    xytext=(4, 4), fontsize=8)
-    ax.axhline(rows[0].bleu, color="grey", lw=0.8, ls="--", zorder=1, label=f"{rows[0].name} (baseline)")
     sizes = [r.summary["packed_bytes"] / 1e6 for r in rows]
+    for i, m in enumerate(sorted({r.summary.get("method", "?") for r in rows})):
+        points = [(mb, r.bleu) for mb, r in zip(sizes, rows) if r.summary.get("method", "?") == m]
+        ax.scatter(*zip(*points), label=m, color=plt.cm.tab10(i % 10), s=40, zorder=3)
+    for mb, r in zip(sizes, rows):
+        ax.annotate(r.name, (mb, r.bleu), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.axhline(rows[0].bleu, color="grey", lw=0.8, ls="--", zorder=1, label=f"{rows[0].name} (baseline)")
     if max(sizes) / min(sizes) > 3:
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
         ax.xaxis.set_minor_formatter(FormatStrFormatter("%g"))
-    ax.set_xlabel("packed model size (MB)")
-    ax.set_ylabel("BLEU (sacrebleu)")
-    ax.set_title(title)
+    ax.set(xlabel="packed model size (MB)", ylabel="BLEU (sacrebleu)", title=title)
     ax.grid(True, alpha=0.3, zorder=0)
     ax.legend(fontsize=8)
     fig.tight_layout()

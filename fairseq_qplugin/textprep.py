@@ -98,10 +98,8 @@ def main(argv=None):
     t.add_argument("--lang", required=True)
     t.add_argument("--workers", type=int, default=1)
     c = sub.add_parser("clean", help="clean-corpus-n.perl")
-    c.add_argument("prefix")
-    c.add_argument("src")
-    c.add_argument("tgt")
-    c.add_argument("out")
+    for name in ("prefix", "src", "tgt", "out"):
+        c.add_argument(name)
     c.add_argument("--ratio", type=float, default=1.5, help="the most length ratio (0: no ratio test)")
     c.add_argument("--min-len", type=int, default=1)
     c.add_argument("--max-len", type=int, default=250)
