@@ -81,6 +81,8 @@ def post_training_quantize(model, args):
                      granularity=args.granularity or PTQ_GRANULARITY[args.method])
     names = [n for ns in quantizable_modules(model).values() for n in ns]
     chosen = pattern_selector(names, args.include, args.exclude, ("--include", "--exclude"))
+    for n in filter(lambda n: chosen([n]), names):  # before the swap (quantize_model of the API searches later)
+        check_weight(model.get_submodule(n).weight, f"{n}.weight")
     swap_modules(model, lambda ns: spec if chosen(ns) else None)
 
 
