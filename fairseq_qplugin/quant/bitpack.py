@@ -38,17 +38,9 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
         raise QuantConfigError(f"codes do not fit in {bits} bits (max {int(codes.max())})")
     *lead, n = codes.shape
     if 8 % bits == 0:  # whole codes per byte: one shift per code slot (same layout, faster)
-        per = 8 // bits
-        codes = torch.nn.functional.pad(codes, (0, packed_size(n, bits) * per - n))
-        codes = codes.reshape(*lead, packed_size(n, bits), per)
-        return (codes << torch.arange(0, 8, bits, dtype=torch.uint8)).sum(-1, dtype=torch.uint8)
-    stream = (codes.unsqueeze(-1) >> _SHIFTS[:bits]) & 1  # [..., n, bits], LSB first
-    stream = stream.reshape(*lead, n * bits)
-    pad = packed_size(n, bits) * 8 - n * bits
-    if pad:
-        stream = torch.nn.functional.pad(stream, (0, pad))
-    stream = stream.reshape(*lead, packed_size(n, bits), 8)
-    return (stream << _SHIFTS).sum(-1, dtype=torch.uint8)
+        return _pack_units(codes, bits, packed_size(n, bits))
+    stream = ((codes.unsqueeze(-1) >> _SHIFTS[:bits]) & 1).reshape(*lead, n * bits)  # LSB first
+    return _pack_units(stream, 1, packed_size(n, bits))
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
@@ -61,12 +53,22 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
         )
     if bits == 8:
         return packed
-    *lead, nbytes = packed.shape
     if 8 % bits == 0:  # whole codes per byte: one shift per code slot (same layout, faster)
-        per = 8 // bits
-        shifts = torch.arange(per, dtype=torch.uint8) * bits
-        codes = (packed.unsqueeze(-1) >> shifts) & (2**bits - 1)
-        return codes.reshape(*lead, nbytes * per)[..., :n]
-    stream = ((packed.unsqueeze(-1) >> _SHIFTS) & 1).reshape(*lead, nbytes * 8)[..., : n * bits]
-    stream = stream.reshape(*lead, n, bits)
+        return _unpack_units(packed, bits, n)
+    stream = _unpack_units(packed, 1, n * bits).reshape(*packed.shape[:-1], n, bits)
     return (stream << _SHIFTS[:bits]).sum(-1, dtype=torch.uint8)
+
+
+def _pack_units(units: torch.Tensor, width: int, nbytes: int) -> torch.Tensor:
+    """uint8 units [..., m] of ``width`` bits (8 % width == 0), the first in the low bits of byte 0 ->
+    uint8 [..., nbytes], zero-padded."""
+    per = 8 // width
+    units = torch.nn.functional.pad(units, (0, nbytes * per - units.shape[-1]))
+    units = units.reshape(*units.shape[:-1], nbytes, per)
+    return (units << torch.arange(0, 8, width, dtype=torch.uint8)).sum(-1, dtype=torch.uint8)
+
+
+def _unpack_units(packed: torch.Tensor, width: int, m: int) -> torch.Tensor:
+    """The mirror of ``_pack_units``: the first ``m`` units of ``width`` bits of uint8 [..., nbytes]."""
+    units = (packed.unsqueeze(-1) >> torch.arange(0, 8, width, dtype=torch.uint8)) & (2**width - 1)
+    return units.reshape(*packed.shape[:-1], packed.shape[-1] * (8 // width))[..., :m]
