@@ -113,10 +113,6 @@ def parse_generate_out(path) -> (Dict[int, str], Optional[Dict]):
     return hyps, speed
 
 
-def _write(path: Path, text: str):
-    path.write_text(text, encoding="utf-8")
-
-
 def process_generate_out(out: Path, ref_path: Path, lang: str, detok: str = "none", wall_s: Optional[float] = None):
     """Write hyp.txt, bleu.txt, compound_bleu.txt, sacrebleu.json, speed.txt, speed.json into ``out``."""
     hyps, speed = parse_generate_out(out / "generate.out")
@@ -129,15 +125,15 @@ def process_generate_out(out: Path, ref_path: Path, lang: str, detok: str = "non
     hyp_list = [hyps[i] for i in range(len(refs))]
     if detok == "moses":
         hyp_list = moses_detokenize(hyp_list, lang)
-    _write(out / "hyp.txt", "".join(h + "\n" for h in hyp_list))
+    (out / "hyp.txt").write_text("".join(h + "\n" for h in hyp_list), encoding="utf-8")
     result = score(hyp_list, refs, lang)
-    _write(out / "sacrebleu.json", json.dumps(result, indent=1, ensure_ascii=False) + "\n")
-    _write(out / "bleu.txt", f"{result['score']:.2f}\n")
-    _write(out / "compound_bleu.txt", f"{result['compound_split_bleu']:.2f}\n")
+    (out / "sacrebleu.json").write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    (out / "bleu.txt").write_text(f"{result['score']:.2f}\n", encoding="utf-8")
+    (out / "compound_bleu.txt").write_text(f"{result['compound_split_bleu']:.2f}\n", encoding="utf-8")
     if wall_s is not None:
         speed["wall_s"] = wall_s
-    _write(out / "speed.txt", f"{speed['tokens_per_s']:.1f}\n")
-    _write(out / "speed.json", json.dumps(speed, indent=1) + "\n")
+    (out / "speed.txt").write_text(f"{speed['tokens_per_s']:.1f}\n", encoding="utf-8")
+    (out / "speed.json").write_text(json.dumps(speed, indent=1) + "\n", encoding="utf-8")
     return result, speed
 
 
