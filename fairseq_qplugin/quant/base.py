@@ -93,12 +93,8 @@ class QuantizedWeight:
 
     def as_dict(self) -> Dict[str, torch.Tensor]:
         """Optional fields (default ``None``) that are unset are left out."""
-        return {
-            f.name: v if torch.is_tensor(v) else torch.tensor(v)
-            for f in fields(self)
-            for v in [getattr(self, f.name)]
-            if v is not None
-        }
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {k: v if torch.is_tensor(v) else torch.tensor(v) for k, v in values.items() if v is not None}
 
     @classmethod
     def from_dict(cls, d: Dict[str, torch.Tensor]) -> "QuantizedWeight":
@@ -110,8 +106,7 @@ class QuantizedWeight:
                 f"a {cls.method} weight needs exactly the keys {sorted(required)}"
                 + (f" (optionally {optional})" if optional else "") + f", got {sorted(d)}"
             )
-        kwargs = {k: (int(v) if names[k].type is int else v) for k, v in d.items()}
-        qw = cls(**kwargs)
+        qw = cls(**{k: (int(v) if names[k].type is int else v) for k, v in d.items()})
         qw.validate()
         return qw
 
