@@ -103,13 +103,10 @@ def parse_generate_out(path) -> (Dict[int, str], Optional[Dict]):
             hyps[int(parts[0][2:])] = parts[2] if len(parts) > 2 else ""
         m = _TRANSLATED.search(line)
         if m:
-            speed = {
-                "sentences": int(m.group(1).replace(",", "")),
-                "tokens": int(m.group(2).replace(",", "")),
-                "generation_s": float(m.group(3)),
-                "sentences_per_s": float(m.group(4)),
-                "tokens_per_s": float(m.group(5)),
-            }
+            sentences, tokens, seconds, sentences_per_s, tokens_per_s = m.groups()
+            speed = {"sentences": int(sentences.replace(",", "")), "tokens": int(tokens.replace(",", "")),
+                     "generation_s": float(seconds), "sentences_per_s": float(sentences_per_s),
+                     "tokens_per_s": float(tokens_per_s)}
     return hyps, speed
 
 

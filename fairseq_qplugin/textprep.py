@@ -16,7 +16,7 @@ import argparse
 import re
 import sys
 import unicodedata
-from itertools import islice
+from itertools import chain, islice
 from multiprocessing import Pool
 from typing import Iterable, Iterator, List
 
@@ -52,12 +52,10 @@ def tokenize_stream(lines: Iterable[str], lang: str, workers: int = 1) -> Iterat
     """Normalize punctuation, drop non-printing characters, Moses-tokenize (-a); one line per line."""
     if workers <= 1:
         _init_worker(lang)
-        for chunk in _chunks(lines, 1000):
-            yield from _tokenize_chunk(chunk)
+        yield from chain.from_iterable(map(_tokenize_chunk, _chunks(lines, 1000)))
         return
     with Pool(workers, initializer=_init_worker, initargs=(lang,)) as pool:
-        for out in pool.imap(_tokenize_chunk, _chunks(lines, 1000)):
-            yield from out
+        yield from chain.from_iterable(pool.imap(_tokenize_chunk, _chunks(lines, 1000)))
 
 
 def keep_pair(src: str, tgt: str, ratio: float, min_len: int, max_len: int) -> bool:
