@@ -172,21 +172,20 @@ def quantization_summary(model) -> Dict[str, float]:
     }
 
 
-ACT_RANGE_STATE = ("running_min", "running_max", "initialized")
-
-
-def check_compatible(model, state_dict, optional_suffixes=ACT_RANGE_STATE):
+def check_compatible(model, state_dict):
     """Raise a QuantConfigError naming the mismatching tensors if ``state_dict`` cannot load.
 
-    Keys ending in ``optional_suffixes`` are quantizer state the model rebuilds when a checkpoint
-    lacks it (or has it in another shape): they may be missing, extra or of another shape; so may the
-    saved codes and latent weights (``is_schema_key``). Nothing is quantized to find the model's keys.
+    The state a module rebuilds when a checkpoint lacks it (or has it in another shape; its
+    ``rebuilt_state``: activation ranges, k-means codebooks, pruning masks, learned scales) may be
+    missing, extra or of another shape; so may the saved codes and latent weights (``is_schema_key``). Nothing is
+    quantized to find the model's keys.
     """
     own = {k: v for k, v in model.state_dict(keep_vars=True).items() if not is_schema_key(k)}
     state_dict = {k: v for k, v in state_dict.items() if not is_schema_key(k)}
-    optional = [k for k in own if k.endswith(optional_suffixes)]
+    optional = {f"{name}.{n}" for name, m in model.named_modules(remove_duplicate=False)
+                for n in getattr(m, "rebuilt_state", ())}
     missing = [k for k in own if k not in state_dict and k not in optional]
-    unexpected = [k for k in state_dict if k not in own and not k.endswith(optional_suffixes)]
+    unexpected = [k for k in state_dict if k not in own and k not in optional]
     shapes = [
         f"{k}: checkpoint {list(state_dict[k].shape)} vs model {list(v.shape)}"
         for k, v in own.items()
@@ -216,11 +215,9 @@ def check_compatible(model, state_dict, optional_suffixes=ACT_RANGE_STATE):
 class QuantizedTransformerModel(TransformerModel):
     """Base class: subclasses define ``config_cls`` (their flags, extending QuantConfig), extend
     ``validate(args)``, define ``weight_spec(args)`` or ``spec_fn(args, names)``, and may define
-    ``quantizer_fn(args, task)`` and extend ``optional_state`` (checkpoint keys their quantizers
-    rebuild when absent) and ``renamed_flags`` ({old name: new name} of flags in older checkpoints)."""
+    ``quantizer_fn(args, task)`` and ``renamed_flags`` ({old name: new name} of flags in older checkpoints)."""
 
     config_cls = QuantConfig
-    optional_state = ACT_RANGE_STATE
     renamed_flags: Dict[str, str] = {}
 
     @classmethod
@@ -335,6 +332,6 @@ class QuantizedTransformerModel(TransformerModel):
         state_dict = drop_unusable_state(self, state_dict)
         if strict:
             self.upgrade_state_dict(state_dict)
-            check_compatible(self, state_dict, self.optional_state)
+            check_compatible(self, state_dict)
         return super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg, args=args)
 

@@ -33,8 +33,6 @@ BLOCKS = [
     ("bcq_encoder_bits", ["encoder_layers"]),
     ("bcq_decoder_bits", ["decoder_layers"]),
 ]
-# quantizer state --bcq-learn-scales rebuilds when a checkpoint lacks it (a plain or a searched-scale one)
-LEARNED_STATE = tuple(f"wq.{n}" for n in ("planes", "alpha_init", "alpha_delta", "initialized"))
 # Chung & Kim et al. 2020, final configuration: embedding 2.5 (b = 4, r = 1), decoder 1.8, encoder 3.7
 PAPER_LAYER_BITS = "encoder_self_attn:3,encoder_ffn:4,decoder_self_attn:2,decoder_cross_attn:3,decoder_ffn:1"
 
@@ -144,7 +142,6 @@ def average_bits(model) -> Dict[str, float]:
 @register_model("transformer_bcq")
 class TransformerBCQModel(QuantizedTransformerModel):
     config_cls = BCQConfig
-    optional_state = QuantizedTransformerModel.optional_state + LEARNED_STATE
     renamed_flags = {"bcq_include": "quant_include", "bcq_exclude": "quant_exclude"}  # in older checkpoints
 
     @classmethod

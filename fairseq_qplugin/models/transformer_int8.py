@@ -15,8 +15,6 @@ from ..modules import LSQQuantizer
 from ..quant import QuantSpec
 from .base import LayerBitsConfig, QuantizedTransformerModel, flag_spec, register_size_presets
 
-LSQ_STATE = tuple(f"wq.{n}" for n in ("step_init", "step_delta", "initialized"))
-
 
 @dataclass
 class Int8Config(LayerBitsConfig):
@@ -41,7 +39,6 @@ class Int8Config(LayerBitsConfig):
 @register_model("transformer_int8")
 class TransformerInt8Model(QuantizedTransformerModel):
     config_cls = Int8Config
-    optional_state = QuantizedTransformerModel.optional_state + LSQ_STATE  # rebuilt when a checkpoint lacks it
 
     @classmethod
     def weight_spec(cls, args) -> QuantSpec:

@@ -24,7 +24,6 @@ logger = logging.getLogger(__name__)
 
 METHOD_CHOICES = ["kmeans", "bsflex", "bsflex_fixed", "none"]
 DEFAULT_BITS = {"kmeans": 4, "bsflex": 1, "bsflex_fixed": 1}
-QUANTIZER_STATE = tuple(f"wq.{n}" for n in ("mask", "centroids", "indices", "centroid_delta", "initialized"))
 
 
 @dataclass
@@ -66,7 +65,6 @@ class KMeansConfig(LayerBitsConfig):
 @register_model("transformer_kmeans")
 class TransformerKMeansModel(QuantizedTransformerModel):
     config_cls = KMeansConfig
-    optional_state = QuantizedTransformerModel.optional_state + QUANTIZER_STATE
 
     @classmethod
     def weight_spec(cls, args) -> QuantSpec:

@@ -66,6 +66,11 @@ class MaskedWeightQuantizer(WeightQuantizer):
         self._ready = True
         self._step = None  # a subclass's per-update cache
 
+    @property
+    def rebuilt_state(self) -> Tuple[str, ...]:
+        """The state a checkpoint may lack (models/base.py ``check_compatible``)."""
+        return tuple(n for group in self.state_groups for n in group)
+
     # -- hooks for subclasses -------------------------------------------------------------------
     def initialize(self, w: torch.Tensor):
         """Build the quantizer's state from the latent weight ``w`` (no gradient)."""
@@ -152,20 +157,14 @@ class MaskedWeightQuantizer(WeightQuantizer):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
         """Load each state group if the checkpoint has all of it, else rebuild it (a plain checkpoint)."""
-        shapes = {name: tuple(t.shape) for group in self.state_groups for name in group
-                  for t in [getattr(self, name)] if t is not None}
         for group in self.state_groups:
-            complete = all(
-                prefix + n in state_dict and (n not in shapes or tuple(state_dict[prefix + n].shape) == shapes[n])
-                for n in group
-            )
-            if not complete or any(n not in shapes for n in group):
+            pairs = [(getattr(self, n), state_dict.get(prefix + n)) for n in group]
+            if any(own is None or saved is None or own.shape != saved.shape for own, saved in pairs):
                 for n in group:
                     state_dict.pop(prefix + n, None)
                 self._reset(group)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
-        own = {prefix + n for group in self.state_groups for n in group}
-        missing[:] = [k for k in missing if k not in own]
+        missing[:] = [k for k in missing if k not in {prefix + n for n in self.rebuilt_state}]
         self._pruned, self._cache, self._code, self._step = None, None, None, None
         if getattr(self, "initialized", None) is not None:
             self._ready = bool(self.initialized)

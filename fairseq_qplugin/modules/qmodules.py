@@ -306,6 +306,8 @@ class ActQuantizer(nn.Module):
     forward), so every rank holds the same range: the combined batch's.
     """
 
+    rebuilt_state = ("running_min", "running_max", "initialized")  # a checkpoint may lack them (models/base.py)
+
     def __init__(self, bits: int, momentum: float = 0.95):
         super().__init__()
         self.bits, self.momentum = bits, momentum
@@ -331,8 +333,7 @@ class ActQuantizer(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
         """A checkpoint trained without activation quantization has no range yet: start without one."""
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
-        own = {prefix + name for name in self._buffers}
-        missing[:] = [k for k in missing if k not in own]
+        missing[:] = [k for k in missing if k not in {prefix + n for n in self.rebuilt_state}]
 
     def extra_repr(self):
         return f"bits={self.bits}"
