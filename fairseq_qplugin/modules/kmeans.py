@@ -100,7 +100,8 @@ class MaskedWeightQuantizer(WeightQuantizer):
         return self._ready
 
     def storage_state(self) -> dict:
-        return {} if self.mask is None else {"kept": self.mask.numel() - self.pruned}
+        state = super().storage_state()
+        return state if self.mask is None else {**state, "kept": self.mask.numel() - self.pruned}
 
     def load_code(self, w, fields):
         """The code is rebuilt from the quantizer's own state, whose ``code_state`` buffers only the code holds."""

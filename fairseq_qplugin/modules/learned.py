@@ -26,19 +26,18 @@ forward uses the scale rounded to the values the bcq / int formats store exactly
 bits; the gradient passes the rounding unchanged), so the saved and packed code (``search``: the
 current state, no search) reproduces the training forward's weight bit for bit.
 """
-import hashlib
 import math
 from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
-from ..quant import QuantSpec, quantize, quantize_bcq_rows, straight_through
-from ..quant.base import binarize_gate
+from ..quant import QuantSpec, quantize, straight_through
 from ..quant.bcq import BCQWeight, bcq_decode, nearest_codes, round_significand
 from ..quant.linear import IntWeight, int_decode, truncate_scale
 from ..quant.mixed import MixedBCQWeight
 from .kmeans import MaskedWeightQuantizer
+from .qmodules import WeightQuantizer
 
 
 def learned(init: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -66,7 +65,7 @@ class LearnedBCQQuantizer(MaskedWeightQuantizer):
         super().__init__(spec, shape)
         rows, cols = self.shape
         groups = cols // spec.group_size if spec.group_size else 1
-        self.register_buffer("row_bits", None if row_bits is None else row_bits.to(torch.int8), persistent=False)
+        self.row_bits = None if row_bits is None else row_bits.to(torch.int8)  # WeightQuantizer's buffer
         self.register_buffer("planes", torch.zeros(spec.bits, *self.shape, dtype=torch.bool))
         self.register_buffer("alpha_init", torch.zeros(spec.bits, rows, groups))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
@@ -92,15 +91,10 @@ class LearnedBCQQuantizer(MaskedWeightQuantizer):
 
     def initialize(self, w: torch.Tensor):
         """The searched code of ``w`` (the spec's search), its scales the starting point of the learned ones."""
-        qw = self._search_code(w)
+        qw = WeightQuantizer.search(self, w)  # the spec's search (with the row bits)
         self.alpha_init.copy_(qw.alpha.to(self.alpha_init))  # alpha_delta is 0 here: as built, or not loaded
         self.planes.copy_(qw.planes)
         self.initialized.fill_(True)
-
-    def _search_code(self, w: torch.Tensor):
-        if self.row_bits is None:
-            return quantize(w, self.spec)
-        return quantize_bcq_rows(w, self.row_bits, self.spec)
 
     def research(self, w: torch.Tensor):
         """Each weight takes the nearest level sum of its row's (and group's) current scales."""
@@ -126,9 +120,6 @@ class LearnedBCQQuantizer(MaskedWeightQuantizer):
             self.research(w)
             self._researched_at = n
 
-    def gate(self, w: torch.Tensor) -> Optional[torch.Tensor]:
-        return binarize_gate(w, self.spec) if self.row_bits is None else None
-
     def train_value(self, w: torch.Tensor) -> torch.Tensor:
         wq = self.once_per_forward(w, lambda: bcq_decode(self.planes, self.scales(), self.shape[1]).to(w.dtype))
         return straight_through(w, wq, self.gate(w))
@@ -141,21 +132,6 @@ class LearnedBCQQuantizer(MaskedWeightQuantizer):
         if self.row_bits is None:
             return BCQWeight(planes=planes, alpha=alpha, group_size=group_size)
         return MixedBCQWeight(planes=planes, alpha=alpha, group_size=group_size, row_bits=self.row_bits.clone())
-
-    def storage_state(self) -> dict:
-        return {} if self.row_bits is None else {"row_bits": self.row_bits}
-
-    def average_bits(self) -> float:
-        return float(self.spec.bits) if self.row_bits is None else self.row_bits.float().mean().item()
-
-    def code_method(self) -> str:
-        return "bcq" if self.row_bits is None else "bcq_mixed"
-
-    def signature(self) -> str:
-        if self.row_bits is None:
-            return super().signature()
-        digest = hashlib.sha256(self.row_bits.cpu().numpy().tobytes()).hexdigest()[:16]
-        return f"{super().signature()}, row bits {digest}"
 
     def extra_repr(self):
         s = self.spec

@@ -58,13 +58,18 @@ class WeightQuantizer(nn.Module):
     saved ones) continues from the same ones.
 
     ``trains_latent = False`` freezes the latent weight (it gets no gradient).
+
+    ``row_bits`` (optional, int8 [rows] in 1..spec.bits): BCQ with its own bit count per row
+    (frequency-mixed embeddings and output projections, ``RowBitsQuantizer``); a non-persistent
+    buffer, rebuilt from the dictionary. Its straight-through gradient is the identity.
     """
 
     trains_latent = True
 
-    def __init__(self, spec: QuantSpec):
+    def __init__(self, spec: QuantSpec, row_bits: Optional[torch.Tensor] = None):
         super().__init__()
         self.spec = spec
+        self.register_buffer("row_bits", None if row_bits is None else row_bits.to(torch.int8), persistent=False)
         self.pnr = False
         self._cache = None  # (key, fake-quantized value) for evaluation
         self._code = None  # (key, QuantizedWeight): the code of the weight at key, searched or loaded
@@ -77,6 +82,8 @@ class WeightQuantizer(nn.Module):
 
     # -- what a method implements ----------------------------------------------------------------
     def search(self, w: torch.Tensor) -> QuantizedWeight:
+        if self.row_bits is not None:
+            return quantize_bcq_rows(w.detach(), self.row_bits, self.spec, self._warm)
         return quantize(w.detach(), self.spec, self._warm)
 
     def train_value(self, w: torch.Tensor) -> torch.Tensor:
@@ -97,10 +104,10 @@ class WeightQuantizer(nn.Module):
 
     def gate(self, w: torch.Tensor) -> Optional[torch.Tensor]:
         """Where the straight-through gradient passes (None: everywhere): |w| <= 1 at 1 bit (Eq. 7)."""
-        return binarize_gate(w, self.spec)
+        return binarize_gate(w, self.spec) if self.row_bits is None else None
 
     def storage_state(self) -> dict:
-        return {}
+        return {} if self.row_bits is None else {"row_bits": self.row_bits}
 
     def prepare(self, w: torch.Tensor):
         """Before a training forward (no gradient): state changes due at this update (pruning, clustering)."""
@@ -132,7 +139,7 @@ class WeightQuantizer(nn.Module):
 
     def average_bits(self) -> float:
         """Bits per weight of the codes alone (without scales)."""
-        return float(self.spec.bits)
+        return float(self.spec.bits) if self.row_bits is None else self.row_bits.float().mean().item()
 
     def storage_bits(self, w: torch.Tensor) -> int:
         """The packed size of ``w``'s code in bits (``quant.storage_bits``: from the shape, no search)."""
@@ -143,10 +150,13 @@ class WeightQuantizer(nn.Module):
         return self(w)
 
     def signature(self) -> str:
-        return f"{type(self).__name__}({self.spec})"
+        signature = f"{type(self).__name__}({self.spec})"
+        if self.row_bits is not None:
+            signature += f", row bits {hashlib.sha256(self.row_bits.cpu().numpy().tobytes()).hexdigest()[:16]}"
+        return signature
 
     def code_method(self) -> str:
-        return resolve(self.spec).method
+        return "bcq_mixed" if self.row_bits is not None else resolve(self.spec).method
 
     def fits(self, spec: Optional[torch.Tensor]) -> bool:
         """Whether a checkpoint's ``wq.spec`` entry is this quantizer's signature (its code and latent weight fit)."""
@@ -218,43 +228,18 @@ class WeightQuantizer(nn.Module):
             kind += f", group_size={s.group_size}" if s.group_size else ""
         else:
             kind = f"{s.method}, bits={s.bits}, scheme={s.scheme}, granularity={s.granularity}"
+        if self.row_bits is not None:
+            counts = torch.bincount(self.row_bits.long(), minlength=s.bits + 1).tolist()
+            per_bits = ", ".join(f"{n}x{b}" for b, n in reversed(list(enumerate(counts))) if n)
+            kind += f", rows at bits: {per_bits} ({self.average_bits():.2f} average)"
         return kind + (", pnr" if self.pnr else "")
 
 
 class RowBitsQuantizer(WeightQuantizer):
-    """BCQ with its own bit count per row (frequency-mixed embeddings and output projections).
-
-    ``row_bits``: int8 [rows] in 1..spec.bits (a buffer: it follows the module's device, and is not
-    saved since it is rebuilt from the dictionary). Straight-through gradient: the identity.
-    """
+    """BCQ with its own bit count per row (``row_bits``, int8 [rows] in 1..spec.bits; see WeightQuantizer)."""
 
     def __init__(self, spec: QuantSpec, row_bits: torch.Tensor):
-        super().__init__(spec)
-        self.register_buffer("row_bits", row_bits.to(torch.int8), persistent=False)
-
-    def search(self, w: torch.Tensor) -> QuantizedWeight:
-        return quantize_bcq_rows(w.detach(), self.row_bits, self.spec, self._warm)
-
-    def gate(self, w: torch.Tensor) -> Optional[torch.Tensor]:
-        return None
-
-    def storage_state(self) -> dict:
-        return {"row_bits": self.row_bits}
-
-    def code_method(self) -> str:
-        return "bcq_mixed"
-
-    def signature(self) -> str:
-        digest = hashlib.sha256(self.row_bits.cpu().numpy().tobytes()).hexdigest()[:16]
-        return f"{super().signature()}, row bits {digest}"
-
-    def average_bits(self) -> float:
-        return self.row_bits.float().mean().item()
-
-    def extra_repr(self):
-        counts = torch.bincount(self.row_bits.long(), minlength=self.spec.bits + 1).tolist()
-        per_bits = ", ".join(f"{n}x{b}" for b, n in reversed(list(enumerate(counts))) if n)
-        return f"{super().extra_repr()}, rows at bits: {per_bits} ({self.average_bits():.2f} average)"
+        super().__init__(spec, row_bits)
 
 
 QUANTIZER_ATTR = "qplugin_quantizer"
