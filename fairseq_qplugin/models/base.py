@@ -126,10 +126,10 @@ def register_preset(model_name: str, arch_name: str, size_fn, **preset):
     return arch
 
 
-def register_size_presets(model_name: str, prefix: str = "", **defaults):
-    """``<model_name><prefix>`` plus one architecture per fairseq size in ``SIZE_PRESETS``."""
+def register_size_presets(model_name: str):
+    """``<model_name>`` plus one architecture per fairseq size in ``SIZE_PRESETS``."""
     for suffix, size_fn in SIZE_PRESETS.items():
-        register_preset(model_name, model_name + prefix + suffix, size_fn, **defaults)
+        register_preset(model_name, model_name + suffix, size_fn)
 
 
 def set_attention_temperature(model, tau: float):
@@ -150,18 +150,15 @@ def quantization_summary(model) -> Dict[str, float]:
     ``avg_bits`` counts codes and scales; ``code_bits`` the codes alone (the "average bits" of the
     papers), both per quantized weight.
     """
-    quant_params = quant_bits = code_bits = other_params = 0
+    quant_params = quant_bits = code_bits = 0
     seen = set()
     for module in model.modules():
         if isinstance(module, (QuantLinear, QuantEmbedding)) and module.weight not in seen:
-            seen.add(module.weight)
-            seen.update(module.wq.parameters())  # e.g. trained centroids: counted in storage_bits
+            seen.update([module.weight, *module.wq.parameters()])  # e.g. trained centroids: in storage_bits
             quant_params += module.weight.numel()
             quant_bits += module.wq.storage_bits(module.weight.detach())
             code_bits += module.weight.numel() * module.wq.average_bits()
-    for p in model.parameters():
-        if p not in seen:
-            other_params += p.numel()
+    other_params = sum(p.numel() for p in model.parameters() if p not in seen)
     return {
         "quantized_params": quant_params,
         "other_params": other_params,
@@ -175,10 +172,9 @@ def quantization_summary(model) -> Dict[str, float]:
 def check_compatible(model, state_dict):
     """Raise a QuantConfigError naming the mismatching tensors if ``state_dict`` cannot load.
 
-    The state a module rebuilds when a checkpoint lacks it (or has it in another shape; its
-    ``rebuilt_state``: activation ranges, k-means codebooks, pruning masks, learned scales) may be
-    missing, extra or of another shape; so may the saved codes and latent weights (``is_schema_key``). Nothing is
-    quantized to find the model's keys.
+    The state a module rebuilds when a checkpoint lacks it (its ``rebuilt_state``: activation ranges,
+    k-means codebooks, pruning masks, learned scales) may be missing, extra or of another shape; so
+    may the saved codes and latent weights (``is_schema_key``). Nothing is quantized to find the keys.
     """
     own = {k: v for k, v in model.state_dict(keep_vars=True).items() if not is_schema_key(k)}
     state_dict = {k: v for k, v in state_dict.items() if not is_schema_key(k)}
@@ -186,11 +182,8 @@ def check_compatible(model, state_dict):
                 for n in getattr(m, "rebuilt_state", ())}
     missing = [k for k in own if k not in state_dict and k not in optional]
     unexpected = [k for k in state_dict if k not in own and k not in optional]
-    shapes = [
-        f"{k}: checkpoint {list(state_dict[k].shape)} vs model {list(v.shape)}"
-        for k, v in own.items()
-        if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape) and k not in optional
-    ]
+    shapes = [f"{k}: checkpoint {list(state_dict[k].shape)} vs model {list(v.shape)}" for k, v in own.items()
+              if k in state_dict and state_dict[k].shape != v.shape and k not in optional]
     foreign = [k for k in unexpected if ".wq." in k]
     if foreign:
         raise QuantConfigError(
@@ -198,9 +191,7 @@ def check_compatible(model, state_dict):
             f"is not part of this --arch): fine-tune from the fp32 checkpoint it was trained from, or keep the "
             "--arch it was trained with"
         )
-    problems = shapes + [f"missing in checkpoint: {k}" for k in missing] + [
-        f"not in model: {k}" for k in unexpected
-    ]
+    problems = shapes + [f"missing in checkpoint: {k}" for k in missing] + [f"not in model: {k}" for k in unexpected]
     if problems:
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
         raise QuantConfigError(

@@ -9,19 +9,19 @@ word frequency (``quant/mixed.py``). Train it with ``--optimizer pnr_<name>`` (p
 method, ``optim/pnr.py``); with a plain optimizer it trains with straight-through fake quantization.
 """
 import logging
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Tuple
 
 import torch
 from fairseq.dataclass import ChoiceEnum
 from fairseq.models import register_model
-from fairseq.models.transformer import transformer_legacy as fairseq_transformer
 from torch import nn
 
 from ..errors import QuantConfigError
 from ..modules import LearnedBCQQuantizer, QuantEmbedding, QuantLinear, RowBitsQuantizer, WeightQuantizer
 from ..quant import METHODS, QuantSpec, group_sizes, ranked_row_bits
-from .base import (QuantConfig, QuantizedTransformerModel, flag, parse_part_bits, register_preset,
+from .base import (SIZE_PRESETS, QuantConfig, QuantizedTransformerModel, flag, parse_part_bits, register_preset,
                    register_size_presets, uses_pnr)
 
 logger = logging.getLogger(__name__)
@@ -123,7 +123,7 @@ def word_groups_quantizer(spec: QuantSpec, dictionary, sizes, bits, names: List[
 def average_bits(model) -> Dict[str, float]:
     """Code bits per weight of the embedding, encoder and decoder blocks and of all weight matrices,
     weighted by parameter count; a weight matrix left in full precision counts 32 bits."""
-    totals: Dict[str, List[float]] = {}
+    weights, bits = Counter(), Counter()
     seen = set()
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
@@ -131,12 +131,11 @@ def average_bits(model) -> Dict[str, float]:
                 or "embed_positions" in name:
             continue
         seen.add(weight)
-        bits = module.wq.average_bits() if isinstance(module, (QuantLinear, QuantEmbedding)) else 32.0
         block = "embedding" if is_vocabulary_rows([name]) else name.split(".")[0]
         for key in (block, "all"):
-            n, total = totals.get(key, (0, 0.0))
-            totals[key] = [n + weight.numel(), total + weight.numel() * bits]
-    return {key: totals[key][1] / totals[key][0] for key in ("embedding", "encoder", "decoder", "all") if key in totals}
+            weights[key] += weight.numel()
+            bits[key] += weight.numel() * (module.wq.average_bits() if hasattr(module, "wq") else 32.0)
+    return {key: bits[key] / weights[key] for key in ("embedding", "encoder", "decoder", "all") if weights[key]}
 
 
 @register_model("transformer_bcq")
@@ -185,23 +184,19 @@ class TransformerBCQModel(QuantizedTransformerModel):
         groups = parse_embed_groups(args.bcq_embed_groups)
 
         def make(spec, names, weight):
-            wq = make_searched(spec, names, weight)
-            if not args.bcq_learn_scales:
-                return wq
-            return LearnedBCQQuantizer(wq.spec, weight.shape, getattr(wq, "row_bits", None), args.bcq_research_every)
-
-        def make_searched(spec, names, weight):
             if size and weight.shape[1] % size:
                 raise QuantConfigError(f"--bcq-group-size {size} does not divide the {weight.shape[1]} input "
                                        f"columns of {names[0]}; use a divisor of every layer's input dimension")
-            if (ratio is None and not groups) or not is_vocabulary_rows(names):
-                return WeightQuantizer(spec)
-            encoder_side = any(n.startswith("encoder.") for n in names)
-            dictionary = task.source_dictionary if encoder_side else task.target_dictionary
-            if groups:
-                return word_groups_quantizer(spec, dictionary, *zip(*groups), names)
-            sizes = group_sizes(len(dictionary), spec.bits, ratio)
-            return word_groups_quantizer(spec, dictionary, sizes, range(spec.bits, 0, -1), names, f" (r = {ratio:g})")
+            wq = WeightQuantizer(spec)
+            if (ratio is not None or groups) and is_vocabulary_rows(names):
+                encoder_side = any(n.startswith("encoder.") for n in names)
+                dictionary = task.source_dictionary if encoder_side else task.target_dictionary
+                sizes, bits = zip(*groups) if groups else (group_sizes(len(dictionary), spec.bits, ratio),
+                                                           range(spec.bits, 0, -1))
+                wq = word_groups_quantizer(spec, dictionary, sizes, bits, names, "" if groups else f" (r = {ratio:g})")
+            if not args.bcq_learn_scales:
+                return wq
+            return LearnedBCQQuantizer(wq.spec, weight.shape, wq.row_bits, args.bcq_research_every)
 
         return make
 
@@ -216,9 +211,7 @@ class TransformerBCQModel(QuantizedTransformerModel):
         return model
 
 
-
-PAPER = dict(bcq_embed_bits=4, bcq_embed_freq_ratio=1.0, bcq_layer_bits=PAPER_LAYER_BITS)
 register_size_presets("transformer_bcq")
-register_preset("transformer_bcq", "transformer_bcq_paper", fairseq_transformer.base_architecture, **PAPER)
-register_preset("transformer_bcq", "transformer_bcq_paper_iwslt_de_en", fairseq_transformer.transformer_iwslt_de_en,
-                **PAPER)
+for _size in ("", "_iwslt_de_en"):
+    register_preset("transformer_bcq", "transformer_bcq_paper" + _size, SIZE_PRESETS[_size], bcq_embed_bits=4,
+                    bcq_embed_freq_ratio=1.0, bcq_layer_bits=PAPER_LAYER_BITS)

@@ -22,13 +22,10 @@ from .base import LayerBitsConfig, QuantizedTransformerModel, flag_spec, registe
 
 logger = logging.getLogger(__name__)
 
-METHOD_CHOICES = ["kmeans", "bsflex", "bsflex_fixed", "none"]
-DEFAULT_BITS = {"kmeans": 4, "bsflex": 1, "bsflex_fixed": 1}
-
 
 @dataclass
 class KMeansConfig(LayerBitsConfig):
-    quant_method: ChoiceEnum(METHOD_CHOICES) = field(
+    quant_method: ChoiceEnum(["kmeans", "bsflex", "bsflex_fixed", "none"]) = field(
         default="kmeans",
         metadata={"help": "kmeans: 2^b shared values per tensor (or row), fixed assignments, trained centroids; "
                           "bsflex: 1 bit, weights move to the nearer of two centroids, centroids are the means "
@@ -71,7 +68,7 @@ class TransformerKMeansModel(QuantizedTransformerModel):
         method = args.quant_method
         if method == "none":
             return QuantSpec(method="sparse", bits=32)
-        bits = DEFAULT_BITS[method] if args.quant_bits is None else args.quant_bits
+        bits = (4 if method == "kmeans" else 1) if args.quant_bits is None else args.quant_bits
         if method != "kmeans" and bits != 1:
             raise QuantConfigError(f"--quant-bits {bits}: --quant-method {method} is a 1-bit scheme; use 1 or leave it out")
         return flag_spec(f"--quant-bits {bits}", "use 1-8", method="kmeans" if method == "kmeans" else "bsflex",
@@ -103,12 +100,11 @@ class TransformerKMeansModel(QuantizedTransformerModel):
         method = args.quant_method
 
         def make(spec, names, weight):
-            shape = tuple(weight.shape)
             if method == "kmeans":
-                return KMeansQuantizer(spec, shape, schedule, args.kmeans_recluster_interval, args.kmeans_iters)
+                return KMeansQuantizer(spec, weight.shape, schedule, args.kmeans_recluster_interval, args.kmeans_iters)
             if method in ("bsflex", "bsflex_fixed"):
-                return BSFlexQuantizer(spec, shape, schedule, fixed=method == "bsflex_fixed")
-            return PruneQuantizer(spec, shape, schedule)
+                return BSFlexQuantizer(spec, weight.shape, schedule, fixed=method == "bsflex_fixed")
+            return PruneQuantizer(spec, weight.shape, schedule)
 
         return make
 

@@ -63,7 +63,6 @@ class MaskedWeightQuantizer(WeightQuantizer):
         self.num_updates = 0
         self.global_ranking = False  # the model prunes all its weights together (prune_globally)
         self._pruned: Optional[int] = 0
-        self._ready = True
         self._step = None  # a subclass's per-update cache
 
     @property
@@ -74,10 +73,6 @@ class MaskedWeightQuantizer(WeightQuantizer):
     # -- hooks for subclasses -------------------------------------------------------------------
     def initialize(self, w: torch.Tensor):
         """Build the quantizer's state from the latent weight ``w`` (no gradient)."""
-
-    def prune_scores(self, w: torch.Tensor) -> torch.Tensor:
-        """The values whose magnitudes decide what to prune (the latent weight by default)."""
-        return w
 
     # -- fairseq hook ---------------------------------------------------------------------------
     def set_num_updates(self, num_updates: int):
@@ -94,10 +89,6 @@ class MaskedWeightQuantizer(WeightQuantizer):
 
     def gate(self, w: torch.Tensor) -> Optional[torch.Tensor]:
         return self.mask
-
-    @property
-    def ready(self) -> bool:
-        return self._ready
 
     def storage_state(self) -> dict:
         state = super().storage_state()
@@ -128,8 +119,8 @@ class MaskedWeightQuantizer(WeightQuantizer):
         return self.pruned / (self.shape[0] * self.shape[1])
 
     def pruning_scores(self, w: torch.Tensor) -> torch.Tensor:
-        """What magnitude pruning ranks: ``prune_scores`` once the state is built, the latent weight before."""
-        return self.prune_scores(w) if self._ready else w
+        """The values whose magnitudes decide what to prune (the latent weight by default)."""
+        return w
 
     def follow_schedule(self, w: torch.Tensor):
         """Prune to the scheduled sparsity of the current update (masks only grow)."""
@@ -163,19 +154,15 @@ class MaskedWeightQuantizer(WeightQuantizer):
             if any(own is None or saved is None or own.shape != saved.shape for own, saved in pairs):
                 for n in group:
                     state_dict.pop(prefix + n, None)
-                self._reset(group)
+                if "mask" in group and self.mask is not None:
+                    self.mask.fill_(True)
+                if "initialized" in group:
+                    self.initialized.fill_(False)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
         missing[:] = [k for k in missing if k not in {prefix + n for n in self.rebuilt_state}]
         self._pruned, self._cache, self._code, self._step = None, None, None, None
         if getattr(self, "initialized", None) is not None:
             self._ready = bool(self.initialized)
-
-    def _reset(self, group):
-        with torch.no_grad():
-            if "mask" in group and self.mask is not None:
-                self.mask.fill_(True)
-            if "initialized" in group:
-                self.initialized.fill_(False)
 
     def extra_repr(self):
         s = self.spec
@@ -241,8 +228,9 @@ class KMeansQuantizer(MaskedWeightQuantizer):
         idx = order.gather(1, nearest(w.reshape(groups, -1).float(), ascending))
         self.indices.copy_(idx.reshape(self.shape))
 
-    def prune_scores(self, w: torch.Tensor) -> torch.Tensor:
-        return w if self.trains_latent else kmeans_decode(self.codebook(), self.indices, self.mask)
+    def pruning_scores(self, w: torch.Tensor) -> torch.Tensor:
+        """The fixed assignments' values (the latent weight before clustering or while it trains)."""
+        return w if self.trains_latent or not self._ready else kmeans_decode(self.codebook(), self.indices, self.mask)
 
     def train_value(self, w: torch.Tensor) -> torch.Tensor:
         """The trained codebook's value (its gradient: the sum of its members'), straight-through to a

@@ -20,7 +20,7 @@ Checkpoint schema of a quantized module ``M`` (``_QuantizedWeightMixin``):
 """
 import hashlib
 import logging
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -79,6 +79,7 @@ class WeightQuantizer(nn.Module):
         self._stale = False  # a training forward ran since the code was made: an update (through w.data, which
         # keeps w's version) may have changed w
         self._per_forward = None  # inside quantize_once_per_forward: {weight data pointer: quantized value}
+        self._ready = True  # False while a method's state is not built yet (modules/kmeans.py): nothing to save
 
     # -- what a method implements ----------------------------------------------------------------
     def search(self, w: torch.Tensor) -> QuantizedWeight:
@@ -95,12 +96,11 @@ class WeightQuantizer(nn.Module):
         """``make()``, the quantized value of ``w``: computed once per forward pass inside
         ``quantize_once_per_forward`` (a weight tied to several modules), else at every call."""
         memo = self._per_forward
-        wq = None if memo is None else memo.get(w.data_ptr())
-        if wq is None:
-            wq = make()
-            if memo is not None:
-                memo[w.data_ptr()] = wq
-        return wq
+        if memo is None:
+            return make()
+        if w.data_ptr() not in memo:
+            memo[w.data_ptr()] = make()
+        return memo[w.data_ptr()]
 
     def gate(self, w: torch.Tensor) -> Optional[torch.Tensor]:
         """Where the straight-through gradient passes (None: everywhere): |w| <= 1 at 1 bit (Eq. 7)."""
@@ -169,19 +169,13 @@ class WeightQuantizer(nn.Module):
         if self._saved is None or self._saved[0] != key:
             view = self.state_dict_weight(w)
             entries = {"spec": torch.tensor(list(self.signature().encode()), dtype=torch.uint8)}
-            if self.ready:
-                try:
+            if self._ready:
+                with suppress(ValueError):  # no packed format (pruning alone): the weight stays float
                     entries.update({f"code.{k}": v for k, v in self.packed(w).as_dict().items()})
-                except ValueError:  # no packed format (pruning alone): the weight stays float
-                    pass
             if not self.pnr and not torch.equal(view, w):
                 entries["latent"] = w.clone()
             self._saved = (self.key(w), (view.clone(), entries))
         return self._saved[1]
-
-    @property
-    def ready(self) -> bool:
-        return True
 
     def load_code(self, w: torch.Tensor, fields: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """Take the saved code of the loaded weight ``w`` (its signature checked by ``drop_unusable_state``);
@@ -258,13 +252,10 @@ def quantizer_of(param: torch.Tensor) -> Optional[WeightQuantizer]:
 @torch.no_grad()
 def sync_pnr_weights_(params) -> int:
     """Replace every pNR-mode quantized weight among ``params`` by its quantized value; return how many."""
-    synced = 0
-    for p in params:
-        wq = quantizer_of(p)
-        if wq is not None and wq.pnr:
-            wq.sync_(p)
-            synced += 1
-    return synced
+    synced = [p for p in params if quantizer_of(p) is not None and quantizer_of(p).pnr]
+    for p in synced:
+        quantizer_of(p).sync_(p)
+    return len(synced)
 
 
 @contextmanager

@@ -42,9 +42,7 @@ def quantizable_modules(model: nn.Module) -> Dict[nn.Module, List[str]]:
     """Each quantizable module with all the names it is reachable under."""
     found: Dict[nn.Module, List[str]] = {}
     for name, module in model.named_modules(remove_duplicate=False):
-        if isinstance(module, nn.Linear) or (
-            isinstance(module, nn.Embedding) and "embed_positions" not in name
-        ):
+        if isinstance(module, nn.Linear) or (isinstance(module, nn.Embedding) and "embed_positions" not in name):
             found.setdefault(module, []).append(name)
     return found
 
@@ -114,10 +112,9 @@ def swap_modules(
     done: Dict[str, QuantSpec] = {}
     for members in groups.values():
         specs = [spec_for(modules[m]) for m in members]
-        chosen = [s for s in specs if s is not None]
-        if not chosen:
+        spec = next((s for s in specs if s is not None), None)
+        if spec is None:
             continue
-        spec = chosen[0]
         names = [n for m in members for n in modules[m]]
         wq = make_quantizer(spec, names, members[0].weight) if make_quantizer else WeightQuantizer(spec)
         if not wq.trains_latent:
