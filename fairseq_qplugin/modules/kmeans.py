@@ -63,6 +63,9 @@ class MaskedWeightQuantizer(WeightQuantizer):
         self.num_updates = 0
         self.global_ranking = False  # the model prunes all its weights together (prune_globally)
         self._pruned: Optional[int] = 0
+        if any("initialized" in group for group in self.state_groups):  # state built on first use: initialize
+            self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+            self._ready = False
         self._step = None  # a subclass's per-update cache
 
     @property
@@ -102,6 +105,7 @@ class MaskedWeightQuantizer(WeightQuantizer):
     def _ensure_ready(self, w):
         if not self._ready:
             self.initialize(w.detach())
+            self.initialized.fill_(True)
             self._ready = True
 
     def masked(self, t: torch.Tensor) -> torch.Tensor:
@@ -183,11 +187,10 @@ class KMeansQuantizer(MaskedWeightQuantizer):
         codebook_shape = (self.shape[0], k) if spec.granularity == "channel" else (k,)
         self.register_buffer("centroids", torch.zeros(codebook_shape))
         self.register_buffer("indices", torch.zeros(self.shape, dtype=torch.uint8))
-        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
         self.centroid_delta = nn.Parameter(torch.zeros(codebook_shape))
         self.recluster_interval, self.iters = recluster_interval, iters
         self.trains_latent = recluster_interval > 0
-        self._ready, self._reclustered_at, self._assigned = False, None, None
+        self._reclustered_at = self._assigned = None
 
     def codebook(self) -> torch.Tensor:
         return self.centroids + self.centroid_delta
@@ -202,7 +205,6 @@ class KMeansQuantizer(MaskedWeightQuantizer):
                     time.perf_counter() - start)
         self.centroids.copy_(qw.codebook.to(self.centroids) - self.centroid_delta.detach())
         self.indices.copy_(qw.indices)
-        self.initialized.fill_(True)
 
     def follow_schedule(self, w: torch.Tensor):
         super().follow_schedule(w)
@@ -260,9 +262,7 @@ class BSFlexQuantizer(MaskedWeightQuantizer):
         per_row = spec.granularity == "channel"
         self.groups = self.shape[0] if per_row else 1
         self.register_buffer("centroids", torch.zeros((self.groups, 2) if per_row else (2,)))
-        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
         self.fixed = fixed
-        self._ready = False
 
     def _rows(self, t: torch.Tensor) -> torch.Tensor:
         return t.reshape(self.groups, -1)
@@ -270,7 +270,6 @@ class BSFlexQuantizer(MaskedWeightQuantizer):
     def initialize(self, w: torch.Tensor):
         centroids = bsflex_init(self._rows(w).float(), None if self.mask is None else self._rows(self.mask))
         self.centroids.copy_(centroids.reshape(self.centroids.shape))
-        self.initialized.fill_(True)
 
     def split(self, w: torch.Tensor, update: bool):
         """(upper: bool [groups, n], centroids [groups, 2]) for the latent ``w``; ``update`` stores the centroids."""

@@ -68,11 +68,10 @@ class LearnedBCQQuantizer(MaskedWeightQuantizer):
         self.row_bits = None if row_bits is None else row_bits.to(torch.int8)  # WeightQuantizer's buffer
         self.register_buffer("planes", torch.zeros(spec.bits, *self.shape, dtype=torch.bool))
         self.register_buffer("alpha_init", torch.zeros(spec.bits, rows, groups))
-        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
         self.alpha_delta = nn.Parameter(torch.zeros(spec.bits, rows, groups))
         self.research_every = research_every
         self.researches = 0  # code re-searches done (tests count them)
-        self._ready, self._researched_at = False, None
+        self._researched_at = None
 
     # -- state ------------------------------------------------------------------------------------
     def used(self) -> Optional[torch.Tensor]:
@@ -94,7 +93,6 @@ class LearnedBCQQuantizer(MaskedWeightQuantizer):
         qw = WeightQuantizer.search(self, w)  # the spec's search (with the row bits)
         self.alpha_init.copy_(qw.alpha.to(self.alpha_init))  # alpha_delta is 0 here: as built, or not loaded
         self.planes.copy_(qw.planes)
-        self.initialized.fill_(True)
 
     def research(self, w: torch.Tensor):
         """Each weight takes the nearest level sum of its row's (and group's) current scales."""
@@ -149,17 +147,14 @@ class LSQQuantizer(MaskedWeightQuantizer):
         super().__init__(spec, shape)
         steps = (self.shape[0], 1) if spec.granularity == "channel" else (1, 1)
         self.register_buffer("step_init", torch.ones(steps))
-        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
         self.step_delta = nn.Parameter(torch.zeros(steps))
         self.levels = 2 ** (spec.bits - 1) - 1  # Q: codes -Q..Q around the zero point 2^(b-1)
         per_step = self.shape[1] if spec.granularity == "channel" else self.shape[0] * self.shape[1]
         self.grad_scale = 1 / math.sqrt(per_step * self.levels)
-        self._ready = False
 
     def initialize(self, w: torch.Tensor):
         qw = quantize(w, self.spec)
         self.step_init.copy_(qw.scale.to(self.step_init))  # step_delta is 0 here: as built, or not loaded
-        self.initialized.fill_(True)
 
     def step(self) -> torch.Tensor:
         """The learned step as the forward uses it (differentiable): rounded down to 16 significant bits
