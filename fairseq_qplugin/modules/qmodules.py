@@ -72,12 +72,11 @@ class WeightQuantizer(nn.Module):
         self.register_buffer("row_bits", None if row_bits is None else row_bits.to(torch.int8), persistent=False)
         self.pnr = False
         self._cache = None  # (key, fake-quantized value) for evaluation
-        self._code = None  # (key, QuantizedWeight): the code of the weight at key, searched or loaded
+        self._code = None  # (key, QuantizedWeight): the code of the weight at key, searched or loaded; None after
+        # a training forward: an update (through w.data, which keeps w's version) may have changed w
         self._saved = None  # (key, checkpoint entries): shared by the names of a tied weight
         self._synced = None  # (data pointer, version) of the weight right after its last sync
         self._warm = None  # pNR, bcq: the scales of the last sync's code, the next search's starting point
-        self._stale = False  # a training forward ran since the code was made: an update (through w.data, which
-        # keeps w's version) may have changed w
         self._per_forward = None  # inside quantize_once_per_forward: {weight data pointer: quantized value}
         self._ready = True  # False while a method's state is not built yet (modules/kmeans.py): nothing to save
 
@@ -122,8 +121,8 @@ class WeightQuantizer(nn.Module):
     def quantized(self, w: torch.Tensor) -> QuantizedWeight:
         """The code (codes and parameters) of a 2-D tensor: what the packed export stores."""
         key = self.key(w)
-        if self._code is None or self._code[0] != key or self._stale:
-            self._code, self._stale = (key, self.search(w)), False
+        if self._code is None or self._code[0] != key:
+            self._code = (key, self.search(w))
         if isinstance(self._code[1], PackedWeight):  # a loaded code, unpacked on first use
             qw = self._code[1].unpack()
             qw.packed_fp32 = self._code[1]
@@ -133,7 +132,7 @@ class WeightQuantizer(nn.Module):
     def packed(self, w: torch.Tensor) -> PackedWeight:
         """``pack_weight(self.quantized(w), fp32)``: the loaded packed code as it is, if ``w`` is the loaded weight."""
         code = self._code
-        if code is not None and code[0] == self.key(w) and not self._stale and isinstance(code[1], PackedWeight):
+        if code is not None and code[0] == self.key(w) and isinstance(code[1], PackedWeight):
             return code[1]
         return pack_weight(self.quantized(w), torch.float32)
 
@@ -180,7 +179,7 @@ class WeightQuantizer(nn.Module):
     def load_code(self, w: torch.Tensor, fields: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """Take the saved code of the loaded weight ``w`` (its signature checked by ``drop_unusable_state``);
         return the quantizer's own state that only the code holds (k-means indices, pruning masks), to load."""
-        self._code, self._stale = (self.key(w), packed_from_dict(self.code_method(), fields)), False
+        self._code = (self.key(w), packed_from_dict(self.code_method(), fields))
         return {}
 
     # -- forward and pNR ---------------------------------------------------------------------------
@@ -193,7 +192,7 @@ class WeightQuantizer(nn.Module):
                 out = self.train_value(w)
             elif self._warm is None and self.spec.method == "bcq":
                 self._warm = self.quantized(w).alpha  # of the starting weight's code (the saved one after a resume)
-            self._stale = True
+            self._code = None
             return w if self.pnr else out
         with torch.no_grad():
             key = self.key(w)
@@ -212,7 +211,7 @@ class WeightQuantizer(nn.Module):
         if self._warm is not None:  # a bcq quantizer in pNR mode, set up by its first training forward
             self._warm = qw.alpha
         self._synced = (w.data_ptr(), w._version)
-        self._code, self._stale = (self.key(w), qw), False
+        self._code = (self.key(w), qw)
         self._cache = (self.key(w), w.detach())
 
     def extra_repr(self):
