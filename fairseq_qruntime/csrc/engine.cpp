@@ -313,40 +313,46 @@ constexpr int kL16Chunks = 8, kL16Max = 8191;
 
 template <int N>
 QR_LUT16 static inline void lut16_tables(const float* x, int xs, int c0, int c1, int16_t* tab, float* scale) {
-  const int nc = c1 - c0;
+  const int nc = c1 - c0, nsb = (nc + kL16Chunks - 1) / kL16Chunks;
   const __m512 s0 = _mm512_setr_ps(-1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1);
   const __m512 s1 = _mm512_setr_ps(-1, -1, 1, 1, -1, -1, 1, 1, -1, -1, 1, 1, -1, -1, 1, 1);
   const __m512 s2 = _mm512_setr_ps(-1, -1, -1, -1, 1, 1, 1, 1, -1, -1, -1, -1, 1, 1, 1, 1);
   const __m512 s3 = _mm512_setr_ps(-1, -1, -1, -1, -1, -1, -1, -1, 1, 1, 1, 1, 1, 1, 1, 1);
-  const int cend = std::min(32 * c1, xs);  // x is zero past xs (a multiple of 16): those tables are zero
   for (int j = 0; j < N; ++j) {
     const float* xj = x + (int64_t)j * xs;
-    float mx = 0.f;
-    for (int col = 32 * c0; col < cend; col += 4)
-      mx = std::max(mx, std::fabs(xj[col]) + std::fabs(xj[col + 1]) + std::fabs(xj[col + 2]) + std::fabs(xj[col + 3]));
-    scale[j] = mx / kL16Max;
-    const __m512 inv = _mm512_set1_ps(mx > 0.f ? kL16Max / mx : 0.f);
-    for (int c = 0; c < nc; ++c)
-      for (int h = 0; h < 2; ++h)
-        for (int t = 0; t < 4; ++t) {
-          const int col = 32 * (c0 + c) + 16 * h + 4 * t;
-          __m256i q = _mm256_setzero_si256();
-          if (col < xs) {
-            __m512 v = _mm512_mul_ps(_mm512_set1_ps(xj[col]), s0);
-            v = _mm512_fmadd_ps(_mm512_set1_ps(xj[col + 1]), s1, v);
-            v = _mm512_fmadd_ps(_mm512_set1_ps(xj[col + 2]), s2, v);
-            v = _mm512_fmadd_ps(_mm512_set1_ps(xj[col + 3]), s3, v);
-            q = _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(v, inv)));  // |q| <= kL16Max
+    for (int sb = 0; sb < nsb; ++sb) {  // scale blocks of kL16Chunks chunks from c0
+      const int b0 = c0 + sb * kL16Chunks, b1 = std::min(c1, b0 + kL16Chunks);
+      const int cend = std::min(32 * b1, xs);  // x is zero past xs (a multiple of 16): those tables are zero
+      float mx = 0.f;
+      for (int col = 32 * b0; col < cend; col += 4)
+        mx = std::max(mx, std::fabs(xj[col]) + std::fabs(xj[col + 1]) + std::fabs(xj[col + 2]) + std::fabs(xj[col + 3]));
+      scale[j * nsb + sb] = mx / kL16Max;
+      const __m512 inv = _mm512_set1_ps(mx > 0.f ? kL16Max / mx : 0.f);
+      for (int c = b0 - c0; c < b1 - c0; ++c)
+        for (int h = 0; h < 2; ++h)
+          for (int t = 0; t < 4; ++t) {
+            const int col = 32 * (c0 + c) + 16 * h + 4 * t;
+            __m256i q = _mm256_setzero_si256();
+            if (col < xs) {
+              __m512 v = _mm512_mul_ps(_mm512_set1_ps(xj[col]), s0);
+              v = _mm512_fmadd_ps(_mm512_set1_ps(xj[col + 1]), s1, v);
+              v = _mm512_fmadd_ps(_mm512_set1_ps(xj[col + 2]), s2, v);
+              v = _mm512_fmadd_ps(_mm512_set1_ps(xj[col + 3]), s3, v);
+              q = _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(v, inv)));  // |q| <= kL16Max
+            }
+            _mm256_store_si256((__m256i*)(tab + (((int64_t)j * nc + c) * 4 + t) * 32 + 16 * h), q);
           }
-          _mm256_store_si256((__m256i*)(tab + (((int64_t)j * nc + c) * 4 + t) * 32 + 16 * h), q);
-        }
+    }
   }
 }
 
+// The tables of a span of TB chunks (16 KiB for all N rows: all 2048 columns at one row) stay in L1 while
+// each row block's bit planes are read in one sequential pass over the span (plus a software prefetch).
 template <int N>
 QR_LUT16 static void bcq_lut16_rows(const BCQ& w, const float* x, int xs, float* y, int ys, int rb0, int rb1) {
-  alignas(64) int16_t tab[N * kL16Chunks * 128];
-  float scale[N];
+  constexpr int TB = std::max(kL16Chunks, 64 / N / kL16Chunks * kL16Chunks), NSB = TB / kL16Chunks;
+  alignas(64) int16_t tab[N * TB * 128];
+  float scale[N * NSB];
   const int nrb = (w.rows + 15) / 16;
   const int cpg = w.groups == 1 ? w.chunks : (w.cols / w.groups) / 32;  // chunks per alpha group
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -357,8 +363,8 @@ QR_LUT16 static void bcq_lut16_rows(const BCQ& w, const float* x, int xs, float*
   const __m512i ones = _mm512_set1_epi16(1);
   for (int g = 0; g < w.groups; ++g) {
     const int gend = g + 1 == w.groups ? w.chunks : (g + 1) * cpg;
-    for (int c0 = g * cpg; c0 < gend; c0 += kL16Chunks) {
-      const int c1 = std::min(gend, c0 + kL16Chunks), nc = c1 - c0;
+    for (int c0 = g * cpg; c0 < gend; c0 += TB) {
+      const int c1 = std::min(gend, c0 + TB), nc = c1 - c0, nsb = (nc + kL16Chunks - 1) / kL16Chunks;
       lut16_tables<N>(x, xs, c0, c1, tab, scale);
       for (int rb = rb0; rb < rb1; ++rb) {
         const int r = 16 * rb;
@@ -366,31 +372,35 @@ QR_LUT16 static void bcq_lut16_rows(const BCQ& w, const float* x, int xs, float*
         __m512 out[N];
         for (int j = 0; j < N; ++j) out[j] = _mm512_setzero_ps();
         for (int k = 0; k < w.q; ++k) {
-          __m512i acc[N];  // int32: row i in lane i
-          for (int j = 0; j < N; ++j) acc[j] = _mm512_setzero_si512();
-          const uint32_t* p = w.lut + (((int64_t)k * nrb + rb) * w.chunks + c0) * 16;
-          for (int c = 0; c < nc; ++c) {
-            const __m512i v = _mm512_load_si512(p + 16 * c);  // (bits & ~bit4) | high: vpermw reads bits 0-4
-            const __m512i i0 = _mm512_ternarylogic_epi32(v, bit4, high, 0xBA);
-            const __m512i i1 = _mm512_ternarylogic_epi32(_mm512_multishift_epi64_epi8(sh1, v), bit4, high, 0xBA);
-            const __m512i i2 = _mm512_ternarylogic_epi32(_mm512_multishift_epi64_epi8(sh2, v), bit4, high, 0xBA);
-            const __m512i i3 = _mm512_ternarylogic_epi32(_mm512_multishift_epi64_epi8(sh3, v), bit4, high, 0xBA);
-#pragma GCC unroll 8
-            for (int j = 0; j < N; ++j) {
-              const int16_t* tj = tab + ((int64_t)j * nc + c) * 128;
-              const __m512i a = _mm512_add_epi16(_mm512_permutexvar_epi16(i0, _mm512_load_si512(tj)),
-                                                 _mm512_permutexvar_epi16(i1, _mm512_load_si512(tj + 32)));
-              const __m512i b = _mm512_add_epi16(_mm512_permutexvar_epi16(i2, _mm512_load_si512(tj + 64)),
-                                                 _mm512_permutexvar_epi16(i3, _mm512_load_si512(tj + 96)));
-              acc[j] = _mm512_dpwssd_epi32(acc[j], _mm512_add_epi16(a, b), ones);
-            }
-          }
           const __m512 al = w.alpha_shared ? _mm512_set1_ps(*w.a(k, 0, g))
                                            : _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live,
                                                                       _mm512_mullo_epi32(lane, _mm512_set1_epi32(w.groups)),
                                                                       w.a(k, r, g), 4);
-          for (int j = 0; j < N; ++j)
-            out[j] = _mm512_fmadd_ps(_mm512_mul_ps(al, _mm512_set1_ps(scale[j])), _mm512_cvtepi32_ps(acc[j]), out[j]);
+          const uint32_t* p = w.lut + (((int64_t)k * nrb + rb) * w.chunks + c0) * 16;
+          for (int sb = 0; sb < nsb; ++sb) {
+            __m512i acc[N];  // int32: row i in lane i
+            for (int j = 0; j < N; ++j) acc[j] = _mm512_setzero_si512();
+            for (int c = sb * kL16Chunks; c < std::min(nc, (sb + 1) * kL16Chunks); ++c) {
+              _mm_prefetch((const char*)(p + 16 * (c + 16)), _MM_HINT_T0);  // this plane's stream, 1 KiB ahead
+              const __m512i v = _mm512_load_si512(p + 16 * c);  // (bits & ~bit4) | high: vpermw reads bits 0-4
+              const __m512i i0 = _mm512_ternarylogic_epi32(v, bit4, high, 0xBA);
+              const __m512i i1 = _mm512_ternarylogic_epi32(_mm512_multishift_epi64_epi8(sh1, v), bit4, high, 0xBA);
+              const __m512i i2 = _mm512_ternarylogic_epi32(_mm512_multishift_epi64_epi8(sh2, v), bit4, high, 0xBA);
+              const __m512i i3 = _mm512_ternarylogic_epi32(_mm512_multishift_epi64_epi8(sh3, v), bit4, high, 0xBA);
+#pragma GCC unroll 8
+              for (int j = 0; j < N; ++j) {
+                const int16_t* tj = tab + ((int64_t)j * nc + c) * 128;
+                const __m512i a = _mm512_add_epi16(_mm512_permutexvar_epi16(i0, _mm512_load_si512(tj)),
+                                                   _mm512_permutexvar_epi16(i1, _mm512_load_si512(tj + 32)));
+                const __m512i b = _mm512_add_epi16(_mm512_permutexvar_epi16(i2, _mm512_load_si512(tj + 64)),
+                                                   _mm512_permutexvar_epi16(i3, _mm512_load_si512(tj + 96)));
+                acc[j] = _mm512_dpwssd_epi32(acc[j], _mm512_add_epi16(a, b), ones);
+              }
+            }
+            for (int j = 0; j < N; ++j)
+              out[j] = _mm512_fmadd_ps(_mm512_mul_ps(al, _mm512_set1_ps(scale[j * nsb + sb])), _mm512_cvtepi32_ps(acc[j]),
+                                       out[j]);
+          }
         }
         for (int j = 0; j < N; ++j) {
           float* yj = y + (int64_t)j * ys + r;
