@@ -413,20 +413,9 @@ QR_LUT16 static void bcq_lut16_rows(const BCQ& w, const float* x, int xs, float*
 
 // y [n, ys] += x @ W^T for row blocks [rb0, rb1) with int16 tables: up to 8 activation rows per pass.
 QR_LUT16 static void bcq_gemv_lut16(const BCQ& w, const float* x, int n, int xs, float* y, int ys, int rb0, int rb1) {
-  int i = 0;
-  for (; i + 8 <= n; i += 8) bcq_lut16_rows<8>(w, x + (int64_t)i * xs, xs, y + (int64_t)i * ys, ys, rb0, rb1);
-  const float* xi = x + (int64_t)i * xs;
-  float* yi = y + (int64_t)i * ys;
-  switch (n - i) {
-    case 7: bcq_lut16_rows<7>(w, xi, xs, yi, ys, rb0, rb1); break;
-    case 6: bcq_lut16_rows<6>(w, xi, xs, yi, ys, rb0, rb1); break;
-    case 5: bcq_lut16_rows<5>(w, xi, xs, yi, ys, rb0, rb1); break;
-    case 4: bcq_lut16_rows<4>(w, xi, xs, yi, ys, rb0, rb1); break;
-    case 3: bcq_lut16_rows<3>(w, xi, xs, yi, ys, rb0, rb1); break;
-    case 2: bcq_lut16_rows<2>(w, xi, xs, yi, ys, rb0, rb1); break;
-    case 1: bcq_lut16_rows<1>(w, xi, xs, yi, ys, rb0, rb1); break;
-    default: break;
-  }
+  qk::for_row_blocks<8>(n, [&](auto R, int i) {
+    bcq_lut16_rows<decltype(R)::value>(w, x + (int64_t)i * xs, xs, y + (int64_t)i * ys, ys, rb0, rb1);
+  });
 }
 #endif
 
