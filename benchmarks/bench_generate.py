@@ -193,7 +193,7 @@ def prepare_models(args, out: Path):
                 log(f"{name}: fairseq-qpack --export {rt} {packed}")
                 run_checked([sys.executable, "-m", "fairseq_qplugin.pack.cli", "--export", rt, packed,
                              "--data", args.data_bin], f"fairseq-qpack --export {packed}")
-            for lut in args.lut.split(","):  # "runtime" rows: fp32 tables; "runtime:int8": --lut int8
+            for lut in args.lut.split(","):  # "runtime" rows: fp32 tables; "runtime:int16": --lut int16
                 rows.append((name + (RUNTIME_SUFFIX if lut == "fp32" else f" (fairseq-qtranslate --lut {lut})"), rt,
                              "runtime" if lut == "fp32" else f"runtime:{lut}", (rt / "model.safetensors").stat().st_size))
         if name == "int8" and args.int8_dequant:
@@ -355,7 +355,7 @@ def get_parser():
                    help="leave out every fairseq-generate row (fp32 and packed)")
     p.add_argument("--lut", default="fp32",
                    help="comma-separated lookup-table types of the runtime rows (fairseq-qtranslate --lut): "
-                        "fp32, int8 or fp32,int8 (one row each)")
+                        "fp32, int16, auto or fp32,int16 (one row each)")
     p.add_argument("--no-runtime", dest="runtime", action="store_false",
                    help="leave out the torch-free runtime rows (fairseq-qtranslate on each packed model)")
     p.add_argument("--no-int8-dequant", dest="int8_dequant", action="store_false",

@@ -18,7 +18,7 @@ speedups of BCQ 3-bit over fp32 and over torch.ao int8. Which kernels ran (C++ I
 printed above the table; ``QPLUGIN_KERNELS=torch`` benchmarks the fallback. ``--runtime`` adds the
 torch-free runtime's product on the same BCQ 3-bit weight (``fairseq_qruntime.model.BcqLayer``, called
 through ctypes: a few microseconds of call overhead are included) with its exact fp32 lookup tables
-("rt bcq3") and with int8 tables ("rt bcq3 int8"), and their speedups over torch.ao int8 and fp32.
+("rt bcq3") and with int16 tables ("rt bcq3 int16"), and their speedups over torch.ao int8 and fp32.
 """
 import argparse
 import logging
@@ -97,7 +97,7 @@ def layer_table(args, bw):
             "floor fp32", "floor bcq2", "floor bcq3", "floor int8", "floor km4", "fp32/bcq3", "ao/bcq3"]
     if args.runtime:
         from fairseq_qruntime.model import BcqLayer
-        cols += ["rt bcq3", "rt bcq3 int8", "ao/rt", "ao/rt int8", "fp32/rt int8"]
+        cols += ["rt bcq3", "rt bcq3 int16", "ao/rt", "ao/rt int16", "fp32/rt int16"]
     print("| threads | shape (out x in) | rows | " + " | ".join(cols) + " |")
     print("|---:|---|---:|" + "---:|" * len(cols))
     for threads, shape, w in layer_weights(args):
@@ -105,7 +105,7 @@ def layer_table(args, bw):
         ao, packed = ao_int8(w), packed_weights(w)
         if args.runtime:
             b3 = packed["bcq3"]
-            rts = [BcqLayer(b3.planes.numpy(), b3.alpha.float().numpy(), in_f, lut) for lut in ("fp32", "int8")]
+            rts = [BcqLayer(b3.planes.numpy(), b3.alpha.float().numpy(), in_f, lut) for lut in ("fp32", "int16")]
         int8_gemm = int8.prepack(packed["int8"], None)
         floors = [w.numel() * 4 / bw * 1e3] + [pw.nbytes() / bw * 1e3 for pw in packed.values()]
         for n in map(int, args.rows.split(",")):

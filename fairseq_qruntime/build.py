@@ -11,6 +11,7 @@ the sources are there and differ from those it was built from: ``build`` writes 
 gives every installed file the time it unpacked it). This module imports nothing outside the
 standard library so that setup.py can load it by path.
 """
+import glob
 import hashlib
 import os
 import platform
@@ -34,9 +35,10 @@ def sources():
 
 
 def source_digest() -> str:
-    """sha256 of the engine's sources, or "" when any is absent (an install without them)."""
+    """sha256 of the engine's sources and the kernels' headers, or "" when a source is absent (an install
+    without them)."""
     h = hashlib.sha256()
-    for src in sources():
+    for src in sources() + sorted(glob.glob(os.path.join(kernel_dir(), "*.h"))):
         if not os.path.isfile(src):
             return ""
         with open(src, "rb") as f:

@@ -19,7 +19,7 @@ import numpy as np
 logger = logging.getLogger("fairseq_qruntime")
 
 FORMAT, VERSION = "fairseq-qruntime", 1
-LUTS = ("fp32", "int8")  # lookup tables of the few-row BCQ products (Model(lut=...))
+LUTS = ("auto", "fp32", "int16")  # lookup tables of the few-row BCQ products (Model(lut=...))
 ACTIVATIONS = {"relu": 0, "gelu": 1, "gelu_accurate": 2, "gelu_fast": 2, "tanh": 3, "linear": 4}
 SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")
 _ERRLEN = 2048
@@ -162,9 +162,11 @@ def tensors_sha256(tensors: Dict[str, np.ndarray]) -> str:
 class Model:
     """An exported model loaded into the engine; immutable, shared by any number of threads."""
 
-    def __init__(self, model_dir: str, lut: str = "fp32"):
-        """``lut``: the lookup tables of the few-row BCQ products, "fp32" (exact, the default) or "int8"
-        (faster, within the error bound of docs/runtime.md; needs AVX-512 VBMI, else fp32 with a warning)."""
+    def __init__(self, model_dir: str, lut: str = "auto"):
+        """``lut``: the lookup tables of the few-row BCQ products: "int16" (faster, within the error bound of
+        docs/runtime.md; needs AVX-512 VBMI and VNNI and no activation quantization, else fp32 with a warning),
+        "fp32" (exact: the products of fairseq-generate) or "auto" (the default: int16 where they run, else
+        fp32)."""
         if lut not in LUTS:
             raise ValueError(f"lut must be one of {', '.join(LUTS)}, got {lut!r}")
         self.dir = model_dir
@@ -185,9 +187,9 @@ class Model:
             raise ModelError(f"{model_dir}: {e}") from None
         self.isa = lib.qr_model_isa(self._ptr).decode()
         self.lut = lib.qr_model_lut(self._ptr).decode()
-        if self.lut != lut:
-            logger.warning("int8 lookup tables need AVX-512 VBMI (this CPU, kernels %s): using the fp32 tables",
-                           self.isa)
+        if lut == "int16" and self.lut != lut:
+            logger.warning("int16 lookup tables need AVX-512 VBMI and VNNI (this CPU, kernels %s) and a model "
+                           "without activation quantization: using the fp32 tables", self.isa)
         self.max_source_positions = int(cfg["encoder"]["max_positions"])
 
     def __del__(self):
@@ -290,7 +292,7 @@ class Model:
                 kv[f"{side}.{k}"] = int(bool(s[k]))
             kv[f"{side}.embed_scale"] = repr(float(s["embed_scale"]))
             kv[f"{side}.attn_scaling"] = repr(float(s["attn_scaling"]))
-        kv["lut_int8"] = int(self._lut_request == "int8")
+        kv["lut_int16"] = int(self._lut_request != "fp32")
         return " ".join(f"{k}={v}" for k, v in kv.items())
 
     def _build(self, lib, arrays):
@@ -370,7 +372,7 @@ class BcqLayer:
     layers): planes uint8 [q, rows, ceil(cols / 8)] and alpha float32 [q, rows or 1, groups] as in an
     exported model; ``linear(x)`` is ``Model.linear`` of such a module."""
 
-    def __init__(self, planes: np.ndarray, alpha: np.ndarray, cols: int, lut: str = "fp32"):
+    def __init__(self, planes: np.ndarray, alpha: np.ndarray, cols: int, lut: str = "auto"):
         if lut not in LUTS:
             raise ValueError(f"lut must be one of {', '.join(LUTS)}, got {lut!r}")
         lib = self._lib = load_library()
@@ -378,7 +380,7 @@ class BcqLayer:
                         "w.wq.alpha": np.ascontiguousarray(alpha, dtype=np.float32)}
         self.rows, self.cols = int(planes.shape[1]), cols
         self._ptr = lib.qr_model_new()
-        _call(lib.qr_model_spec, self._ptr, f"lut_int8={int(lut == 'int8')}".encode())
+        _call(lib.qr_model_spec, self._ptr, f"lut_int16={int(lut != 'fp32')}".encode())
         for name, a in self._arrays.items():
             shape = (ctypes.c_int64 * a.ndim)(*a.shape)
             _call(lib.qr_model_tensor, self._ptr, name.encode(), 0 if a.dtype == np.float32 else 1, a.ndim, shape,

@@ -13,11 +13,12 @@ logger = logging.getLogger("fairseq_qruntime")
 
 
 class Translator:
-    """``Translator(model_dir, threads=1, lut="fp32")`` (``lut="int8"``: int8 lookup tables for the packed
-    BCQ products of few rows, see Model); ``translate`` / ``translate_iter`` may be called from several
-    Python threads at once (the engine keeps all state of a call in the call; it releases the GIL)."""
+    """``Translator(model_dir, threads=1, lut="auto")`` (``lut``: the lookup tables of the packed BCQ products
+    of few rows, int16 where the CPU has them, else fp32; ``lut="fp32"``: exact, as fairseq-generate; see
+    Model); ``translate`` / ``translate_iter`` may be called from several Python threads at once (the engine
+    keeps all state of a call in the call; it releases the GIL)."""
 
-    def __init__(self, model_dir: str, threads: int = 1, lut: str = "fp32"):
+    def __init__(self, model_dir: str, threads: int = 1, lut: str = "auto"):
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
         self.model = Model(model_dir, lut=lut)

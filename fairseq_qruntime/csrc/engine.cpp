@@ -295,99 +295,111 @@ __attribute__((target("avx512f"))) static void bcq_panel_avx512(const BCQ& w, in
 }
 
 // ---------------------------------------------------------------------------------------------
-// BCQ, few activation rows, with int8 lookup tables (the T-MAC approach: "T-MAC: CPU Renaissance via Table
-// Lookup for Low-Bit LLM Deployment on Edge", 2024); an option (Model::lut_int8), the exact fp32 tables
-// of the kernel set (qkernels.h) being the default. Per 4 columns one 16-entry table of signed sums
-// T[m] = sum_i (bit i of m ? +x_i : -x_i) (the +-1 weights of a bit plane: T[15 - m] = -T[m], so no bias
-// term), rounded to int8 with one scale per activation row and block of kL8Chunks 32-column chunks
-// (s = the block's largest sum_i |x_i| over a table / 127). A chunk of 16 rows x 32 columns of a plane is
-// one 64-byte word of the direct kernel's layout (w.lut); one vpermb transposes it so that 128-bit lane L
-// holds byte L of the 16 rows, whose low / high nibbles index the tables of column groups 2L / 2L + 1:
-// two vpshufb look up 128 weights' sums, vpmaddubsw adds the pair into int16 (exact: |sum| <= 2 * 127 per
-// chunk, 2 * 127 * kL8Chunks * 4 lanes < 2^15). Per block and plane the int16 sums go to fp32 times
-// alpha * s. AVX-512 VBMI (vpermb); elsewhere the fp32 tables are used.
-constexpr int kL8Chunks = 8;
-#define QR_VBMI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi")))
+// BCQ, few activation rows, with int16 lookup tables (the T-MAC approach: "T-MAC: CPU Renaissance via Table
+// Lookup for Low-Bit LLM Deployment on Edge", 2024; Model::lut_int16, the default where the CPU has the
+// instructions; the exact fp32 tables of the kernel set (qkernels.h) elsewhere). Per 4 columns one 16-entry
+// table of signed sums T[m] = sum_i (bit i of m ? +x_i : -x_i) (the +-1 weights of a bit plane: T[15 - m] =
+// -T[m], so no bias term), rounded to int16 with one scale per activation row and block of kL16Chunks
+// 32-column chunks: s = the block's largest sum_i |x_i| over a table / kL16Max. Two tables share a 64-byte
+// register, those of columns 4t..4t+3 and 16+4t..16+4t+3 of a chunk: a chunk of 16 rows x 32 columns of a
+// plane is one 64-byte word of the direct kernel's layout (w.lut, row i in dword i), whose low / high 16-bit
+// halves are the two columns halves of row i; per t one vpmultishiftqb moves nibble t of each half to the
+// bits 0-3 of its 16-bit lane (t > 0), a vpternlogd sets bit 4 to the half (0 low, 1 high), and one vpermw looks up
+// 32 lookups (128 weights). The 4 lookups of a chunk are added in int16 (|sum| <= 4 * kL16Max < 2^15) and
+// vpdpwssd adds the two halves of each row into its int32 sum (exact); per block and plane that sum goes to
+// fp32 times alpha * s. Needs AVX-512 BW, VBMI (vpmultishiftqb) and VNNI (vpdpwssd).
+constexpr int kL16Chunks = 8, kL16Max = 8191;
+#define QR_LUT16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi,avx512vnni")))
 
 template <int N>
-QR_VBMI static inline void lut8_tables(const float* x, int xs, int c0, int c1, int8_t* tab, float* scale) {
-  const int nc = c1 - c0;
+QR_LUT16 static inline void lut16_tables(const float* x, int xs, int c0, int c1, int16_t* tab, float* scale) {
+  const int nc = c1 - c0, nsb = (nc + kL16Chunks - 1) / kL16Chunks;
   const __m512 s0 = _mm512_setr_ps(-1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1);
   const __m512 s1 = _mm512_setr_ps(-1, -1, 1, 1, -1, -1, 1, 1, -1, -1, 1, 1, -1, -1, 1, 1);
   const __m512 s2 = _mm512_setr_ps(-1, -1, -1, -1, 1, 1, 1, 1, -1, -1, -1, -1, 1, 1, 1, 1);
   const __m512 s3 = _mm512_setr_ps(-1, -1, -1, -1, -1, -1, -1, -1, 1, 1, 1, 1, 1, 1, 1, 1);
-  const int cend = std::min(32 * c1, xs);  // x is zero past xs (a multiple of 16): those tables are zero
   for (int j = 0; j < N; ++j) {
     const float* xj = x + (int64_t)j * xs;
-    float mx = 0.f;
-    for (int col = 32 * c0; col < cend; col += 4)
-      mx = std::max(mx, std::fabs(xj[col]) + std::fabs(xj[col + 1]) + std::fabs(xj[col + 2]) + std::fabs(xj[col + 3]));
-    scale[j] = mx / 127.f;
-    const __m512 inv = _mm512_set1_ps(mx > 0.f ? 127.f / mx : 0.f);
-    for (int c = 0; c < nc; ++c)
-      for (int t = 0; t < 8; ++t) {
-        const int col = 32 * (c0 + c) + 4 * t;
-        __m128i q = _mm_setzero_si128();
-        if (col < xs) {
-          __m512 v = _mm512_mul_ps(_mm512_set1_ps(xj[col]), s0);
-          v = _mm512_fmadd_ps(_mm512_set1_ps(xj[col + 1]), s1, v);
-          v = _mm512_fmadd_ps(_mm512_set1_ps(xj[col + 2]), s2, v);
-          v = _mm512_fmadd_ps(_mm512_set1_ps(xj[col + 3]), s3, v);
-          q = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(v, inv)));
-        }
-        _mm_store_si128((__m128i*)(tab + ((int64_t)j * nc + c) * 128 + (t & 1) * 64 + (t >> 1) * 16), q);
-      }
+    for (int sb = 0; sb < nsb; ++sb) {  // scale blocks of kL16Chunks chunks from c0
+      const int b0 = c0 + sb * kL16Chunks, b1 = std::min(c1, b0 + kL16Chunks);
+      const int cend = std::min(32 * b1, xs);  // x is zero past xs (a multiple of 16): those tables are zero
+      float mx = 0.f;
+      for (int col = 32 * b0; col < cend; col += 4)
+        mx = std::max(mx, std::fabs(xj[col]) + std::fabs(xj[col + 1]) + std::fabs(xj[col + 2]) + std::fabs(xj[col + 3]));
+      scale[j * nsb + sb] = mx / kL16Max;
+      const __m512 inv = _mm512_set1_ps(mx > 0.f ? kL16Max / mx : 0.f);
+      for (int c = b0 - c0; c < b1 - c0; ++c)
+        for (int h = 0; h < 2; ++h)
+          for (int t = 0; t < 4; ++t) {
+            const int col = 32 * (c0 + c) + 16 * h + 4 * t;
+            __m256i q = _mm256_setzero_si256();
+            if (col < xs) {
+              __m512 v = _mm512_mul_ps(_mm512_set1_ps(xj[col]), s0);
+              v = _mm512_fmadd_ps(_mm512_set1_ps(xj[col + 1]), s1, v);
+              v = _mm512_fmadd_ps(_mm512_set1_ps(xj[col + 2]), s2, v);
+              v = _mm512_fmadd_ps(_mm512_set1_ps(xj[col + 3]), s3, v);
+              q = _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(v, inv)));  // |q| <= kL16Max
+            }
+            _mm256_store_si256((__m256i*)(tab + (((int64_t)j * nc + c) * 4 + t) * 32 + 16 * h), q);
+          }
+    }
   }
 }
 
+// The tables of a span of TB chunks (16 KiB for all N rows: all 2048 columns at one row) stay in L1 while
+// each row block's bit planes are read in one sequential pass over the span (plus a software prefetch).
 template <int N>
-QR_VBMI static void bcq_lut8_rows(const BCQ& w, const float* x, int xs, float* y, int ys, int rb0, int rb1) {
-  alignas(64) int8_t tab[N * kL8Chunks * 128];
-  float scale[N];
+QR_LUT16 static void bcq_lut16_rows(const BCQ& w, const float* x, int xs, float* y, int ys, int rb0, int rb1) {
+  constexpr int TB = std::max(kL16Chunks, 64 / N / kL16Chunks * kL16Chunks), NSB = TB / kL16Chunks;
+  alignas(64) int16_t tab[N * TB * 128];
+  float scale[N * NSB];
   const int nrb = (w.rows + 15) / 16;
   const int cpg = w.groups == 1 ? w.chunks : (w.cols / w.groups) / 32;  // chunks per alpha group
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  alignas(64) int8_t pb[64];
-  for (int b = 0; b < 64; ++b) pb[b] = (int8_t)(4 * (b % 16) + b / 16);  // lane L, byte i <- byte L of row i
-  const __m512i perm = _mm512_load_si512(pb), nib = _mm512_set1_epi8(0x0F), ones = _mm512_set1_epi8(1);
+  // vpmultishiftqb offsets of nibble t in the 4 16-bit halves of a qword (2 rows): 4t, 16 + 4t, 32 + 4t, 48 + 4t
+  const __m512i sh1 = _mm512_set1_epi64(0x0034002400140004LL), sh2 = _mm512_set1_epi64(0x0038002800180008LL),
+                sh3 = _mm512_set1_epi64(0x003C002C001C000CLL);
+  const __m512i bit4 = _mm512_set1_epi32(0x00100010), high = _mm512_set1_epi32(0x00100000);
+  const __m512i ones = _mm512_set1_epi16(1);
   for (int g = 0; g < w.groups; ++g) {
     const int gend = g + 1 == w.groups ? w.chunks : (g + 1) * cpg;
-    for (int c0 = g * cpg; c0 < gend; c0 += kL8Chunks) {
-      const int c1 = std::min(gend, c0 + kL8Chunks), nc = c1 - c0;
-      lut8_tables<N>(x, xs, c0, c1, tab, scale);
+    for (int c0 = g * cpg; c0 < gend; c0 += TB) {
+      const int c1 = std::min(gend, c0 + TB), nc = c1 - c0, nsb = (nc + kL16Chunks - 1) / kL16Chunks;
+      lut16_tables<N>(x, xs, c0, c1, tab, scale);
       for (int rb = rb0; rb < rb1; ++rb) {
         const int r = 16 * rb;
         const __mmask16 live = (__mmask16)(r + 16 <= w.rows ? 0xFFFF : (1u << (w.rows - r)) - 1);
         __m512 out[N];
         for (int j = 0; j < N; ++j) out[j] = _mm512_setzero_ps();
         for (int k = 0; k < w.q; ++k) {
-          __m512i lo[N], hi[N];  // int16: lane L = rows 0-7 (lo) / 8-15 (hi), column groups 2L and 2L + 1
-          for (int j = 0; j < N; ++j) lo[j] = hi[j] = _mm512_setzero_si512();
-          const uint32_t* p = w.lut + (((int64_t)k * nrb + rb) * w.chunks + c0) * 16;
-          for (int c = 0; c < nc; ++c) {
-            const __m512i v = _mm512_permutexvar_epi8(perm, _mm512_load_si512(p + 16 * c));
-            const __m512i il = _mm512_and_si512(v, nib), ih = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
-#pragma GCC unroll 8
-            for (int j = 0; j < N; ++j) {
-              const int8_t* tj = tab + ((int64_t)j * nc + c) * 128;
-              const __m512i a = _mm512_shuffle_epi8(_mm512_load_si512(tj), il);
-              const __m512i b = _mm512_shuffle_epi8(_mm512_load_si512(tj + 64), ih);
-              lo[j] = _mm512_add_epi16(lo[j], _mm512_maddubs_epi16(ones, _mm512_unpacklo_epi8(a, b)));
-              hi[j] = _mm512_add_epi16(hi[j], _mm512_maddubs_epi16(ones, _mm512_unpackhi_epi8(a, b)));
-            }
-          }
           const __m512 al = w.alpha_shared ? _mm512_set1_ps(*w.a(k, 0, g))
                                            : _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live,
                                                                       _mm512_mullo_epi32(lane, _mm512_set1_epi32(w.groups)),
                                                                       w.a(k, r, g), 4);
-          for (int j = 0; j < N; ++j) {  // sum the 4 lanes; rows 0-7 and 8-15 side by side; to fp32
-            __m512i l = _mm512_add_epi16(lo[j], _mm512_shuffle_i64x2(lo[j], lo[j], 0x4E));
-            __m512i h = _mm512_add_epi16(hi[j], _mm512_shuffle_i64x2(hi[j], hi[j], 0x4E));
-            l = _mm512_add_epi16(l, _mm512_shuffle_i64x2(l, l, 0xB1));
-            h = _mm512_add_epi16(h, _mm512_shuffle_i64x2(h, h, 0xB1));
-            const __m256i s16 = _mm512_castsi512_si256(_mm512_mask_blend_epi64(0x0C, l, h));
-            const __m512 d = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(s16));
-            out[j] = _mm512_fmadd_ps(_mm512_mul_ps(al, _mm512_set1_ps(scale[j])), d, out[j]);
+          const uint32_t* p = w.lut + (((int64_t)k * nrb + rb) * w.chunks + c0) * 16;
+          for (int sb = 0; sb < nsb; ++sb) {
+            __m512i acc[N];  // int32: row i in lane i
+            for (int j = 0; j < N; ++j) acc[j] = _mm512_setzero_si512();
+            for (int c = sb * kL16Chunks; c < std::min(nc, (sb + 1) * kL16Chunks); ++c) {
+              _mm_prefetch((const char*)(p + 16 * (c + 16)), _MM_HINT_T0);  // this plane's stream, 1 KiB ahead
+              const __m512i v = _mm512_load_si512(p + 16 * c);  // (bits & ~bit4) | high: vpermw reads bits 0-4
+              const __m512i i0 = _mm512_ternarylogic_epi32(v, bit4, high, 0xBA);
+              const __m512i i1 = _mm512_ternarylogic_epi32(_mm512_multishift_epi64_epi8(sh1, v), bit4, high, 0xBA);
+              const __m512i i2 = _mm512_ternarylogic_epi32(_mm512_multishift_epi64_epi8(sh2, v), bit4, high, 0xBA);
+              const __m512i i3 = _mm512_ternarylogic_epi32(_mm512_multishift_epi64_epi8(sh3, v), bit4, high, 0xBA);
+#pragma GCC unroll 8
+              for (int j = 0; j < N; ++j) {
+                const int16_t* tj = tab + ((int64_t)j * nc + c) * 128;
+                const __m512i a = _mm512_add_epi16(_mm512_permutexvar_epi16(i0, _mm512_load_si512(tj)),
+                                                   _mm512_permutexvar_epi16(i1, _mm512_load_si512(tj + 32)));
+                const __m512i b = _mm512_add_epi16(_mm512_permutexvar_epi16(i2, _mm512_load_si512(tj + 64)),
+                                                   _mm512_permutexvar_epi16(i3, _mm512_load_si512(tj + 96)));
+                acc[j] = _mm512_dpwssd_epi32(acc[j], _mm512_add_epi16(a, b), ones);
+              }
+            }
+            for (int j = 0; j < N; ++j)
+              out[j] = _mm512_fmadd_ps(_mm512_mul_ps(al, _mm512_set1_ps(scale[j * nsb + sb])), _mm512_cvtepi32_ps(acc[j]),
+                                       out[j]);
           }
         }
         for (int j = 0; j < N; ++j) {
@@ -399,22 +411,11 @@ QR_VBMI static void bcq_lut8_rows(const BCQ& w, const float* x, int xs, float* y
   }
 }
 
-// y [n, ys] += x @ W^T for row blocks [rb0, rb1) with int8 tables: up to 8 activation rows per pass.
-QR_VBMI static void bcq_gemv_lut8(const BCQ& w, const float* x, int n, int xs, float* y, int ys, int rb0, int rb1) {
-  int i = 0;
-  for (; i + 8 <= n; i += 8) bcq_lut8_rows<8>(w, x + (int64_t)i * xs, xs, y + (int64_t)i * ys, ys, rb0, rb1);
-  const float* xi = x + (int64_t)i * xs;
-  float* yi = y + (int64_t)i * ys;
-  switch (n - i) {
-    case 7: bcq_lut8_rows<7>(w, xi, xs, yi, ys, rb0, rb1); break;
-    case 6: bcq_lut8_rows<6>(w, xi, xs, yi, ys, rb0, rb1); break;
-    case 5: bcq_lut8_rows<5>(w, xi, xs, yi, ys, rb0, rb1); break;
-    case 4: bcq_lut8_rows<4>(w, xi, xs, yi, ys, rb0, rb1); break;
-    case 3: bcq_lut8_rows<3>(w, xi, xs, yi, ys, rb0, rb1); break;
-    case 2: bcq_lut8_rows<2>(w, xi, xs, yi, ys, rb0, rb1); break;
-    case 1: bcq_lut8_rows<1>(w, xi, xs, yi, ys, rb0, rb1); break;
-    default: break;
-  }
+// y [n, ys] += x @ W^T for row blocks [rb0, rb1) with int16 tables: up to 8 activation rows per pass.
+QR_LUT16 static void bcq_gemv_lut16(const BCQ& w, const float* x, int n, int xs, float* y, int ys, int rb0, int rb1) {
+  qk::for_row_blocks<8>(n, [&](auto R, int i) {
+    bcq_lut16_rows<decltype(R)::value>(w, x + (int64_t)i * xs, xs, y + (int64_t)i * ys, ys, rb0, rb1);
+  });
 }
 #endif
 
@@ -622,7 +623,8 @@ struct Model {
   // sums: their speed is that engine's.
   bool exact_order = false;
   bool weights_only = false;  // qr_model_finalize_weights: only qr_linear may use it
-  bool lut_int8 = false;  // few-row BCQ products with int8 tables (spec lut_int8=1, where the CPU has VBMI)
+  bool lut_int16 = false;  // few-row BCQ products with int16 tables (spec lut_int16=1, where the CPU has them,
+                          // not with activation quantization: exact_order)
 
   double get(const std::string& k) const {
     auto it = spec.find(k);
@@ -979,8 +981,8 @@ static void bcq_product(const Model& m, const Exec& ex, const BcqPart& part, con
   if (K->bcq_gemv) {
     const int nrb = (w.rows + 15) / 16;
 #if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__)
-    if (m.lut_int8 && w.lut) {
-      ex.par(nrb, [&](int64_t a, int64_t b) { bcq_gemv_lut8(w, x, n, xs, y, ys, (int)a, (int)b); }, work / 2, 2);
+    if (m.lut_int16 && w.lut) {
+      ex.par(nrb, [&](int64_t a, int64_t b) { bcq_gemv_lut16(w, x, n, xs, y, ys, (int)a, (int)b); }, work / 2, 2);
       return;
     }
 #endif
@@ -1765,8 +1767,8 @@ static void finalize(Model& m, bool weights_only = false) {
   m.K = pick_kernels();
   m.exact_order = !m.acts_in.empty() || !m.acts_out.empty();
 #if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__)
-  m.lut_int8 = m.spec.count("lut_int8") && m.spec.at("lut_int8") != 0 && m.K == &qk::avx512_kernels &&
-               __builtin_cpu_supports("avx512vbmi");
+  m.lut_int16 = m.spec.count("lut_int16") && m.spec.at("lut_int16") != 0 && m.K == &qk::avx512_kernels &&
+                !m.exact_order && __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("avx512vnni");
 #endif
   if (weights_only) {
     m.weights_only = m.ready = true;
@@ -1872,8 +1874,8 @@ int qr_model_finalize_weights(Model* m, char* err, int errlen) {
 }
 
 const char* qr_model_isa(Model* m) { return m->K ? m->K->name : ""; }
-// The lookup tables of the few-row BCQ products: "int8" or "fp32".
-const char* qr_model_lut(Model* m) { return m->lut_int8 ? "int8" : "fp32"; }
+// The lookup tables of the few-row BCQ products: "int16" or "fp32".
+const char* qr_model_lut(Model* m) { return m->lut_int16 ? "int16" : "fp32"; }
 
 // One product as translation runs it, bias left out: y [n, rows] = x [n, cols] W^T of module `module` (for
 // tests and benchmarks of single layers).

@@ -115,16 +115,9 @@ static void bcq_lut_rows(const BCQ& w, const float* x, int xs, float* y, int ys,
 
 // y [n, ys] += x @ W^T for the weight rows of row blocks [rb0, rb1) (16 rows each).
 static void bcq_gemv(const BCQ& w, const float* x, int n, int xs, float* y, int ys, int rb0, int rb1) {
-  int i = 0;
-  for (; i + 4 <= n; i += 4) bcq_lut_rows<4>(w, x + (int64_t)i * xs, xs, y + (int64_t)i * ys, ys, rb0, rb1);
-  const float* xi = x + (int64_t)i * xs;
-  float* yi = y + (int64_t)i * ys;
-  switch (n - i) {
-    case 3: bcq_lut_rows<3>(w, xi, xs, yi, ys, rb0, rb1); break;
-    case 2: bcq_lut_rows<2>(w, xi, xs, yi, ys, rb0, rb1); break;
-    case 1: bcq_lut_rows<1>(w, xi, xs, yi, ys, rb0, rb1); break;
-    default: break;
-  }
+  for_row_blocks<4>(n, [&](auto R, int i) {
+    bcq_lut_rows<decltype(R)::value>(w, x + (int64_t)i * xs, xs, y + (int64_t)i * ys, ys, rb0, rb1);
+  });
 }
 
 // Dequantize blocks [b0, b1) of row r, alpha group g: Q planes known at compile time (0 = w.q).
@@ -249,16 +242,9 @@ static void km_rows(const KMeans& w, const float* x, int xs, float* y, int ys, i
 
 template <int BITS>
 static void km_gemv_bits(const KMeans& w, const float* x, int n, int xs, float* y, int ys, int r0, int r1) {
-  int i = 0;
-  for (; i + 4 <= n; i += 4) km_rows<BITS, 4>(w, x + (int64_t)i * xs, xs, y + (int64_t)i * ys, ys, r0, r1);
-  const float* xi = x + (int64_t)i * xs;
-  float* yi = y + (int64_t)i * ys;
-  switch (n - i) {
-    case 3: km_rows<BITS, 3>(w, xi, xs, yi, ys, r0, r1); break;
-    case 2: km_rows<BITS, 2>(w, xi, xs, yi, ys, r0, r1); break;
-    case 1: km_rows<BITS, 1>(w, xi, xs, yi, ys, r0, r1); break;
-    default: break;
-  }
+  for_row_blocks<4>(n, [&](auto R, int i) {
+    km_rows<BITS, decltype(R)::value>(w, x + (int64_t)i * xs, xs, y + (int64_t)i * ys, ys, r0, r1);
+  });
 }
 
 static void km_gemv(const KMeans& w, const float* x, int n, int xs, float* y, int ys, int r0, int r1) {

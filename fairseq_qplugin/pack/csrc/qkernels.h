@@ -63,6 +63,27 @@ struct Kernels {
   int km_max_bits;      // km_gemv / km_deq handle bits <= this; others use the scalar kernels
 };
 
+// for_row_blocks<MAX>(n, f) calls f(Rows<K>(), i) for the activation rows [i, i + K) of n: blocks of MAX
+// rows, then one block of the n % MAX left (kernels templated on their row count K). Internal linkage:
+// each ISA unit instantiates its own (no shared template code across ISAs, see above).
+template <int K>
+struct Rows {
+  static constexpr int value = K;
+};
+template <int K, typename F>
+static inline void rows_left(int left, int i, F& f) {
+  if constexpr (K > 0) {
+    if (left == K) f(Rows<K>(), i);
+    else rows_left<K - 1>(left, i, f);
+  }
+}
+template <int MAX, typename F>
+static inline void for_row_blocks(int n, F&& f) {
+  int i = 0;
+  for (; i + MAX <= n; i += MAX) f(Rows<MAX>(), i);
+  rows_left<MAX - 1>(n - i, i, f);
+}
+
 extern const Kernels scalar_kernels;
 #if defined(__x86_64__) || defined(_M_X64)
 extern const Kernels avx2_kernels;
