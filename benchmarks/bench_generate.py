@@ -16,7 +16,8 @@ test split:
 - peak RSS: the child process's own high-water mark (VmHWM), imports and model loading included.
 - "NAME (fairseq-qtranslate)" rows: the torch-free runtime (fairseq_qruntime) on the packed model
   exported with ``fairseq-qpack --export`` (file: model.safetensors), on the raw source (it runs
-  sentencepiece itself; tokenization is outside its timed part, as for the other rows).
+  sentencepiece itself; tokenization is outside its timed part, as for the other rows), with its default
+  arithmetic (``--lut auto``: int16 where the CPU has it; ``--lut fp32,...`` adds rows).
 - file: bytes of the model file (fp32: the checkpoint without optimizer state; CTranslate2: model.bin).
 - BLEU: sacrebleu (13a, mixed case) on the sentencepiece-detokenized output against the raw
   reference, as recipes/generate.sh scores.
@@ -193,9 +194,9 @@ def prepare_models(args, out: Path):
                 log(f"{name}: fairseq-qpack --export {rt} {packed}")
                 run_checked([sys.executable, "-m", "fairseq_qplugin.pack.cli", "--export", rt, packed,
                              "--data", args.data_bin], f"fairseq-qpack --export {packed}")
-            for lut in args.lut.split(","):  # "runtime" rows: fp32 tables; "runtime:int16": --lut int16
-                rows.append((name + (RUNTIME_SUFFIX if lut == "fp32" else f" (fairseq-qtranslate --lut {lut})"), rt,
-                             "runtime" if lut == "fp32" else f"runtime:{lut}", (rt / "model.safetensors").stat().st_size))
+            for lut in args.lut.split(","):  # "runtime" rows: the default (--lut auto); "runtime:fp32": --lut fp32
+                rows.append((name + (RUNTIME_SUFFIX if lut == "auto" else f" (fairseq-qtranslate --lut {lut})"), rt,
+                             "runtime" if lut == "auto" else f"runtime:{lut}", (rt / "model.safetensors").stat().st_size))
         if name == "int8" and args.int8_dequant:
             rows.append(("int8 (dequant kernel)", packed, ["--model-overrides", "{'int8_kernel': 'dequant'}"],
                          packed.stat().st_size))
@@ -277,7 +278,7 @@ def ct2_run(args, data: Path, model: Path, batch, beam, log_path: Path):
     return r["hyps"], r["tokens"], r["seconds"], rss
 
 
-def runtime_run(args, data: Path, model_dir: Path, batch, beam, log_path: Path, lut="fp32"):
+def runtime_run(args, data: Path, model_dir: Path, batch, beam, log_path: Path, lut="auto"):
     """fairseq-qtranslate (the torch-free runtime) on the raw source; its --stats JSON has tokens and seconds
     counted as fairseq's (output tokens + EOS, translation time only)."""
     stats = log_path.with_suffix(".json")
@@ -353,9 +354,9 @@ def get_parser():
                    help="leave out the fairseq-generate rows of the packed files")
     p.add_argument("--no-fairseq", dest="fairseq", action="store_false",
                    help="leave out every fairseq-generate row (fp32 and packed)")
-    p.add_argument("--lut", default="fp32",
-                   help="comma-separated lookup-table types of the runtime rows (fairseq-qtranslate --lut): "
-                        "fp32, int16, auto or fp32,int16 (one row each)")
+    p.add_argument("--lut", default="auto",
+                   help="comma-separated arithmetic of the runtime rows (fairseq-qtranslate --lut): auto (the "
+                        "default: int16 where the CPU has it), int16, fp32 (exact) or e.g. auto,fp32 (one row each)")
     p.add_argument("--no-runtime", dest="runtime", action="store_false",
                    help="leave out the torch-free runtime rows (fairseq-qtranslate on each packed model)")
     p.add_argument("--no-int8-dequant", dest="int8_dequant", action="store_false",
@@ -418,7 +419,7 @@ def run_row(args, data: Path, out: Path, label, path, extra, batch, beam, rnd):
     if extra is None:
         return ct2_run(args, data, path, batch, beam, log_path)
     if is_runtime(extra):
-        return runtime_run(args, data, path, batch, beam, log_path, extra.partition(":")[2] or "fp32")
+        return runtime_run(args, data, path, batch, beam, log_path, extra.partition(":")[2] or "auto")
     return fairseq_run(args, data, path, extra, batch, beam, log_path)
 
 

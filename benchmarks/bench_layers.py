@@ -17,8 +17,9 @@ to stream the weight from DRAM; layers that fit in cache can beat it); the last 
 speedups of BCQ 3-bit over fp32 and over torch.ao int8. Which kernels ran (C++ ISA or pure torch) is
 printed above the table; ``QPLUGIN_KERNELS=torch`` benchmarks the fallback. ``--runtime`` adds the
 torch-free runtime's product on the same BCQ 3-bit weight (``fairseq_qruntime.model.BcqLayer``, called
-through ctypes: a few microseconds of call overhead are included) with its exact fp32 lookup tables
-("rt bcq3") and with int16 tables ("rt bcq3 int16"), and their speedups over torch.ao int8 and fp32.
+through ctypes: a few microseconds of call overhead are included) with its exact fp32 arithmetic
+("rt bcq3": lookup tables for few rows, dequantize + GEMM for many) and with int16 arithmetic ("rt bcq3
+int16": tables up to 96 rows, an int16 GEMM above), and their speedups over torch.ao int8 and fp32.
 """
 import argparse
 import logging
@@ -148,7 +149,7 @@ def main():
     p.add_argument("--threads", default="1,2")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--runtime", action="store_true",
-                   help="add the torch-free runtime's BCQ 3-bit product (fp32 and int8 lookup tables)")
+                   help="add the torch-free runtime's BCQ 3-bit product (fp32 and int16 arithmetic)")
     p.add_argument("--crossover", action="store_true", help="direct kernel vs tile + BLAS by row count")
     p.add_argument("--cpu-time", action="store_true",
                    help="time with the calling thread's CPU time (robust on a loaded machine; 1 thread only)")

@@ -27,9 +27,10 @@ def get_parser():
     p.add_argument("--max-batch-tokens", type=int, default=6000, help="padded source tokens per batch at most")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--lut", choices=("auto", "fp32", "int16"), default="auto",
-                   help="lookup tables of the packed BCQ products over few rows (batch x beam <= 24): int16 "
-                        "(faster; error bound in docs/runtime.md; needs AVX-512 VBMI and VNNI), fp32 (exact: "
-                        "the translations of fairseq-generate) or auto (default: int16 where the CPU has them)")
+                   help="arithmetic of the packed BCQ products (int16 lookup tables for few rows, an int16 "
+                        "GEMM for many): int16 (faster; error bound in docs/runtime.md; needs AVX-512 VBMI and "
+                        "VNNI), fp32 (exact: the translations of fairseq-generate) or auto (default: int16 "
+                        "where the CPU has it)")
     p.add_argument("--lenpen", type=float, default=1.0)
     p.add_argument("--max-len-a", type=float, default=0.0)
     p.add_argument("--max-len-b", type=int, default=200)

@@ -19,7 +19,7 @@ import numpy as np
 logger = logging.getLogger("fairseq_qruntime")
 
 FORMAT, VERSION = "fairseq-qruntime", 1
-LUTS = ("auto", "fp32", "int16")  # lookup tables of the few-row BCQ products (Model(lut=...))
+LUTS = ("auto", "fp32", "int16")  # arithmetic of the BCQ products (Model(lut=...)): int16 tables / GEMM or fp32
 ACTIVATIONS = {"relu": 0, "gelu": 1, "gelu_accurate": 2, "gelu_fast": 2, "tanh": 3, "linear": 4}
 SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")
 _ERRLEN = 2048
@@ -163,10 +163,10 @@ class Model:
     """An exported model loaded into the engine; immutable, shared by any number of threads."""
 
     def __init__(self, model_dir: str, lut: str = "auto"):
-        """``lut``: the lookup tables of the few-row BCQ products: "int16" (faster, within the error bound of
-        docs/runtime.md; needs AVX-512 VBMI and VNNI and no activation quantization, else fp32 with a warning),
-        "fp32" (exact: the products of fairseq-generate) or "auto" (the default: int16 where they run, else
-        fp32)."""
+        """``lut``: the arithmetic of the BCQ products: "int16" (lookup tables for few rows, a GEMM for many;
+        faster, within the error bound of docs/runtime.md; needs AVX-512 VBMI and VNNI and no activation
+        quantization, else fp32 with a warning), "fp32" (exact: the products of fairseq-generate) or "auto"
+        (the default: int16 where it runs, else fp32)."""
         if lut not in LUTS:
             raise ValueError(f"lut must be one of {', '.join(LUTS)}, got {lut!r}")
         self.dir = model_dir
@@ -188,8 +188,8 @@ class Model:
         self.isa = lib.qr_model_isa(self._ptr).decode()
         self.lut = lib.qr_model_lut(self._ptr).decode()
         if lut == "int16" and self.lut != lut:
-            logger.warning("int16 lookup tables need AVX-512 VBMI and VNNI (this CPU, kernels %s) and a model "
-                           "without activation quantization: using the fp32 tables", self.isa)
+            logger.warning("int16 products need AVX-512 VBMI and VNNI (this CPU, kernels %s) and a model "
+                           "without activation quantization: using fp32", self.isa)
         self.max_source_positions = int(cfg["encoder"]["max_positions"])
 
     def __del__(self):

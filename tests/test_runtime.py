@@ -128,7 +128,7 @@ def test_runtime_matches_fairseq(rt, exported, tiny_data, name):
 
     packed, model_dir = exported(name)
     model, task = fairseq_model(packed, tiny_data / "bin")
-    engine = rt.Model(str(model_dir), lut="fp32")  # the exact tables; the default (int16 tables): below
+    engine = rt.Model(str(model_dir), lut="fp32")  # exact products; the default (int16 products): below
     fast = rt.Model(str(model_dir))
     pad, tgt = task.target_dictionary.pad(), task.target_dictionary
     worst, positions, off, worst_fast = 0.0, 0, 0, 0.0
@@ -145,9 +145,9 @@ def test_runtime_matches_fairseq(rt, exported, tiny_data, name):
                 if fast.lut == "int16":  # else the same engine as above
                     got = fast.score([src[i]], prev[:n].numpy()[None])[0]
                     worst_fast = max(worst_fast, float(np.abs(got - logits[i, :n]).max()))
-    # int16 tables (docs/runtime.md, Lookup tables; not for models with activation quantization): measured
+    # int16 products (docs/runtime.md, int16 products; not for models with activation quantization): measured
     # up to 5.7e-4 on these models (d=32; 0 where no BCQ product runs)
-    assert worst_fast <= 2e-3, f"{name}: teacher-forced logits with int16 tables differ by {worst_fast}"
+    assert worst_fast <= 2e-3, f"{name}: teacher-forced logits with int16 products differ by {worst_fast}"
     if name in ACT_QUANT:
         # Quantized activations: a value within float rounding of a rounding boundary may land one step
         # away in either engine (other summation order); measured 14 of 2,028 positions.
@@ -170,7 +170,7 @@ def test_runtime_matches_fairseq(rt, exported, tiny_data, name):
                     same += 1
                     assert abs(float(r[0]["score"]) - g[0][1]) <= 1e-4
         assert same == total, f"{name} beam {beam}: {total - same} of {total} hypotheses differ"
-        assert same_fast >= total - 1, f"{name} beam {beam}, int16 tables: {total - same_fast} of {total} differ"
+        assert same_fast >= total - 1, f"{name} beam {beam}, int16 products: {total - same_fast} of {total} differ"
 
 
 @pytest.mark.parametrize("name", ["bcq3", "fp32"])

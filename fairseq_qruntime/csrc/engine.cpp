@@ -5,8 +5,10 @@
 // The packed-weight kernels are the project's own (fairseq_qplugin/pack/csrc: scalar.cpp, avx2.cpp,
 // avx512.cpp, linked into this library); the set is chosen at run time from the CPU. Products over many
 // activation rows (dequantized tiles of packed weights, dense fp32 weights) run a packed-panel GEMM with
-// register-tiled AVX-512 / AVX2 / portable micro-kernels of the same ISA; other fp32 loops are compiled
-// for AVX-512 / AVX2 / baseline and chosen at run time (GCC target_clones); no BLAS.
+// register-tiled AVX-512 / AVX2 / portable micro-kernels of the same ISA; with Model::lut_int16 (the default
+// where AVX-512 VBMI + VNNI run) BCQ products run in int16 instead (lookup tables for few rows, an int16
+// GEMM for many; docs/runtime.md states their error bound); other fp32 loops are compiled for AVX-512 /
+// AVX2 / baseline and chosen at run time (GCC target_clones); no BLAS.
 //
 // Semantics are fairseq's transformer (TransformerEncoder/Decoder, MultiheadAttention) and its
 // SequenceGenerator + BeamSearch, step by step (see docs/runtime.md):
@@ -139,7 +141,9 @@ static const Kernels* generic_of(const Kernels* k) {
 }
 
 // Activation rows up to which the direct kernels beat dequantize-tile + GEMM (ops.cpp's values; with the
-// packed-panel GEMM below, 16 and 40 were measured slower / no faster than 24 for BCQ 3-bit at beam 5).
+// packed-panel GEMM below, 16 and 40 were measured slower / no faster than 24 for BCQ 3-bit at beam 5), and
+// the int16 tables the int16 GEMM (BCQ 3-bit, 512x512 / 2048x512 / 512x2048: equal at about 96 rows).
+constexpr int kBcqSmallMaxLut16 = 96;
 constexpr int kBcqSmallMaxDirect = 24, kBcqSmallMaxLut = 2, kKmSmallMaxAvx512 = 24, kKmSmallMaxGeneric = 1;
 constexpr int kLutChunks = 256;
 
@@ -417,6 +421,175 @@ QR_LUT16 static void bcq_gemv_lut16(const BCQ& w, const float* x, int n, int xs,
     bcq_lut16_rows<decltype(R)::value>(w, x + (int64_t)i * xs, xs, y + (int64_t)i * ys, ys, rb0, rb1);
   });
 }
+
+// BCQ, many activation rows, in int16 (Model::lut_int16, as the tables above): a packed-panel GEMM with
+// vpdpwssd, two int16 products per int32 lane (twice the multiply-adds of an fp32 FMA per instruction). Per
+// block of kG16Cols columns, each 64-row weight panel is dequantized in fp32 (as bcq_panel_avx512) and
+// rounded to int16 with one scale per weight row (its largest sum of |alpha| / kG16W, >= max |w| / kG16W),
+// and each activation row with one scale s = max(max |x| / 32767, sum |x| / kG16L): the int32 sum of a
+// block is exact, |sum| <= sum |x / s| * kG16W < 2^31 (the rounding adds at most kG16Cols / 2 to
+// sum |x / s|), and goes to fp32 times both scales.
+constexpr int kG16Cols = 256, kG16W = 4095, kG16L = ((1u << 31) - 1) / kG16W - kG16Cols;
+
+// xq [i][c / 2]: the int16 pair (x[i][c], x[i][c + 1]) rounded with sx [i][c / kG16Cols]; rows of xqs pairs
+// (xqs * 2 >= cols, a multiple of 16), zero past cols.
+QR_LUT16 static void quant16_rows(const float* x, int n, int64_t xs, int cols, uint32_t* xq, int64_t xqs, float* sx) {
+  const int nb = (cols + kG16Cols - 1) / kG16Cols;
+  const __m512 absm = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
+  for (int i = 0; i < n; ++i) {
+    const float* xi = x + (int64_t)i * xs;
+    char* qi = reinterpret_cast<char*>(xq + (int64_t)i * xqs);
+    for (int b = 0; b * kG16Cols < 2 * xqs; ++b) {
+      const int c0 = b * kG16Cols, c1 = std::min<int64_t>(c0 + kG16Cols, 2 * xqs);
+      auto live = [&](int c) { return (__mmask16)(c + 16 <= cols ? 0xFFFF : c >= cols ? 0 : (1u << (cols - c)) - 1); };
+      __m512 mx = _mm512_setzero_ps(), sum = _mm512_setzero_ps();
+      for (int c = c0; c < c1; c += 16) {
+        const __m512 a = _mm512_and_ps(_mm512_maskz_loadu_ps(live(c), xi + c), absm);
+        mx = _mm512_max_ps(mx, a);
+        sum = _mm512_add_ps(sum, a);
+      }
+      // 1.0001: room for the rounding of the float sum
+      const float s = std::max(_mm512_reduce_max_ps(mx) / 32767.f, _mm512_reduce_add_ps(sum) * (1.0001f / kG16L));
+      if (b < nb) sx[(int64_t)i * nb + b] = s;
+      const __m512 inv = _mm512_set1_ps(s > 0.f ? 1.f / s : 0.f);
+      for (int c = c0; c < c1; c += 16) {
+        const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(live(c), xi + c), inv));
+        _mm256_storeu_si256((__m256i*)(qi + 2 * c), _mm512_cvtsepi32_epi16(q));  // |q| <= 32767
+      }
+    }
+  }
+}
+
+// alpha_p of the 16 rows of row block rb in group g (zero past the live rows).
+QR_LUT16 static inline __m512 alpha16(const BCQ& w, int p, int rb, __mmask16 live, int g) {
+  alignas(64) float t[16];
+  for (int i = 0; i < 16; ++i) t[i] = live >> i & 1 ? *w.a(p, rb * 16 + i, g) : 0.f;
+  return _mm512_load_ps(t);
+}
+
+// The int16 panel P16 [kc / 2][32] (row stride ld) of BCQ weight rows [r, r + 32) over columns [c0, c0 + kc)
+// (c0 a multiple of 32): P16 [k][j] holds the pair (w[r + j][c0 + 2k], w[r + j][c0 + 2k + 1]) (zero past kc
+// and the rows), each the fp32 sum over planes of +-alpha (as bcq_panel_avx512) times 1 / sw [j], rounded;
+// sw [j] = the row's largest sum_p |alpha_p| over the groups of the columns / kG16W. Q: bit planes.
+template <int Q>
+QR_LUT16 static void bcq_panel16(const BCQ& w, int r, int c0, int kc, uint32_t* P16, int ld, float* sw) {
+  const int gs = w.cols / w.groups, nrb = (w.rows + 15) / 16;
+  const int g0 = std::min(c0 / gs, w.groups - 1), g1 = std::min((c0 + kc - 1) / gs, w.groups - 1);
+  const __m512 absm = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF)), zero = _mm512_setzero_ps();
+  const __m512i lo = _mm512_set1_epi32(0xFFFF), one = _mm512_set1_epi32(1);
+  for (int h = 0; h < 2; ++h) {
+    const int rb = r / 16 + h;
+    if (rb >= nrb) {
+      for (int k = 0; k < kc; k += 2) _mm512_store_si512(P16 + k / 2 * ld + 16 * h, _mm512_setzero_si512());
+      _mm512_storeu_ps(sw + 16 * h, zero);
+      continue;
+    }
+    const __mmask16 live = (__mmask16)(rb * 16 + 16 <= w.rows ? 0xFFFF : (1u << (w.rows - rb * 16)) - 1);
+    __m512 mx = zero;
+    for (int g = g0; g <= g1; ++g) {
+      __m512 t = zero;
+      for (int p = 0; p < Q; ++p) t = _mm512_add_ps(t, _mm512_and_ps(alpha16(w, p, rb, live, g), absm));
+      mx = _mm512_max_ps(mx, t);
+    }
+    _mm512_storeu_ps(sw + 16 * h, _mm512_div_ps(mx, _mm512_set1_ps((float)kG16W)));
+    const __m512 inv = _mm512_maskz_div_ps(_mm512_cmp_ps_mask(mx, zero, _CMP_GT_OQ), _mm512_set1_ps((float)kG16W), mx);
+    __m512 a[Q], na[Q];
+    for (int k = 0, g = -1; k < kc; k += 32) {  // one 32-column chunk of the planes
+      __m512i wd[Q];
+      for (int p = 0; p < Q; ++p)
+        wd[p] = _mm512_load_si512(w.lut + (((int64_t)p * nrb + rb) * w.chunks + (c0 + k) / 32) * 16);
+      for (int j = 0; j < std::min(32, kc - k); j += 2) {
+        __m512i qc[2];  // columns c0 + k + j and the next: the 16 rows' rounded weights, int32
+        for (int e = 0; e < 2; ++e) {
+          const int c = c0 + k + j + e, gc = std::min(c / gs, w.groups - 1);
+          if (gc != g) {
+            g = gc;
+            for (int p = 0; p < Q; ++p) {
+              a[p] = _mm512_mul_ps(alpha16(w, p, rb, live, g), inv);
+              na[p] = _mm512_sub_ps(zero, a[p]);
+            }
+          }
+          __m512 v = zero;
+          for (int p = 0; p < Q; ++p) {
+            v = _mm512_add_ps(v, _mm512_mask_blend_ps(_mm512_test_epi32_mask(wd[p], one), na[p], a[p]));
+            wd[p] = _mm512_srli_epi32(wd[p], 1);
+          }
+          qc[e] = j + e < kc - k ? _mm512_cvtps_epi32(v) : _mm512_setzero_si512();
+        }
+        _mm512_store_si512(P16 + (k + j) / 2 * ld + 16 * h,
+                           _mm512_or_si512(_mm512_and_si512(qc[0], lo), _mm512_slli_epi32(qc[1], 16)));
+      }
+    }
+  }
+}
+
+// y [i][j] (+)= sx_i sw_j sum_k xq[i][k] . P16[k][j] for MR <= 4 rows and the panel's 64 outputs (masks m):
+// 16 int32 accumulators, which GCC keeps in registers (tiles of 24, 6 x 64 or 12 x 32, it spilled).
+template <int MR>
+QR_LUT16 static inline void mk16(const uint32_t* xq, int64_t xqs, const float* sx, int64_t sxs, const uint32_t* P16, int kp,
+                                 const float* sw, float* y, int64_t ys, const __mmask16* m, bool acc) {
+  __m512i c0[MR], c1[MR], c2[MR], c3[MR];
+  for (int i = 0; i < MR; ++i) c0[i] = c1[i] = c2[i] = c3[i] = _mm512_setzero_si512();
+  for (int k = 0; k < kp; ++k) {
+    const __m512i b0 = _mm512_load_si512(P16 + k * 64), b1 = _mm512_load_si512(P16 + k * 64 + 16);
+    const __m512i b2 = _mm512_load_si512(P16 + k * 64 + 32), b3 = _mm512_load_si512(P16 + k * 64 + 48);
+    for (int i = 0; i < MR; ++i) {
+      const __m512i a = _mm512_set1_epi32((int)xq[i * xqs + k]);
+      c0[i] = _mm512_dpwssd_epi32(c0[i], a, b0);
+      c1[i] = _mm512_dpwssd_epi32(c1[i], a, b1);
+      c2[i] = _mm512_dpwssd_epi32(c2[i], a, b2);
+      c3[i] = _mm512_dpwssd_epi32(c3[i], a, b3);
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    const __m512 s = _mm512_set1_ps(sx[i * sxs]);
+    float* yi = y + i * ys;
+    const __m512i ci[4] = {c0[i], c1[i], c2[i], c3[i]};
+    for (int t = 0; t < 4; ++t) {
+      __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(ci[t]), _mm512_mul_ps(s, _mm512_loadu_ps(sw + 16 * t)));
+      if (acc) f = _mm512_add_ps(f, _mm512_maskz_loadu_ps(m[t], yi + 16 * t));
+      _mm512_mask_storeu_ps(yi + 16 * t, m[t], f);
+    }
+  }
+}
+
+// y [n, rows] = x W^T for the weight rows of 64-row blocks [b0, b1): per block of kG16Cols columns, the int16
+// panel of the 64 rows is written once and used for all n rows (xq, sx: from quant16_rows).
+QR_LUT16 static void bcq_gemm16(const BCQ& w, const uint32_t* xq, int64_t xqs, const float* sx, int n, float* y, int64_t ys,
+                                int b0, int b1) {
+  constexpr int NB = 4, MRMAX = 4;
+  alignas(64) uint32_t P16[kG16Cols / 2 * 16 * NB];
+  float sw[16 * NB];
+  const int nb = (w.cols + kG16Cols - 1) / kG16Cols;
+  for (int r = b0 * 16 * NB; r < std::min(w.rows, b1 * 16 * NB); r += 16 * NB) {
+    __mmask16 m[NB];
+    for (int t = 0; t < NB; ++t) {
+      const int nr = w.rows - r - 16 * t;
+      m[t] = nr >= 16 ? 0xFFFF : nr <= 0 ? 0 : (__mmask16)((1u << nr) - 1);
+    }
+    for (int b = 0; b < nb; ++b) {
+      const int c0 = b * kG16Cols, kc = std::min(kG16Cols, w.cols - c0), kp = (kc + 1) / 2;
+      {
+        Timer td(P_DEQ);
+        for (int t = 0; t < NB; t += 2) {
+          uint32_t* Pt = P16 + 16 * t;
+          switch (w.q) {
+            case 1: bcq_panel16<1>(w, r + 16 * t, c0, kc, Pt, 16 * NB, sw + 16 * t); break;
+            case 2: bcq_panel16<2>(w, r + 16 * t, c0, kc, Pt, 16 * NB, sw + 16 * t); break;
+            case 3: bcq_panel16<3>(w, r + 16 * t, c0, kc, Pt, 16 * NB, sw + 16 * t); break;
+            default: bcq_panel16<4>(w, r + 16 * t, c0, kc, Pt, 16 * NB, sw + 16 * t); break;
+          }
+        }
+      }
+      const uint32_t* xb = xq + c0 / 2;
+      float* yr = y + r;
+      qk::for_row_blocks<MRMAX>(n, [&](auto R, int i) {
+        constexpr int MR = decltype(R)::value;
+        mk16<MR>(xb + i * xqs, xqs, sx + (int64_t)i * nb + b, nb, P16, kp, sw, yr + i * ys, ys, m, b > 0);
+      });
+    }
+  }
+}
 #endif
 
 static void panel_portable(const float* x, int n, int64_t xs, const float* P, int kc, float* y, int64_t ys, int nr,
@@ -623,8 +796,8 @@ struct Model {
   // sums: their speed is that engine's.
   bool exact_order = false;
   bool weights_only = false;  // qr_model_finalize_weights: only qr_linear may use it
-  bool lut_int16 = false;  // few-row BCQ products with int16 tables (spec lut_int16=1, where the CPU has them,
-                          // not with activation quantization: exact_order)
+  bool lut_int16 = false;  // BCQ products in int16: tables for few rows, GEMM for many (spec lut_int16=1, where
+                          // the CPU has them, not with activation quantization: exact_order)
 
   double get(const std::string& k) const {
     auto it = spec.find(k);
@@ -963,9 +1136,22 @@ static void bcq_product(const Model& m, const Exec& ex, const BcqPart& part, con
   const bool aligned = w.groups == 1 || (w.cols / w.groups) % K->bcq_group_align == 0;
   if (!aligned) K = generic_of(K);
   const bool lut_ok = w.groups == 1 || (w.cols / w.groups) % K->bcq_group_align == 0;
-  const int small_max = K->bcq_gemv ? kBcqSmallMaxDirect : kBcqSmallMaxLut;
+  const bool int16 = m.lut_int16 && w.lut && K == m.K;  // int16 tables / GEMM (AVX-512 only)
+  const int small_max = int16 ? kBcqSmallMaxLut16 : K->bcq_gemv ? kBcqSmallMaxDirect : kBcqSmallMaxLut;
   if (n > small_max || !lut_ok) {
 #if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__)
+    if (int16) {
+      Timer tm(P_GEMM);
+      if (g_prof_on) g_gemm_flop += 2 * (int64_t)n * w.rows * w.cols;
+      const int64_t xqs = round16((w.cols + 1) / 2);
+      std::vector<uint32_t> xq((size_t)n * xqs);
+      std::vector<float> sx((size_t)n * ((w.cols + kG16Cols - 1) / kG16Cols));
+      quant16_rows(x, n, xs, w.cols, xq.data(), xqs, sx.data());
+      ex.par((w.rows + 63) / 64, [&](int64_t a, int64_t b) {
+        bcq_gemm16(w, xq.data(), xqs, sx.data(), n, y, ys, (int)a, (int)b);
+      }, (int64_t)n * w.rows * w.cols);
+      return;
+    }
     if (gemm_isa(m) == G_AVX512 && w.lut) {
       deq_gemm(m, ex, w, K->bcq_deq, x, n, xs, y, ys,
                [&](int r, int c0, int kc, float* P) { bcq_panel_avx512(w, r, c0, kc, P); });
@@ -981,7 +1167,7 @@ static void bcq_product(const Model& m, const Exec& ex, const BcqPart& part, con
   if (K->bcq_gemv) {
     const int nrb = (w.rows + 15) / 16;
 #if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__)
-    if (m.lut_int16 && w.lut) {
+    if (int16) {
       ex.par(nrb, [&](int64_t a, int64_t b) { bcq_gemv_lut16(w, x, n, xs, y, ys, (int)a, (int)b); }, work / 2, 2);
       return;
     }
