@@ -26,10 +26,10 @@ def rt():
     return BcqLayer
 
 
-def layers(BcqLayer, rows, cols, group_size=0):
+def layers(BcqLayer, rows, cols, group_size=0, bits=3):
     torch.manual_seed(rows * 7 + cols)
     w = torch.randn(rows, cols) * 0.05
-    pw = pack_weight(quantize(w, QuantSpec("bcq", 3, group_size=group_size)))
+    pw = pack_weight(quantize(w, QuantSpec("bcq", bits, group_size=group_size)))
     planes, alpha = pw.planes.numpy(), pw.alpha.float().numpy()
     deq = pw.dequantize_rows(slice(None)).float().numpy()
     return BcqLayer(planes, alpha, cols, "fp32"), BcqLayer(planes, alpha, cols, "int16"), deq
@@ -58,6 +58,18 @@ def test_lut_tables_fp32_exact_int16_within_bound(rt, rows, cols, gs):
         err = rel(fast.linear(x), y)
         assert 2e-5 < err < INT16_BOUND, (n, err)  # int16 products ran (not exact) and kept the contract
         assert np.array_equal(fast.linear(x, threads=2), fast.linear(x))  # threads split weight rows only
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4])
+def test_int16_gemm_other_bit_widths(rt, bits):
+    """The int16 GEMM's weight tables (2^bits codes per row, 64 / 2^bits rows per vpermt2w table pair) for
+    1, 2 and 4 bit planes, with alpha groups; 3 bits: the test above."""
+    exact, fast, deq = layers(rt, 100, 512, 64, bits)
+    x = np.random.default_rng(1).standard_normal((161, 512)).astype(np.float32)
+    y = exact.linear(x)
+    assert rel(y, x @ deq.T) < 1e-5
+    if fast.lut == "int16":
+        assert 2e-5 < rel(fast.linear(x), y) < INT16_BOUND
 
 
 def test_int16_products_worst_case_sums(rt):

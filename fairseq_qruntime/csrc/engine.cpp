@@ -424,24 +424,25 @@ QR_LUT16 static void bcq_gemv_lut16(const BCQ& w, const float* x, int n, int xs,
 
 // BCQ, many activation rows, in int16 (Model::lut_int16, as the tables above): a packed-panel GEMM with
 // vpdpwssd, two int16 products per int32 lane (twice the multiply-adds of an fp32 FMA per instruction). Per
-// block of kG16Cols columns, each 64-row weight panel is dequantized in fp32 (as bcq_panel_avx512) and
-// rounded to int16 with one scale per weight row (its largest sum of |alpha| / kG16W, >= max |w| / kG16W),
-// and each activation row with one scale s = max(max |x| / 32767, sum |x| / kG16L): the int32 sum of a
+// block of kG16Cols columns, each 64-row weight panel is written in int16 (bcq_panel16: each weight the
+// rounded fp32 sum of +-alpha, one scale per weight row: its largest sum of |alpha| / kG16W, >= max |w| /
+// kG16W), and each activation row with one scale s = max(max |x| / 32767, sum |x| / kG16L): the int32 sum of a
 // block is exact, |sum| <= sum |x / s| * kG16W < 2^31 (the rounding adds at most kG16Cols / 2 to
 // sum |x / s|), and goes to fp32 times both scales.
 constexpr int kG16Cols = 256, kG16W = 4095, kG16L = ((1u << 31) - 1) / kG16W - kG16Cols;
 
-// xq [i][c / 2]: the int16 pair (x[i][c], x[i][c + 1]) rounded with sx [i][c / kG16Cols]; rows of xqs pairs
-// (xqs * 2 >= cols, a multiple of 16), zero past cols.
+// xq [i][16 h + j]: the int16 pair (x[i][32 h + j], x[i][32 h + 16 + j]) (j < 16; columns j and 16 + j of
+// 32-column chunk h, the pairing of the bit planes' 16-bit halves) rounded with sx [i][32 h / kG16Cols];
+// rows of xqs pairs (16 * ceil(cols / 32)), zero past cols.
 QR_LUT16 static void quant16_rows(const float* x, int n, int64_t xs, int cols, uint32_t* xq, int64_t xqs, float* sx) {
   const int nb = (cols + kG16Cols - 1) / kG16Cols;
   const __m512 absm = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
+  const __m512i lo = _mm512_set1_epi32(0xFFFF), qmax = _mm512_set1_epi32(32767), qmin = _mm512_set1_epi32(-32767);
+  auto live = [&](int c) { return (__mmask16)(c + 16 <= cols ? 0xFFFF : c >= cols ? 0 : (1u << (cols - c)) - 1); };
   for (int i = 0; i < n; ++i) {
     const float* xi = x + (int64_t)i * xs;
-    char* qi = reinterpret_cast<char*>(xq + (int64_t)i * xqs);
-    for (int b = 0; b * kG16Cols < 2 * xqs; ++b) {
+    for (int b = 0; b < nb; ++b) {
       const int c0 = b * kG16Cols, c1 = std::min<int64_t>(c0 + kG16Cols, 2 * xqs);
-      auto live = [&](int c) { return (__mmask16)(c + 16 <= cols ? 0xFFFF : c >= cols ? 0 : (1u << (cols - c)) - 1); };
       __m512 mx = _mm512_setzero_ps(), sum = _mm512_setzero_ps();
       for (int c = c0; c < c1; c += 16) {
         const __m512 a = _mm512_and_ps(_mm512_maskz_loadu_ps(live(c), xi + c), absm);
@@ -450,11 +451,16 @@ QR_LUT16 static void quant16_rows(const float* x, int n, int64_t xs, int cols, u
       }
       // 1.0001: room for the rounding of the float sum
       const float s = std::max(_mm512_reduce_max_ps(mx) / 32767.f, _mm512_reduce_add_ps(sum) * (1.0001f / kG16L));
-      if (b < nb) sx[(int64_t)i * nb + b] = s;
+      sx[(int64_t)i * nb + b] = s;
       const __m512 inv = _mm512_set1_ps(s > 0.f ? 1.f / s : 0.f);
-      for (int c = c0; c < c1; c += 16) {
-        const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(live(c), xi + c), inv));
-        _mm256_storeu_si256((__m256i*)(qi + 2 * c), _mm512_cvtsepi32_epi16(q));  // |q| <= 32767
+      for (int c = c0; c < c1; c += 32) {
+        __m512i q[2];
+        for (int e = 0; e < 2; ++e) {
+          const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(live(c + 16 * e), xi + c + 16 * e), inv));
+          q[e] = _mm512_max_epi32(_mm512_min_epi32(v, qmax), qmin);
+        }
+        const __m512i pair = _mm512_or_si512(_mm512_and_si512(q[0], lo), _mm512_slli_epi32(q[1], 16));
+        _mm512_storeu_si512(xq + (int64_t)i * xqs + c / 2, pair);
       }
     }
   }
@@ -467,58 +473,71 @@ QR_LUT16 static inline __m512 alpha16(const BCQ& w, int p, int rb, __mmask16 liv
   return _mm512_load_ps(t);
 }
 
-// The int16 panel P16 [kc / 2][32] (row stride ld) of BCQ weight rows [r, r + 32) over columns [c0, c0 + kc)
-// (c0 a multiple of 32): P16 [k][j] holds the pair (w[r + j][c0 + 2k], w[r + j][c0 + 2k + 1]) (zero past kc
-// and the rows), each the fp32 sum over planes of +-alpha (as bcq_panel_avx512) times 1 / sw [j], rounded;
-// sw [j] = the row's largest sum_p |alpha_p| over the groups of the columns / kG16W. Q: bit planes.
+// The int16 panel P16 [16 * ceil(kc / 32)][16] (row stride ld) of BCQ weight rows [r, r + 16) over columns
+// [c0, c0 + kc) (c0 a multiple of 32): P16 [16 h + t][j] holds the pair (w[r + j][c], w[r + j][c + 16]), c =
+// c0 + 32 h + t (the pairing of quant16_rows), each round(sum over planes of +-alpha / sw [j]), sw [j] = the
+// row's largest sum_p |alpha_p| over the groups of the columns / kG16W. Per row and alpha group, the 2^Q
+// values (one per code m: bit p = plane p's bit) are rounded once into int16 tables; per pair of columns
+// the codes of the 16 rows index them with vpermt2w (64 entries: 64 / 2^Q rows per table pair). A plane's
+// 32-column word of row j, read as two 16-bit lanes, holds exactly the bits of columns t and t + 16 of
+// that row at bit t: shifting it right once per step gives each step's codes. Q: bit planes (1-4).
 template <int Q>
 QR_LUT16 static void bcq_panel16(const BCQ& w, int r, int c0, int kc, uint32_t* P16, int ld, float* sw) {
-  const int gs = w.cols / w.groups, nrb = (w.rows + 15) / 16;
-  const int g0 = std::min(c0 / gs, w.groups - 1), g1 = std::min((c0 + kc - 1) / gs, w.groups - 1);
+  constexpr int E = 1 << Q, R = std::min(16, 64 / E), NP = 16 / R;  // codes per row, rows per table pair, pairs
+  const int gs = w.cols / w.groups, nrb = (w.rows + 15) / 16, rb = r / 16, nch = (kc + 31) / 32;
   const __m512 absm = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF)), zero = _mm512_setzero_ps();
-  const __m512i lo = _mm512_set1_epi32(0xFFFF), one = _mm512_set1_epi32(1);
-  for (int h = 0; h < 2; ++h) {
-    const int rb = r / 16 + h;
-    if (rb >= nrb) {
-      for (int k = 0; k < kc; k += 2) _mm512_store_si512(P16 + k / 2 * ld + 16 * h, _mm512_setzero_si512());
-      _mm512_storeu_ps(sw + 16 * h, zero);
-      continue;
-    }
-    const __mmask16 live = (__mmask16)(rb * 16 + 16 <= w.rows ? 0xFFFF : (1u << (w.rows - rb * 16)) - 1);
-    __m512 mx = zero;
-    for (int g = g0; g <= g1; ++g) {
-      __m512 t = zero;
-      for (int p = 0; p < Q; ++p) t = _mm512_add_ps(t, _mm512_and_ps(alpha16(w, p, rb, live, g), absm));
-      mx = _mm512_max_ps(mx, t);
-    }
-    _mm512_storeu_ps(sw + 16 * h, _mm512_div_ps(mx, _mm512_set1_ps((float)kG16W)));
-    const __m512 inv = _mm512_maskz_div_ps(_mm512_cmp_ps_mask(mx, zero, _CMP_GT_OQ), _mm512_set1_ps((float)kG16W), mx);
-    __m512 a[Q], na[Q];
-    for (int k = 0, g = -1; k < kc; k += 32) {  // one 32-column chunk of the planes
-      __m512i wd[Q];
-      for (int p = 0; p < Q; ++p)
-        wd[p] = _mm512_load_si512(w.lut + (((int64_t)p * nrb + rb) * w.chunks + (c0 + k) / 32) * 16);
-      for (int j = 0; j < std::min(32, kc - k); j += 2) {
-        __m512i qc[2];  // columns c0 + k + j and the next: the 16 rows' rounded weights, int32
-        for (int e = 0; e < 2; ++e) {
-          const int c = c0 + k + j + e, gc = std::min(c / gs, w.groups - 1);
-          if (gc != g) {
-            g = gc;
-            for (int p = 0; p < Q; ++p) {
-              a[p] = _mm512_mul_ps(alpha16(w, p, rb, live, g), inv);
-              na[p] = _mm512_sub_ps(zero, a[p]);
-            }
-          }
-          __m512 v = zero;
-          for (int p = 0; p < Q; ++p) {
-            v = _mm512_add_ps(v, _mm512_mask_blend_ps(_mm512_test_epi32_mask(wd[p], one), na[p], a[p]));
-            wd[p] = _mm512_srli_epi32(wd[p], 1);
-          }
-          qc[e] = j + e < kc - k ? _mm512_cvtps_epi32(v) : _mm512_setzero_si512();
-        }
-        _mm512_store_si512(P16 + (k + j) / 2 * ld + 16 * h,
-                           _mm512_or_si512(_mm512_and_si512(qc[0], lo), _mm512_slli_epi32(qc[1], 16)));
+  if (rb >= nrb) {
+    for (int k = 0; k < 16 * nch; ++k) _mm512_store_si512(P16 + k * ld, _mm512_setzero_si512());
+    _mm512_storeu_ps(sw, zero);
+    return;
+  }
+  const __mmask16 live = (__mmask16)(rb * 16 + 16 <= w.rows ? 0xFFFF : (1u << (w.rows - rb * 16)) - 1);
+  const int g0 = std::min(c0 / gs, w.groups - 1), g1 = std::min((c0 + kc - 1) / gs, w.groups - 1);
+  __m512 mx = zero;
+  for (int g = g0; g <= g1; ++g) {
+    __m512 t = zero;
+    for (int p = 0; p < Q; ++p) t = _mm512_add_ps(t, _mm512_and_ps(alpha16(w, p, rb, live, g), absm));
+    mx = _mm512_max_ps(mx, t);
+  }
+  _mm512_storeu_ps(sw, _mm512_div_ps(mx, _mm512_set1_ps((float)kG16W)));
+  const __m512 inv = _mm512_maskz_div_ps(_mm512_cmp_ps_mask(mx, zero, _CMP_GT_OQ), _mm512_set1_ps((float)kG16W), mx);
+  alignas(64) int16_t tab[NP * 64] = {};
+  alignas(64) int16_t basev[32];  // lane 2j and 2j + 1: row j's first entry in its table pair
+  for (int l = 0; l < 32; ++l) basev[l] = (int16_t)((l / 2 % R) * E);
+  const __m512i base = _mm512_load_si512(basev);
+  __mmask32 lanes[NP];  // the lanes of the rows of table pair t
+  for (int t = 0; t < NP; ++t) lanes[t] = (__mmask32)((((uint64_t)1 << 2 * R) - 1) << 2 * R * t);
+  __m512i T[NP][2];
+  for (int h = 0, g = -1; h < nch; ++h) {  // one 32-column chunk of the planes
+    const int gc = std::min((c0 + 32 * h) / gs, w.groups - 1);
+    if (gc != g) {  // the tables of group gc
+      g = gc;
+      __m512 a[Q];
+      for (int p = 0; p < Q; ++p) a[p] = _mm512_mul_ps(alpha16(w, p, rb, live, g), inv);
+      for (int m = 0; m < E; ++m) {
+        __m512 v = zero;
+        for (int p = 0; p < Q; ++p) v = _mm512_add_ps(v, m >> p & 1 ? a[p] : _mm512_sub_ps(zero, a[p]));
+        alignas(64) int32_t q[16];
+        _mm512_store_si512(q, _mm512_cvtps_epi32(v));
+        for (int j = 0; j < 16; ++j) tab[j / R * 64 + j % R * E + m] = (int16_t)q[j];
       }
+      for (int t = 0; t < NP; ++t) {
+        T[t][0] = _mm512_load_si512(tab + 64 * t);
+        T[t][1] = _mm512_load_si512(tab + 64 * t + 32);
+      }
+    }
+    __m512i s[Q];  // plane p's words, shifted right once per step: bit 0 of each 16-bit lane is column t's
+    for (int p = 0; p < Q; ++p) s[p] = _mm512_load_si512(w.lut + (((int64_t)p * nrb + rb) * w.chunks + (c0 + 32 * h) / 32) * 16);
+    for (int t = 0; t < 16; ++t) {
+      __m512i idx = s[0];  // bit p: plane p's bit (bit-select: low bits from idx, the rest from plane p << p)
+      for (int p = 1; p < Q; ++p)
+        idx = _mm512_ternarylogic_epi32(_mm512_set1_epi16((1 << p) - 1), idx, _mm512_slli_epi16(s[p], p), 0xCA);
+      idx = _mm512_ternarylogic_epi32(_mm512_set1_epi16(E - 1), idx, base, 0xCA);  // code | row offset
+      __m512i v = _mm512_permutex2var_epi16(T[0][0], idx, T[0][1]);
+      for (int u = 1; u < NP; ++u)
+        v = _mm512_mask_blend_epi16(lanes[u], v, _mm512_permutex2var_epi16(T[u][0], idx, T[u][1]));
+      _mm512_store_si512(P16 + (16 * h + t) * ld, v);
+      for (int p = 0; p < Q; ++p) s[p] = _mm512_srli_epi16(s[p], 1);
     }
   }
 }
@@ -568,10 +587,10 @@ QR_LUT16 static void bcq_gemm16(const BCQ& w, const uint32_t* xq, int64_t xqs, c
       m[t] = nr >= 16 ? 0xFFFF : nr <= 0 ? 0 : (__mmask16)((1u << nr) - 1);
     }
     for (int b = 0; b < nb; ++b) {
-      const int c0 = b * kG16Cols, kc = std::min(kG16Cols, w.cols - c0), kp = (kc + 1) / 2;
+      const int c0 = b * kG16Cols, kc = std::min(kG16Cols, w.cols - c0), kp = 16 * ((kc + 31) / 32);
       {
         Timer td(P_DEQ);
-        for (int t = 0; t < NB; t += 2) {
+        for (int t = 0; t < NB; ++t) {
           uint32_t* Pt = P16 + 16 * t;
           switch (w.q) {
             case 1: bcq_panel16<1>(w, r + 16 * t, c0, kc, Pt, 16 * NB, sw + 16 * t); break;
@@ -1143,7 +1162,7 @@ static void bcq_product(const Model& m, const Exec& ex, const BcqPart& part, con
     if (int16) {
       Timer tm(P_GEMM);
       if (g_prof_on) g_gemm_flop += 2 * (int64_t)n * w.rows * w.cols;
-      const int64_t xqs = round16((w.cols + 1) / 2);
+      const int64_t xqs = 16 * (int64_t)w.chunks;
       std::vector<uint32_t> xq((size_t)n * xqs);
       std::vector<float> sx((size_t)n * ((w.cols + kG16Cols - 1) / kG16Cols));
       quant16_rows(x, n, xs, w.cols, xq.data(), xqs, sx.data());
