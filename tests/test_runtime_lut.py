@@ -72,6 +72,17 @@ def test_int16_gemm_other_bit_widths(rt, bits):
         assert 2e-5 < rel(fast.linear(x), y) < INT16_BOUND
 
 
+def test_int16_gemm_leaves_more_planes_to_fp32(rt):
+    """More than 4 bit planes (not made by fairseq-qpack, but a model directory may hold them): the int16
+    GEMM's code tables stop at 4, so such a weight takes the exact fp32 GEMM, not a wrong int16 one."""
+    rng = np.random.default_rng(2)
+    planes = rng.integers(0, 256, (5, 64, 64), dtype=np.uint8)
+    alpha = rng.random((5, 64, 1), dtype=np.float32)
+    exact, fast = rt(planes, alpha, 512, "fp32"), rt(planes, alpha, 512, "int16")
+    x = rng.standard_normal((161, 512)).astype(np.float32)
+    assert np.array_equal(fast.linear(x), exact.linear(x))
+
+
 def test_int16_products_worst_case_sums(rt):
     """The int16 GEMM's int32 sums stay exact where every product is at its largest: all weights +sum(alpha)
     (every bit set), activations all equal and positive (the scale from sum |x|, not max |x|); an overflow

@@ -1159,7 +1159,7 @@ static void bcq_product(const Model& m, const Exec& ex, const BcqPart& part, con
   const int small_max = int16 ? kBcqSmallMaxLut16 : K->bcq_gemv ? kBcqSmallMaxDirect : kBcqSmallMaxLut;
   if (n > small_max || !lut_ok) {
 #if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__)
-    if (int16) {
+    if (int16 && w.q <= 4) {  // bcq_panel16's code tables: up to 4 bit planes
       Timer tm(P_GEMM);
       if (g_prof_on) g_gemm_flop += 2 * (int64_t)n * w.rows * w.cols;
       const int64_t xqs = 16 * (int64_t)w.chunks;
