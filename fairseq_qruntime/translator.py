@@ -14,8 +14,9 @@ logger = logging.getLogger("fairseq_qruntime")
 
 class Translator:
     """``Translator(model_dir, threads=1, lut="auto")`` (``lut``: the arithmetic of the packed BCQ products,
-    int16 where the CPU has it, else fp32; ``lut="fp32"``: exact, as fairseq-generate; see Model); ``translate`` / ``translate_iter`` may be called from several Python threads at once (the engine
-    keeps all state of a call in the call; it releases the GIL)."""
+    int16 where the CPU has it, else fp32; ``lut="fp32"``: exact, as fairseq-generate; see Model);
+    ``translate`` / ``translate_iter`` may be called from several Python threads at once (the engine keeps
+    all state of a call in the call; it releases the GIL)."""
 
     def __init__(self, model_dir: str, threads: int = 1, lut: str = "auto"):
         if threads < 1:
