@@ -73,6 +73,8 @@ template <typename... A>
 }
 
 static inline int64_t round16(int64_t c) { return (c + 15) / 16 * 16; }
+// The mask of 16-lane vector lanes [0, left) (all when left >= 16, none when left <= 0).
+static inline uint16_t mask16(int left) { return left >= 16 ? 0xFFFF : left <= 0 ? 0 : (uint16_t)((1u << left) - 1); }
 
 // ---------------------------------------------------------------------------------------------
 // Profile: with QRUNTIME_PROFILE=1 each call of qr_translate prints to stderr the CPU time of the calling
@@ -142,7 +144,8 @@ static const Kernels* generic_of(const Kernels* k) {
 
 // Activation rows up to which the direct kernels beat dequantize-tile + GEMM (ops.cpp's values; with the
 // packed-panel GEMM below, 16 and 40 were measured slower / no faster than 24 for BCQ 3-bit at beam 5), and
-// the int16 tables the int16 GEMM (BCQ 3-bit, 512x512 / 2048x512 / 512x2048: equal at about 96 rows).
+// those up to which the int16 tables beat the int16 GEMM (BCQ 3-bit, 512x512 / 2048x512 / 512x2048: equal
+// at about 96 rows).
 constexpr int kBcqSmallMaxLut16 = 96;
 constexpr int kBcqSmallMaxDirect = 24, kBcqSmallMaxLut = 2, kKmSmallMaxAvx512 = 24, kKmSmallMaxGeneric = 1;
 constexpr int kLutChunks = 256;
@@ -221,8 +224,7 @@ __attribute__((target("avx512f"))) static inline void mk512(const float* x, int6
 
 __attribute__((target("avx512f"))) static void panel_avx512(const float* x, int n, int64_t xs, const float* P, int kc,
                                                             float* y, int64_t ys, int nr, bool acc) {
-  const __mmask16 m0 = nr >= 16 ? 0xFFFF : (__mmask16)((1u << nr) - 1);
-  const __mmask16 m1 = nr >= 32 ? 0xFFFF : nr > 16 ? (__mmask16)((1u << (nr - 16)) - 1) : 0;
+  const __mmask16 m0 = mask16(nr), m1 = mask16(nr - 16);
   int i = 0;
   for (; i + 8 <= n; i += 8) mk512<8>(x + i * xs, xs, P, kc, y + i * ys, ys, m0, m1, acc);
   for (; i + 4 <= n; i += 4) mk512<4>(x + i * xs, xs, P, kc, y + i * ys, ys, m0, m1, acc);
@@ -259,6 +261,13 @@ __attribute__((target("avx2,fma"))) static void panel_avx2(const float* x, int n
   for (; i < n; ++i) mk256<1>(x + i * xs, xs, P, kc, y + i * ys, ys, nr, acc);
 }
 
+// alpha_p of the 16 rows of row block rb in group g (zero past the weight's rows).
+__attribute__((target("avx512f"))) static inline __m512 alpha16(const BCQ& w, int p, int rb, int g) {
+  alignas(64) float t[16];
+  for (int i = 0; i < 16; ++i) t[i] = rb * 16 + i < w.rows ? *w.a(p, rb * 16 + i, g) : 0.f;
+  return _mm512_load_ps(t);
+}
+
 // The GEMM panel P [kc][32] of BCQ weight rows [r, r + 32) (r a multiple of 16), columns [c0, c0 + kc),
 // dequantized straight from the direct kernel's layout (w.lut: 16 rows' 32-column words side by side): each
 // column of 16 rows is the sum over planes of +-alpha in plane order, the values bcq_deq writes. Zero past
@@ -283,9 +292,7 @@ __attribute__((target("avx512f"))) static void bcq_panel_avx512(const BCQ& w, in
         if (gc != g) {
           g = gc;
           for (int p = 0; p < q; ++p) {
-            alignas(64) float t[16];
-            for (int i = 0; i < 16; ++i) t[i] = rb * 16 + i < w.rows ? *w.a(p, rb * 16 + i, g) : 0.f;
-            a[p] = _mm512_load_ps(t);
+            a[p] = alpha16(w, p, rb, g);
             na[p] = _mm512_sub_ps(_mm512_setzero_ps(), a[p]);
           }
         }
@@ -372,7 +379,7 @@ QR_LUT16 static void bcq_lut16_rows(const BCQ& w, const float* x, int xs, float*
       lut16_tables<N>(x, xs, c0, c1, tab, scale);
       for (int rb = rb0; rb < rb1; ++rb) {
         const int r = 16 * rb;
-        const __mmask16 live = (__mmask16)(r + 16 <= w.rows ? 0xFFFF : (1u << (w.rows - r)) - 1);
+        const __mmask16 live = mask16(w.rows - r);
         __m512 out[N];
         for (int j = 0; j < N; ++j) out[j] = _mm512_setzero_ps();
         for (int k = 0; k < w.q; ++k) {
@@ -438,14 +445,13 @@ QR_LUT16 static void quant16_rows(const float* x, int n, int64_t xs, int cols, u
   const int nb = (cols + kG16Cols - 1) / kG16Cols;
   const __m512 absm = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
   const __m512i lo = _mm512_set1_epi32(0xFFFF), qmax = _mm512_set1_epi32(32767), qmin = _mm512_set1_epi32(-32767);
-  auto live = [&](int c) { return (__mmask16)(c + 16 <= cols ? 0xFFFF : c >= cols ? 0 : (1u << (cols - c)) - 1); };
   for (int i = 0; i < n; ++i) {
     const float* xi = x + (int64_t)i * xs;
     for (int b = 0; b < nb; ++b) {
       const int c0 = b * kG16Cols, c1 = std::min<int64_t>(c0 + kG16Cols, 2 * xqs);
       __m512 mx = _mm512_setzero_ps(), sum = _mm512_setzero_ps();
       for (int c = c0; c < c1; c += 16) {
-        const __m512 a = _mm512_and_ps(_mm512_maskz_loadu_ps(live(c), xi + c), absm);
+        const __m512 a = _mm512_and_ps(_mm512_maskz_loadu_ps(mask16(cols - c), xi + c), absm);
         mx = _mm512_max_ps(mx, a);
         sum = _mm512_add_ps(sum, a);
       }
@@ -456,7 +462,7 @@ QR_LUT16 static void quant16_rows(const float* x, int n, int64_t xs, int cols, u
       for (int c = c0; c < c1; c += 32) {
         __m512i q[2];
         for (int e = 0; e < 2; ++e) {
-          const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(live(c + 16 * e), xi + c + 16 * e), inv));
+          const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(mask16(cols - c - 16 * e), xi + c + 16 * e), inv));
           q[e] = _mm512_max_epi32(_mm512_min_epi32(v, qmax), qmin);
         }
         const __m512i pair = _mm512_or_si512(_mm512_and_si512(q[0], lo), _mm512_slli_epi32(q[1], 16));
@@ -464,13 +470,6 @@ QR_LUT16 static void quant16_rows(const float* x, int n, int64_t xs, int cols, u
       }
     }
   }
-}
-
-// alpha_p of the 16 rows of row block rb in group g (zero past the live rows).
-QR_LUT16 static inline __m512 alpha16(const BCQ& w, int p, int rb, __mmask16 live, int g) {
-  alignas(64) float t[16];
-  for (int i = 0; i < 16; ++i) t[i] = live >> i & 1 ? *w.a(p, rb * 16 + i, g) : 0.f;
-  return _mm512_load_ps(t);
 }
 
 // The int16 panel P16 [16 * ceil(kc / 32)][16] (row stride ld) of BCQ weight rows [r, r + 16) over columns
@@ -491,12 +490,11 @@ QR_LUT16 static void bcq_panel16(const BCQ& w, int r, int c0, int kc, uint32_t* 
     _mm512_storeu_ps(sw, zero);
     return;
   }
-  const __mmask16 live = (__mmask16)(rb * 16 + 16 <= w.rows ? 0xFFFF : (1u << (w.rows - rb * 16)) - 1);
   const int g0 = std::min(c0 / gs, w.groups - 1), g1 = std::min((c0 + kc - 1) / gs, w.groups - 1);
   __m512 mx = zero;
   for (int g = g0; g <= g1; ++g) {
     __m512 t = zero;
-    for (int p = 0; p < Q; ++p) t = _mm512_add_ps(t, _mm512_and_ps(alpha16(w, p, rb, live, g), absm));
+    for (int p = 0; p < Q; ++p) t = _mm512_add_ps(t, _mm512_and_ps(alpha16(w, p, rb, g), absm));
     mx = _mm512_max_ps(mx, t);
   }
   _mm512_storeu_ps(sw, _mm512_div_ps(mx, _mm512_set1_ps((float)kG16W)));
@@ -513,7 +511,7 @@ QR_LUT16 static void bcq_panel16(const BCQ& w, int r, int c0, int kc, uint32_t* 
     if (gc != g) {  // the tables of group gc
       g = gc;
       __m512 a[Q];
-      for (int p = 0; p < Q; ++p) a[p] = _mm512_mul_ps(alpha16(w, p, rb, live, g), inv);
+      for (int p = 0; p < Q; ++p) a[p] = _mm512_mul_ps(alpha16(w, p, rb, g), inv);
       for (int m = 0; m < E; ++m) {
         __m512 v = zero;
         for (int p = 0; p < Q; ++p) v = _mm512_add_ps(v, m >> p & 1 ? a[p] : _mm512_sub_ps(zero, a[p]));
@@ -582,10 +580,7 @@ QR_LUT16 static void bcq_gemm16(const BCQ& w, const uint32_t* xq, int64_t xqs, c
   const int nb = (w.cols + kG16Cols - 1) / kG16Cols;
   for (int r = b0 * 16 * NB; r < std::min(w.rows, b1 * 16 * NB); r += 16 * NB) {
     __mmask16 m[NB];
-    for (int t = 0; t < NB; ++t) {
-      const int nr = w.rows - r - 16 * t;
-      m[t] = nr >= 16 ? 0xFFFF : nr <= 0 ? 0 : (__mmask16)((1u << nr) - 1);
-    }
+    for (int t = 0; t < NB; ++t) m[t] = mask16(w.rows - r - 16 * t);
     for (int b = 0; b < nb; ++b) {
       const int c0 = b * kG16Cols, kc = std::min(kG16Cols, w.cols - c0), kp = 16 * ((kc + 31) / 32);
       {
@@ -1439,7 +1434,7 @@ __attribute__((target("avx512f"))) static void attend_avx512(const float* q, con
   const __m512 m = _mm512_set1_ps(mx);
   __m512 sum = _mm512_setzero_ps();
   for (int j = 0; j < n; j += 16) {
-    const __mmask16 k = n - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - j)) - 1);
+    const __mmask16 k = mask16(n - j);
     const __m512 e = _mm512_maskz_mov_ps(k, exp_neg16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, sc + j), m)));
     _mm512_mask_storeu_ps(sc + j, k, e);
     sum = _mm512_add_ps(sum, e);
