@@ -166,16 +166,16 @@ def check_weight(w: torch.Tensor, name: str = "weight"):
 
 
 def quantize(w: torch.Tensor, spec: QuantSpec, init_alpha: Optional[torch.Tensor] = None,
-             name: str = "weight") -> QuantizedWeight:
+             name: str = "weight", fresh: bool = True) -> QuantizedWeight:
     """Quantize a non-empty 2-D float tensor of finite values; the result's ``dequantize()`` has ``w``'s
     shape and dtype. ``init_alpha``: the scales of an earlier code of the same tensor, to warm-start the
-    search (bcq only); ``name`` names the tensor in errors."""
+    search (bcq only; ``fresh=False``: from them alone, see ``quantize_bcq``); ``name`` names the tensor in errors."""
     check_weight(w, name)
     spec = resolve(spec)
     if init_alpha is not None and spec.method != "bcq":
         raise QuantConfigError(f"only bcq codes can be warm-started, not {spec.method!r}")
-    extra = () if init_alpha is None else (init_alpha,)
-    qw = METHODS[spec.method].quantize(w.detach(), spec, *extra)
+    extra = {} if init_alpha is None else {"init_alpha": init_alpha, "fresh": fresh}
+    qw = METHODS[spec.method].quantize(w.detach(), spec, **extra)
     if w.dtype != torch.float32 and w.is_floating_point():
         qw.dtype = w.dtype
     return qw

@@ -177,12 +177,22 @@ def decode_levels(x: torch.Tensor, bits: int):
     return rows[ok], planes[:, ok], alpha[:, ok]
 
 
+def levels_recoverable(planes: torch.Tensor) -> torch.Tensor:
+    """Per row of planes bool [q, n, size]: whether its codes and their negatives make all 2^q codes, so that
+    ``decode_levels`` recovers the code from the dequantized values."""
+    q = planes.shape[0]
+    code = sum(planes[k].long() << k for k in range(q))
+    used = torch.zeros(code.shape[0], 2**q, dtype=torch.bool, device=code.device).scatter_(1, code, True)
+    return (used | used.flip(1)).all(1)
+
+
 def row_errors(x: torch.Tensor, planes: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     """Squared error of each row of x [n, size] against its code (planes [q, n, size], alpha [q, n])."""
     return (((planes.double() * 2 - 1) * alpha[..., None]).sum(0) - x).square().sum(-1)
 
 
-def quantize_bcq(w: torch.Tensor, spec: QuantSpec, init_alpha: Optional[torch.Tensor] = None) -> BCQWeight:
+def quantize_bcq(w: torch.Tensor, spec: QuantSpec, init_alpha: Optional[torch.Tensor] = None,
+                 fresh: bool = True) -> BCQWeight:
     """Greedy or alternating BCQ of each row (or group, or the whole tensor); from 2 bits up, a row that
     already is a q-bit code is decoded exactly instead (see ``decode_levels``).
 
@@ -191,31 +201,48 @@ def quantize_bcq(w: torch.Tensor, spec: QuantSpec, init_alpha: Optional[torch.Te
     the new code is never farther from ``w`` than the old one is. Greedy alone does not have this
     property near a code: the levels of an alternating code are not ordered as greedy assumes, and a
     fresh search from a slightly moved code typically lands on a worse one (on the demo model at 3
-    bits, 0.19 -> 0.25 relative error)."""
+    bits, 0.19 -> 0.25 relative error). ``fresh=False`` (with ``init_alpha``, alternating search):
+    the warm start alone, at the cost of one search, except for rows whose warm code leaves levels
+    unused (searched fresh, as ``decode_levels`` could not recover that code from its values);
+    straight-through training carries the scales from update to update this way, so its codes
+    approach those of a full alternating search."""
     x = w.double() if spec.granularity == "channel" else w.double().reshape(1, -1)
     cols = x.shape[1]
     size = spec.group_size or cols
     if cols % size:
         raise QuantConfigError(f"bcq group size {size} does not divide the {cols} input columns")
     x = x.reshape(-1, size)  # one set of scales per row and group
-    planes, alpha = greedy(x, spec.bits)
-    if spec.bits > 1:
-        solved, exact_planes, exact_alpha = decode_levels(x, spec.bits)
-        todo = torch.ones(len(x), dtype=torch.bool, device=x.device).index_fill_(0, solved, False)
-        if spec.search == "alternating" and todo.any():
-            todo = todo.nonzero().squeeze(1)
-            planes[:, todo], alpha[:, todo] = alternate(x[todo], planes[:, todo], spec.rounds)
-            if init_alpha is not None:
-                if init_alpha.numel() != alpha.numel():
-                    raise QuantConfigError(f"bcq init: alpha {tuple(init_alpha.shape)} does not fit {spec.bits} bits "
-                                           f"over {len(x)} rows and groups")
-                part = x[todo]
-                warm = alternate(part, nearest_codes(part, init_alpha.double().reshape(spec.bits, -1)[:, todo]),
-                                 spec.rounds)
-                better = row_errors(part, *warm) < row_errors(part, planes[:, todo], alpha[:, todo])
-                planes[:, todo[better]], alpha[:, todo[better]] = warm[0][:, better], warm[1][:, better]
-        planes[:, solved], alpha[:, solved] = exact_planes, exact_alpha
-        alpha = round_significand(alpha)
+    q = spec.bits
+    if init_alpha is not None and init_alpha.numel() != q * len(x):
+        raise QuantConfigError(f"bcq init: alpha {tuple(init_alpha.shape)} does not fit {q} bits "
+                               f"over {len(x)} rows and groups")
+    planes, alpha = torch.zeros(q, *x.shape, dtype=torch.bool, device=x.device), x.new_zeros(q, len(x))
+    todo = torch.arange(len(x), device=x.device)
+    if q > 1:
+        solved, planes_solved, alpha_solved = decode_levels(x, q)
+        planes[:, solved], alpha[:, solved] = planes_solved, alpha_solved
+        todo = todo[~torch.isin(todo, solved)]
+    alternating, warm = spec.search == "alternating" and q > 1, None
+    if init_alpha is not None and alternating and len(todo):
+        part = x[todo]
+        warm = alternate(part, nearest_codes(part, init_alpha.double().reshape(q, -1)[:, todo]), spec.rounds)
+        if not fresh:  # a row whose code leaves levels unused is searched fresh (decode_levels cannot recover it)
+            keep = levels_recoverable(warm[0])
+            planes[:, todo[keep]], alpha[:, todo[keep]] = warm[0][:, keep], warm[1][:, keep]
+            todo, warm = todo[~keep], None
+    if len(todo):
+        part = x[todo]
+        found = greedy(part, q)
+        if alternating:
+            found = alternate(part, found[0], spec.rounds)
+        if warm is not None:
+            better = row_errors(part, *warm) < row_errors(part, *found)
+            found[0][:, better], found[1][:, better] = warm[0][:, better], warm[1][:, better]
+        planes[:, todo], alpha[:, todo] = found
+    if q > 1:  # one form per code, as decode_levels gives it: scales positive and falling
+        planes ^= alpha[..., None] < 0
+        alpha, order = round_significand(alpha).abs().sort(dim=0, descending=True, stable=True)
+        planes = planes.gather(0, order[..., None].expand_as(planes))
     return BCQWeight(planes=planes.reshape(spec.bits, *w.shape),
                      alpha=alpha.float().reshape(spec.bits, -1, cols // size), group_size=spec.group_size)
 

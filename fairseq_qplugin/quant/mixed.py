@@ -42,9 +42,9 @@ class MixedBCQWeight(BCQWeight):
 
 
 def quantize_bcq_rows(w: torch.Tensor, row_bits: torch.Tensor, spec: QuantSpec,
-                      init_alpha: Optional[torch.Tensor] = None) -> MixedBCQWeight:
+                      init_alpha: Optional[torch.Tensor] = None, fresh: bool = True) -> MixedBCQWeight:
     """BCQ (``spec``'s search, rounds and group size) with ``row_bits[r]`` bits for row r of w [rows, cols];
-    ``init_alpha``: the scales of an earlier code of w with the same row bits (``quantize_bcq``)."""
+    ``init_alpha``, ``fresh``: an earlier code's scales of w with the same row bits (``quantize_bcq``)."""
     if spec.method != "bcq" or spec.granularity != "channel":
         raise QuantConfigError("per-row bits need method 'bcq' with granularity 'channel'")
     bits = row_bits.to(device=w.device, dtype=torch.long)
@@ -55,7 +55,7 @@ def quantize_bcq_rows(w: torch.Tensor, row_bits: torch.Tensor, spec: QuantSpec,
     for k in bits.unique().tolist():
         rows = (bits == k).nonzero().squeeze(1)
         warm = None if init_alpha is None else init_alpha[:k, rows]
-        part = quantize_bcq(w[rows], replace(spec, bits=k), warm)
+        part = quantize_bcq(w[rows], replace(spec, bits=k), warm, fresh)
         planes[:k, rows], alpha[:k, rows] = part.planes, part.alpha
     return MixedBCQWeight(planes=planes, alpha=alpha, group_size=spec.group_size, row_bits=bits.to(torch.int8))
 
