@@ -281,7 +281,8 @@ def quantize_once_per_forward(module: nn.Module):
     finally:
         for wq in quantizers:
             wq._per_forward = None
-            wq._warm = wq._latest if wq._latest is not None else wq._warm  # straight-through bcq (class doc)
+            if wq._latest is not None and not wq.pnr:  # straight-through bcq (class doc)
+                wq._warm = wq._latest
 
 
 class ActQuantizer(nn.Module):
