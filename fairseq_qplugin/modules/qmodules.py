@@ -47,10 +47,11 @@ class WeightQuantizer(nn.Module):
 
     BCQ searches start from the scales of an earlier code (``_warm``; ``quantize_bcq``'s ``init_alpha``).
     In straight-through training that is the code of the last training forward of the model
-    (``quantize_once_per_forward``), from which the search starts alone (``fresh=False``): the
-    alternating rounds of successive updates add up, for the cost of one search (3 bits, the weights of
-    a converged 3+3-layer model held fixed: 5 warm searches of 2 rounds reach the relative error of one
-    100-round search, 0.186; one fresh 2-round search: 0.203). In pNR (below): the last sync's code.
+    (``quantize_once_per_forward``), from which the search starts alone (``fresh=False``) at 3 and 4
+    bits: the alternating rounds of successive updates add up, for the cost of one search (3 bits, the
+    weights of a converged 3+3-layer model held fixed: 5 warm searches of 2 rounds reach the relative
+    error of one 100-round search, 0.186; one fresh 2-round search: 0.203). At 1-2 bits each search is
+    fresh (docs/bcq.md says why). In pNR (below): the last sync's code.
 
     Without gradients (validation, generation) the quantized weight is cached until the latent
     weight or the quantizer's own tensors change (in-place version counters). In training it is
