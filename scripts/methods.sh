@@ -33,7 +33,8 @@
 # DEMO_DIR/data/raw/test.de, and METHODS_MODEL_FLAGS its architecture flags (default: the demo's
 # pre-norm model of scripts/demo_model.sh). METHODS_NO_SETUP=1 uses the environment as it is instead
 # of running scripts/setup_env.sh.
-# More rows: int4 / int2 (4-bit / 2-bit int weights, transformer_int8), bin1 (1-bit weights: sign
+# More rows: int4 / int2 (4-bit / 2-bit int weights, transformer_int8), int4-asym (int4 on each row's
+# [min, max] range, all 16 levels: --quant-scheme asym), bin1 (1-bit weights: sign
 # times the mean magnitude per row, transformer_int8 --quant-bits 1), bcq-w2-ste (2-bit BCQ straight-through),
 # bcq-alloc-ste (the BCQ mix of a `fairseq-qallocate --output` JSON file given as METHODS_ALLOC,
 # straight-through), bcq-hand25-ste (a hand mix of 2.5 average bits or less: embedding 4/3/2/1 bits
@@ -81,6 +82,7 @@ declare -A rows=(
     [bcq-w2-ste]="transformer_bcq|$n|--bcq-bits 2 --bcq-rounds 2"
     [bcq-hand25-ste]="transformer_bcq|$n|--bcq-embed-bits 4 --bcq-embed-freq-ratio 1 --bcq-bits 3 --bcq-layer-bits decoder_self_attn:2,decoder_cross_attn:2,decoder_ffn:2 --bcq-rounds 2"
     [int4]="transformer_int8|$n|--quant-bits 4"
+    [int4-asym]="transformer_int8|$n|--quant-bits 4 --quant-scheme asym"
     [int2]="transformer_int8|$n|--quant-bits 2"
     [bin1]="transformer_int8|$n|--quant-bits 1"
     [int4-ls]="transformer_int8|$n|--quant-bits 4 --quant-learn-scale"
@@ -108,7 +110,7 @@ for name in "${!rows[@]}"; do
     [[ $name == fp32-* ]] || rows[$name-kd]="${rows[$name]} $kd"
 done
 order=(fp32-ft100 "fp32-ft$n" bcq-w3 bcq-paper bcq-mix bcq-w3-ste bcq-w4-ste bcq-paper-ste bcq-mix-ste bcq-w2-ste
-       bcq-hand25-ste int4 int2 bin1 bcq-w3-ls int4-ls bcq-w2-alt bcq-w2-greedy km-w4 km-w4-row km-w4-recluster bsflex-selfattn bsflex-selfattn-row
+       bcq-hand25-ste int4 int4-asym int2 bin1 bcq-w3-ls int4-ls bcq-w2-alt bcq-w2-greedy km-w4 km-w4-row km-w4-recluster bsflex-selfattn bsflex-selfattn-row
        prune50 prune50-layers prune50-global prune50-global-gradual)
 selected=("$@")
 [ ${#selected[@]} -gt 0 ] || selected=("${order[@]}")
