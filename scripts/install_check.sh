@@ -44,7 +44,8 @@ mkdir -p "$work/src"
 "$python" -m pip wheel --no-deps -w "$work/dist" "$work/src" > "$work/wheel.log" 2>&1 ||
     { tail -n 30 "$work/wheel.log" >&2; die "the wheel did not build (log: $work/wheel.log)"; }
 whl=$(ls "$work"/dist/fairseq_qplugin-*.whl)
-"$python" -m zipfile -l "$whl" | grep -q "fairseq_qruntime/_engine.so " || die "$whl holds no runtime engine"
+"$python" -m zipfile -l "$whl" > "$work/wheel.list"  # a file, not a pipe: grep -q would close it early
+grep -q "fairseq_qruntime/_engine.so " "$work/wheel.list" || die "$whl holds no runtime engine"
 lap; log "built $(basename "$whl") in $dt s"
 
 log "2/4 new virtual environment, the wheel with its dependencies (-c constraints.txt)"
