@@ -125,6 +125,18 @@ def test_straight_through_searches_carry_their_scales_from_update_to_update(bits
     assert carried < 0.98 * error(2) and carried < 1.01 * error(100)
 
 
+def test_two_bit_searches_ignore_a_carried_start():
+    """At 1-2 bits a straight-through search is fresh even when handed the last code's scales (carrying them
+    lost 0.7 BLEU at 2 bits in two seeds, docs/bcq.md); pNR's warm start (fresh=True) still uses them."""
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(64, 256, generator=g) * 0.05
+    spec = QuantSpec("bcq", 2, rounds=2)
+    start = quantize(torch.randn(64, 256, generator=g) * 0.08, spec).alpha
+    carried, fresh = quantize(w, spec, start, fresh=False), quantize(w, spec)
+    assert torch.equal(carried.planes, fresh.planes) and torch.equal(carried.alpha, fresh.alpha)
+    assert not torch.equal(quantize(w, spec, start).alpha, fresh.alpha)
+
+
 def test_a_warm_code_that_leaves_levels_unused_is_searched_fresh():
     """decode_levels recovers a code from its values only where the code's levels and their negatives are all
     2^q levels; a warm start that leaves some unused (a row of few distinct values) gives way to a fresh search,
