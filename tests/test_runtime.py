@@ -2,7 +2,8 @@
 
 Parity: for every packed format, teacher-forced logits within 1e-4 of fairseq's and the same
 hypotheses (tokens; scores within 1e-4) as fairseq's SequenceGenerator on the same padded batches,
-beam 1 and beam 5. 8-bit int weights are compared with fairseq's exact dequant kernel.
+beam 1 and beam 5. 8-bit int weights are compared with fairseq's exact dequant kernel. With the default
+int16 products (approximate) a hypothesis may differ only where it is a near-tie under the exact model.
 The engine library is built on demand; with QPLUGIN_REQUIRE_NATIVE=1 (CI) a failed build fails.
 """
 import json
@@ -154,23 +155,43 @@ def test_runtime_matches_fairseq(rt, exported, tiny_data, name):
         assert off <= 0.02 * positions, f"{name}: {off} of {positions} teacher-forced positions differ (worst {worst})"
     else:
         assert worst <= 1e-4, f"{name}: teacher-forced logits differ by {worst}"
+    # Quantized activations move a teacher-forced position now and then (above), so a hypothesis's score too
+    score_tol = 2e-3 if name in ACT_QUANT else 1e-4
     for beam in (1, 5):
         gen = SequenceGenerator([model], tgt, beam_size=beam)
         total = same = same_fast = 0
         for sample in batches(task, 8):
             with torch.no_grad():
                 ref = gen.generate([model], sample)
-            got = engine.generate(unpadded(sample, pad), beam=beam)
-            got_fast = fast.generate(unpadded(sample, pad), beam=beam)
-            for r, g, gf in zip(ref, got, got_fast):
+            src = unpadded(sample, pad)
+            got = engine.generate(src, beam=beam)
+            got_fast = fast.generate(src, beam=beam)
+            for s, r, g, gf in zip(src, ref, got, got_fast):
                 total += 1
-                ref_tokens = r[0]["tokens"].tolist()[:-1]
-                same_fast += ref_tokens == gf[0][0]
+                ref_tokens, ref_score = r[0]["tokens"].tolist()[:-1], float(r[0]["score"])
                 if ref_tokens == g[0][0]:
                     same += 1
-                    assert abs(float(r[0]["score"]) - g[0][1]) <= 1e-4
+                    assert abs(ref_score - g[0][1]) <= score_tol
+                if ref_tokens == gf[0][0]:
+                    same_fast += 1
+                else:
+                    # int16 products may break a near-tie the other way (measured: 3 of 40 at beam 5 on an Intel CPU,
+                    # at most 1 on an AMD one; scores within 1e-3); the exact model must score the other hypothesis as
+                    # high as the one fairseq chose, and as the fast engine reported
+                    exact = exact_score(engine, s, gf[0][0], tgt.eos())
+                    assert abs(exact - gf[0][1]) <= 2e-3 and exact >= ref_score - 2e-3, \
+                        f"{name} beam {beam}, int16 products: {gf[0][1]} (exact {exact}) where fairseq has {ref_score}"
         assert same == total, f"{name} beam {beam}: {total - same} of {total} hypotheses differ"
-        assert same_fast >= total - 1, f"{name} beam {beam}, int16 products: {total - same_fast} of {total} differ"
+        assert same_fast >= 0.8 * total, f"{name} beam {beam}, int16 products: {total - same_fast} of {total} differ"
+
+
+def exact_score(engine, src, tokens, eos):
+    """fairseq's hypothesis score (mean log-probability of tokens + EOS, length penalty 1) under engine."""
+    prev = np.asarray([[eos] + tokens])
+    logits = engine.score([src], prev)[0].astype(np.float64)
+    logits -= logits.max(axis=1, keepdims=True)
+    lprobs = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    return float(lprobs[np.arange(len(tokens) + 1), tokens + [eos]].mean())
 
 
 @pytest.mark.parametrize("name", ["bcq3", "fp32"])
