@@ -188,10 +188,8 @@ def test_runtime_matches_fairseq(rt, exported, tiny_data, name):
 def exact_score(engine, src, tokens, eos):
     """fairseq's hypothesis score (mean log-probability of tokens + EOS, length penalty 1) under engine."""
     prev = np.asarray([[eos] + tokens])
-    logits = engine.score([src], prev)[0].astype(np.float64)
-    logits -= logits.max(axis=1, keepdims=True)
-    lprobs = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
-    return float(lprobs[np.arange(len(tokens) + 1), tokens + [eos]].mean())
+    lprobs = torch.from_numpy(engine.score([src], prev)[0]).double().log_softmax(-1)
+    return float(lprobs[torch.arange(len(tokens) + 1), tokens + [eos]].mean())
 
 
 @pytest.mark.parametrize("name", ["bcq3", "fp32"])
